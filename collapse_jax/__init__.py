@@ -1,0 +1,3 @@
+"""collapse_jax: a JAX toolkit for studying model collapse."""
+
+__version__ = "0.1.0"

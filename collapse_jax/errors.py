@@ -1,0 +1,90 @@
+"""Validation at the boundary: one exception type whose message names the bad value."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A configuration or input value is invalid. The CLI prints it as one line and exits 2."""
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(message)
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an int, or raise naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    open_min: bool = False,
+) -> float:
+    """Return ``value`` as a finite float within bounds, or raise naming it."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value < minimum or (open_min and value == minimum)):
+        op = ">" if open_min else ">="
+        raise ConfigError(f"{name} must be {op} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise listing them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def check_probability_vector(name: str, p, atol: float = 1e-6) -> np.ndarray:
+    """Validate a probability vector: 1-D, finite, non-negative, summing to 1 within ``atol``."""
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1:
+        raise ConfigError(f"{name} must be a 1-D vector, got shape {p.shape}")
+    if not np.all(np.isfinite(p)):
+        bad = p[~np.isfinite(p)][0]
+        raise ConfigError(f"{name} has a non-finite entry {bad}")
+    if np.any(p < 0):
+        i = int(np.argmax(p < 0))
+        raise ConfigError(f"{name} has a negative entry {p[i]} at index {i}")
+    s = float(p.sum())
+    if abs(s - 1.0) > atol:
+        raise ConfigError(f"{name} must sum to 1, sums to {s:.8g}")
+    return p / s
+
+
+def check_finite_array(name: str, x) -> np.ndarray:
+    """Validate that an array has no NaN or inf; name the first bad position."""
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        idx = np.argwhere(~np.isfinite(x))[0]
+        raise ConfigError(f"{name} has a non-finite value {x[tuple(idx)]} at index {tuple(int(i) for i in idx)}")
+    return x
