@@ -1,0 +1,309 @@
+"""The convolutional VAE of the paper's MNIST experiment (Flax), its loss, a jitted data-parallel
+Optax training step, sampling and evaluation.
+
+Architecture (defaults = the paper's, 647,081 parameters):
+
+* encoder: Conv(1->64, 4x4, stride 2, pad 1) + ReLU -> Conv(64->128, 4x4, stride 2, pad 1) + ReLU
+  -> flatten (7*7*128) -> two linear heads, mean and log-variance of q(z|x), latent size 20;
+* decoder (mirrored): Linear(20 -> 7*7*128) + ReLU -> ConvTranspose(128->64, 4x4, stride 2,
+  pad 1) + ReLU -> ConvTranspose(64->1, 4x4, stride 2, pad 1) -> Bernoulli logits (sigmoid
+  gives the pixel means).
+
+Loss per image (the negative ELBO, Kingma & Welling 2014, eq. 10 with one sample):
+``-ELBO(x) = sum_pixels BCE(x, sigmoid(logits(z))) + KL(N(mu, diag sigma^2) || N(0, I))`` with
+``KL = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)`` and ``z = mu + sigma * eps``. The
+training objective is its mean over the batch (the PyTorch reference sums over the batch; Adam is
+invariant to that constant factor up to its epsilon).
+
+Optimizer: ``Adam(lr 1e-3)`` with L2 weight decay 1e-5 added to the gradient, i.e. PyTorch's
+``torch.optim.Adam(weight_decay=1e-5)`` (``optax.adamw`` would be the decoupled variant).
+
+Data parallelism: a 1-D ``jax.sharding.Mesh`` over the local devices; the batch is split along
+its leading axis, parameters and optimizer state are replicated, and XLA inserts the gradient
+all-reduce. The reparameterisation noise is drawn for the whole batch from one key, so with
+JAX's partitionable threefry the result does not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float
+
+from collapse_jax.errors import ConfigError, check_float, check_int
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Architecture and optimizer of the VAE; defaults are the paper's."""
+
+    channels1: int = 64  # first encoder conv width (mirrored by the last decoder layer)
+    channels2: int = 128  # second encoder conv width
+    latent: int = 20  # latent dimension
+    learning_rate: float = 1e-3  # Adam learning rate
+    weight_decay: float = 1e-5  # L2 weight decay added to the gradient (PyTorch Adam semantics)
+
+    def __post_init__(self):
+        check_int("VAE channels1", self.channels1, 1)
+        check_int("VAE channels2", self.channels2, 1)
+        check_int("VAE latent", self.latent, 1)
+        check_float("learning rate", self.learning_rate, 0.0, open_min=True)
+        check_float("weight decay", self.weight_decay, 0.0)
+
+
+# Padding of a transposed convolution that matches PyTorch's ConvTranspose2d(k=4, s=2, p=1):
+# the stride-dilated input is padded by k - 1 - p = 2 on each side, doubling the spatial size.
+_TPAD = ((2, 2), (2, 2))
+
+
+class Encoder(nn.Module):
+    channels1: int
+    channels2: int
+    latent: int
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b 28 28 1"]) -> tuple[Array, Array]:
+        h = nn.relu(nn.Conv(self.channels1, (4, 4), (2, 2), padding=((1, 1), (1, 1)))(x))
+        h = nn.relu(nn.Conv(self.channels2, (4, 4), (2, 2), padding=((1, 1), (1, 1)))(h))
+        h = h.reshape(h.shape[0], -1)
+        return nn.Dense(self.latent, name="mean")(h), nn.Dense(self.latent, name="logvar")(h)
+
+
+class Decoder(nn.Module):
+    channels1: int
+    channels2: int
+
+    @nn.compact
+    def __call__(self, z: Float[Array, "b latent"]) -> Float[Array, "b 28 28 1"]:
+        h = nn.relu(nn.Dense(7 * 7 * self.channels2)(z))
+        h = h.reshape(z.shape[0], 7, 7, self.channels2)
+        h = nn.relu(nn.ConvTranspose(self.channels1, (4, 4), (2, 2), padding=_TPAD)(h))
+        return nn.ConvTranspose(1, (4, 4), (2, 2), padding=_TPAD)(h)
+
+
+class VAE(nn.Module):
+    """Encoder + decoder; ``__call__`` returns (logits, mean, logvar) for one reparameterised z."""
+
+    channels1: int = 64
+    channels2: int = 128
+    latent: int = 20
+
+    def setup(self):
+        self.encoder = Encoder(self.channels1, self.channels2, self.latent)
+        self.decoder = Decoder(self.channels1, self.channels2)
+
+    def __call__(self, x, eps):
+        mean, logvar = self.encoder(x)
+        z = mean + jnp.exp(0.5 * logvar) * eps
+        return self.decoder(z), mean, logvar
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def make_model(config: VAEConfig) -> VAE:
+    return VAE(config.channels1, config.channels2, config.latent)
+
+
+def torch_style_init(shapes: Any, key: jax.Array, transposed: Callable[[str], bool]) -> Any:
+    """PyTorch's default initialisation of conv / linear layers, drawn on the host.
+
+    Every kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (``kaiming_uniform_(a=sqrt(5))``
+    for weights, the same bound for biases), as in the paper's PyTorch model. ``fan_in`` is
+    ``kh * kw * in`` for a conv, ``in`` for a dense layer and ``kh * kw * out`` for a transposed
+    conv (PyTorch reads dimension 1 of its ``(in, out, kh, kw)`` weight). NumPy draws the values
+    from a seed taken from ``key``: initialisation then needs no XLA compilation, which on a busy
+    CPU costs seconds per initialiser.
+    """
+    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    rng = np.random.default_rng([int(v) for v in seed])
+    flat = flax.traverse_util.flatten_dict(shapes, sep="/")
+    out = {}
+    for layer in sorted({k.rsplit("/", 1)[0] for k in flat}):
+        kernel = flat[layer + "/kernel"].shape
+        if len(kernel) == 4:
+            fan_in = kernel[0] * kernel[1] * (kernel[3] if transposed(layer) else kernel[2])
+        else:
+            fan_in = kernel[0]
+        bound = 1.0 / np.sqrt(fan_in)
+        for name in ("kernel", "bias"):
+            leaf = flat[f"{layer}/{name}"]
+            out[f"{layer}/{name}"] = jnp.asarray(
+                rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
+            )
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def init_params(model: VAE, key: jax.Array) -> Any:
+    """Initialise parameters for 28x28x1 inputs (PyTorch-style, see :func:`torch_style_init`)."""
+    x = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+    eps = jnp.zeros((1, model.latent), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, eps)["params"]
+    return torch_style_init(shapes, key, lambda layer: "ConvTranspose" in layer)
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def negative_elbo(
+    model: VAE, params: Any, x: Float[Array, "b 28 28 1"], eps: Float[Array, "b latent"]
+) -> Float[Array, " b"]:
+    """Per-image negative ELBO (summed BCE + KL, module docstring) with noise ``eps``."""
+    logits, mean, logvar = model.apply({"params": params}, x, eps)
+    bce = optax.sigmoid_binary_cross_entropy(logits, x).sum(axis=(1, 2, 3))
+    kl = -0.5 * jnp.sum(1.0 + logvar - mean**2 - jnp.exp(logvar), axis=-1)
+    return bce + kl
+
+
+def make_optimizer(config: VAEConfig) -> optax.GradientTransformation:
+    """PyTorch ``Adam(lr, weight_decay)``: L2 decay added to the gradient, then Adam."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay), optax.adam(config.learning_rate)
+    )
+
+
+class TrainState(NamedTuple):
+    """What one model's training carries between steps."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array  # number of optimizer steps taken
+
+
+def init_state(model: VAE, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    params = init_params(model, key)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def data_mesh(batch_size: int, devices=None) -> jax.sharding.Mesh:
+    """A 1-D ``("data",)`` mesh over the most local devices that divide ``batch_size``."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = len(devices)
+    while batch_size % n:
+        n -= 1
+    return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def make_train_step(
+    model: VAE, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
+    """A jitted ``step(state, batch, key) -> (state, mean loss)`` sharded over ``mesh``.
+
+    ``batch``: float32 images in [0, 1] of shape (b, 28, 28, 1), b divisible by the mesh size.
+    ``key`` draws the reparameterisation noise of the whole batch.
+    """
+    rep, shard = replicated(mesh), batch_sharded(mesh)
+
+    def loss_fn(params, batch, key):
+        eps = jax.random.normal(key, (batch.shape[0], model.latent), batch.dtype)
+        eps = jax.lax.with_sharding_constraint(eps, shard)
+        return negative_elbo(model, params, batch, eps).mean()
+
+    def step(state: TrainState, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), loss
+
+    return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Replicate a train state over ``mesh``."""
+    return jax.device_put(state, replicated(mesh))
+
+
+def place_batch(batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    return jax.device_put(batch, batch_sharded(mesh))
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and evaluation (jitted, batched on the host to bound memory)
+
+
+@dataclasses.dataclass
+class VAEFunctions:
+    """Jitted pure functions of one architecture, built once and reused across generations."""
+
+    model: VAE
+
+    def __post_init__(self):
+        m = self.model
+
+        @jax.jit
+        def decode_means(params, z):
+            return jax.nn.sigmoid(m.apply({"params": params}, z, method=VAE.decode))
+
+        @jax.jit
+        def encode(params, x):
+            return m.apply({"params": params}, x, method=VAE.encode)
+
+        @jax.jit
+        def nelbo(params, x, key):
+            eps = jax.random.normal(key, (x.shape[0], m.latent), x.dtype)
+            return negative_elbo(m, params, x, eps)
+
+        self.decode_means = decode_means
+        self.encode = encode
+        self.nelbo = nelbo
+
+    def sample(
+        self, params, key: jax.Array, n: int, binarize: bool, chunk: int = 2048
+    ) -> Float[np.ndarray, "n 28 28 1"]:
+        """``n`` images from the generative model: z ~ N(0, I), pixels = sigmoid(decoder(z)) (the
+        Bernoulli means), or Bernoulli draws of them when ``binarize``. Chunk ``i`` uses
+        ``fold_in(key, i)``, so the result depends only on (key, n, chunk)."""
+        out = []
+        for i, start in enumerate(range(0, n, chunk)):
+            b = min(chunk, n - start)
+            kz, kb = jax.random.split(jax.random.fold_in(key, i))
+            z = jax.random.normal(kz, (b, self.model.latent), jnp.float32)
+            means = self.decode_means(params, z)
+            if binarize:
+                means = jax.random.bernoulli(kb, means).astype(jnp.float32)
+            out.append(np.asarray(means))
+        return np.concatenate(out, 0)
+
+    def encoder_means(self, params, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """Means of q(z|x) for images ``x`` (n, 28, 28, 1) in [0, 1]."""
+        return np.concatenate(
+            [np.asarray(self.encode(params, x[i : i + chunk])[0]) for i in range(0, len(x), chunk)]
+        )
+
+    def mean_nelbo(self, params, x: np.ndarray, key: jax.Array, chunk: int = 2048) -> float:
+        """Mean one-sample negative ELBO (nats per image) of images ``x``; chunk ``i`` uses
+        ``fold_in(key, i)``."""
+        total = 0.0
+        for i, start in enumerate(range(0, len(x), chunk)):
+            v = self.nelbo(params, x[start : start + chunk], jax.random.fold_in(key, i))
+            total += float(jnp.sum(v))
+        return total / len(x)
+
+
+def check_batch(batch_size: int, n: int) -> int:
+    batch_size = check_int("batch size", batch_size, 1)
+    if batch_size > n:
+        raise ConfigError(f"batch size {batch_size} exceeds the {n} training images")
+    return batch_size
