@@ -86,5 +86,7 @@ def check_finite_array(name: str, x) -> np.ndarray:
     x = np.asarray(x)
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
         idx = np.argwhere(~np.isfinite(x))[0]
-        raise ConfigError(f"{name} has a non-finite value {x[tuple(idx)]} at index {tuple(int(i) for i in idx)}")
+        raise ConfigError(
+            f"{name} has a non-finite value {x[tuple(idx)]} at index {tuple(int(i) for i in idx)}"
+        )
     return x

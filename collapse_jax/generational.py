@@ -53,7 +53,9 @@ class Policy:
 
     def __post_init__(self):
         if self.mode not in POLICY_MODES:
-            raise ConfigError(f"unknown policy {self.mode!r}; choose one of {', '.join(POLICY_MODES)}")
+            raise ConfigError(
+                f"unknown policy {self.mode!r}; choose one of {', '.join(POLICY_MODES)}"
+            )
         for name in ("alpha", "beta", "gamma"):
             check_float(f"policy {name}", getattr(self, name), 0.0, 1.0)
         total = self.alpha + self.beta + self.gamma
@@ -235,9 +237,12 @@ def chain_stats(x: jax.Array, axis: int = 0) -> ChainStats:
 
 def summarize_chains(info: Any) -> Any:
     """Apply :func:`chain_stats` over axis 0 to every leaf of a per-chain info pytree."""
-    return jax.tree.map(lambda leaf: chain_stats(leaf.astype(jnp.float32)
-                                                 if not jnp.issubdtype(leaf.dtype, jnp.floating)
-                                                 else leaf), info)
+    return jax.tree.map(
+        lambda leaf: chain_stats(
+            leaf.astype(jnp.float32) if not jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+        ),
+        info,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,15 +386,19 @@ def run_generations(
             bar.update(advanced)
             bar.set_postfix_str(f"{rate:.3g} chain-gen/s")
         elif progress is None and n_records > records_per_chunk:
-            print(f"[{desc}] {g_done}/{n_generations} generations, {rate:.3g} chain-generations/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{desc}] {g_done}/{n_generations} generations, {rate:.3g} chain-generations/s",
+                file=sys.stderr,
+                flush=True,
+            )
     if bar is not None:
         bar.close()
     state = jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
 
-    trace = jax.tree.map(lambda a0, *rest: np.concatenate([np.asarray(a0)[None], *rest], 0),
-                         trace0, *traces)
+    trace = jax.tree.map(
+        lambda a0, *rest: np.concatenate([np.asarray(a0)[None], *rest], 0), trace0, *traces
+    )
     return ScanResult(state, recorded_generations(n_generations, record_every), trace, seconds)
 
 

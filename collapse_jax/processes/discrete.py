@@ -1,0 +1,218 @@
+"""The discrete resampling process: a K-state distribution fitted exactly (F(p) = p) from M
+samples, generation after generation (the neutral Wright–Fisher model with population M).
+
+One chain's kernels are pure functions of (key, state, inputs); the shared runner
+:func:`collapse_jax.generational.run_generations` vmaps them over chains and scans generations.
+The state axis may be *compacted* between chunks: states that can never come back are dropped
+and summarised by the p0-mass they carried (see :func:`compact`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from collapse_jax import samplers
+from collapse_jax.errors import ConfigError, check_float, check_int, check_probability_vector
+from collapse_jax.generational import Policy, split_batch
+from collapse_jax.metrics.discrete import DiscreteMetrics, discrete_metrics
+
+METHODS = ("counts", "samples")
+
+
+class DiscreteState(NamedTuple):
+    """One chain after generation n: the training set T_n that fits generation n + 1."""
+
+    counts: Int[Array, " K"]  # counts of T_n per state
+    pool: Int[Array, " K"]  # accumulated pool (accumulate-subsample); zeros otherwise
+    p0: Float[Array, " K"]  # original probabilities of the states in this (compacted) axis
+    index: Int[Array, " K"]  # original state id of each slot
+    p0_dropped: Float[Array, ""]  # p0-mass of states dropped by compaction (all dead)
+    absorbed_at: Int[Array, ""]  # first generation whose model is a delta, -1 if none yet
+    absorbed_state: Int[Array, ""]  # original id of that delta's state, -1 if none yet
+
+
+class DiscreteInfo(NamedTuple):
+    """What one generation reports."""
+
+    metrics: DiscreteMetrics
+
+
+def initial_distribution(spec: str | np.ndarray, states: int | None = None) -> np.ndarray:
+    """Parse an initial distribution p0.
+
+    ``spec`` is ``uniform``, ``zipf:S`` (p_i ∝ i^-S), ``dirichlet:A`` (symmetric; drawn with
+    NumPy seed 0 unless ``dirichlet:A:SEED``), a comma-separated vector ``0.5,0.3,0.2``, a path to a
+    ``.npy`` file, or an array. ``states`` (K) is required for the parametric families and
+    checked against explicit vectors.
+    """
+    if isinstance(spec, np.ndarray | list | tuple):
+        p = np.asarray(spec, dtype=np.float64)
+    else:
+        spec = str(spec).strip()
+        head, _, rest = spec.partition(":")
+        if spec == "uniform" or head in ("zipf", "dirichlet"):
+            if states is None:
+                raise ConfigError(f"p0 {spec!r} needs the number of states")
+            k = check_int("states", states, 2)
+            if spec == "uniform":
+                p = np.full(k, 1.0 / k)
+            elif head == "zipf":
+                s = check_float("zipf exponent", rest or "1.0", 0.0)
+                p = np.arange(1, k + 1, dtype=np.float64) ** -s
+                p /= p.sum()
+            else:
+                a_str, _, seed_str = rest.partition(":")
+                a = check_float("dirichlet concentration", a_str or "1.0", 0.0, open_min=True)
+                seed = check_int("dirichlet seed", int(seed_str), 0) if seed_str else 0
+                p = np.random.default_rng(seed).dirichlet(np.full(k, a))
+        elif spec.endswith(".npy"):
+            path = Path(spec)
+            if not path.exists():
+                raise ConfigError(f"p0 file not found: {path}")
+            try:
+                p = np.load(path, allow_pickle=False).astype(np.float64)
+            except Exception as e:
+                raise ConfigError(f"cannot read p0 file {path}: {e}") from None
+        else:
+            try:
+                p = np.array([float(v) for v in spec.split(",")], dtype=np.float64)
+            except ValueError:
+                raise ConfigError(
+                    f"cannot parse p0 {spec!r}; use uniform, zipf:S, dirichlet:A, a vector "
+                    "like 0.5,0.3,0.2, or a .npy file"
+                ) from None
+    p = check_probability_vector("p0", p)
+    if p.shape[0] < 2:
+        raise ConfigError(f"p0 must have at least 2 states (K >= 2), got K = {p.shape[0]}")
+    if states is not None and p.shape[0] != states:
+        raise ConfigError(f"p0 has {p.shape[0]} entries but states = {states}")
+    return p
+
+
+def _sample_model(key, n, p, method: str, max_size: int):
+    """Counts of ``n`` draws from ``p``: directly (``counts``) or draw-and-recount (``samples``)."""
+    if method == "counts":
+        return samplers.multinomial(key, n, p)
+    # The paper's literal procedure: M categorical draws by inverse CDF, then recount.
+    cdf = jnp.cumsum(p)
+    u = jax.random.uniform(key, (max_size,), dtype=cdf.dtype) * cdf[-1]
+    draws = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), p.shape[0] - 1)
+    # Never pick a zero-probability state (guards the u == cdf boundary in floating point).
+    draws = jnp.where(p[draws] > 0, draws, jnp.argmax(p))
+    valid = jnp.arange(max_size) < n
+    return jnp.zeros(p.shape[0], jnp.int32).at[draws].add(valid.astype(jnp.int32))
+
+
+def make_kernels(policy: Policy, method: str = "counts", max_size: int = 1):
+    """Build ``init(key, p0, m0)`` and ``step(key, state, inputs)`` for one chain.
+
+    ``inputs`` per generation: ``{"generation": n, "size": M_n}`` where ``M_n`` is the size of the
+    batch drawn at generation n (it fits generation n + 1). ``max_size`` bounds every batch size
+    (needed by the ``samples`` method, whose draws have static shape).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+    def draw(key, n, p):
+        return _sample_model(key, n, p, method, max_size)
+
+    def init(key, p0: Float[Array, " K"], m0) -> tuple[DiscreteState, DiscreteInfo]:
+        k = p0.shape[0]
+        counts = draw(key, m0, p0)
+        pool = counts if policy.mode == "accumulate-subsample" else jnp.zeros_like(counts)
+        state = DiscreteState(
+            counts=counts,
+            pool=pool,
+            p0=p0,
+            index=jnp.arange(k, dtype=jnp.int32),
+            p0_dropped=jnp.zeros((), p0.dtype),
+            absorbed_at=jnp.where(jnp.sum(p0 > 0) == 1, 0, -1).astype(jnp.int32),
+            absorbed_state=jnp.where(jnp.sum(p0 > 0) == 1, jnp.argmax(p0), -1).astype(jnp.int32),
+        )
+        return state, DiscreteInfo(discrete_metrics(p0, p0))
+
+    def step(key, state: DiscreteState, inputs) -> tuple[DiscreteState, DiscreteInfo]:
+        gen, size = inputs["generation"], inputs["size"]
+        k_model, k_prev, k_orig, k_sub = jax.random.split(key, 4)
+        total = state.counts.sum()
+        p = state.counts.astype(state.p0.dtype) / jnp.maximum(total, 1).astype(state.p0.dtype)
+        metrics = discrete_metrics(p, state.p0, state.p0_dropped)
+
+        newly = (state.absorbed_at < 0) & (metrics.absorbed > 0)
+        absorbed_at = jnp.where(newly, gen, state.absorbed_at)
+        absorbed_state = jnp.where(newly, state.index[jnp.argmax(p)], state.absorbed_state)
+
+        n_model, n_prev, n_orig = split_batch(size, policy)
+        batch = draw(k_model, n_model, p)
+        if policy.beta > 0:
+            batch = batch + samplers.multivariate_hypergeometric(
+                k_prev, jnp.minimum(n_prev, total), state.counts
+            )
+        if policy.gamma > 0:
+            # Fresh D0 data; dropped states never have p0 > 0 when gamma > 0 (see `alive_mask`).
+            batch = batch + draw(k_orig, n_orig, state.p0)
+
+        if policy.mode == "accumulate":
+            counts, pool = state.counts + batch, state.pool
+        elif policy.mode == "accumulate-subsample":
+            pool = state.pool + batch
+            counts = samplers.multivariate_hypergeometric(k_sub, size, pool)
+        else:
+            counts, pool = batch, state.pool
+        new_state = state._replace(
+            counts=counts, pool=pool, absorbed_at=absorbed_at, absorbed_state=absorbed_state
+        )
+        return new_state, DiscreteInfo(metrics)
+
+    return init, step
+
+
+def alive_mask(state: DiscreteState, policy: Policy) -> Int[Array, "... K"]:
+    """States that can still have positive probability at some later generation."""
+    alive = (state.counts > 0) | (state.pool > 0)
+    if policy.gamma > 0:
+        alive = alive | (state.p0 > 0)
+    return alive
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _compact(state: DiscreteState, alive, width: int) -> DiscreteState:
+    order = jnp.argsort(~alive, axis=-1, stable=True)  # alive states first, order kept
+
+    def take(a):
+        return jnp.take_along_axis(a, order, axis=-1)[..., :width]
+
+    p0_sorted = jnp.take_along_axis(state.p0, order, axis=-1)
+    dropped = p0_sorted[..., width:].sum(-1)
+    return state._replace(
+        counts=take(state.counts),
+        pool=take(state.pool),
+        p0=p0_sorted[..., :width],
+        index=take(state.index),
+        p0_dropped=state.p0_dropped + dropped,
+    )
+
+
+def compact(state: DiscreteState, policy: Policy, min_width: int = 2) -> DiscreteState:
+    """Drop dead states from a batch of chains (leading axis = chains).
+
+    The state axis is shrunk to the smallest power of two (at least ``min_width``) that holds
+    the largest number of live states of any chain; each chain's live states move to the front
+    in their original order. Exact: dropped states are dead forever (zero count, zero pool and,
+    when fresh data is mixed in, zero p0), and their p0-mass is kept in ``p0_dropped`` for the
+    metrics. Shrinking only to powers of two bounds the number of recompilations by log2 K.
+    """
+    alive = alive_mask(state, policy)
+    k = state.counts.shape[-1]
+    n_alive = int(jax.device_get(alive.sum(-1).max()))
+    width = max(min_width, 1 << max(0, n_alive - 1).bit_length())
+    if width >= k:
+        return state
+    return _compact(state, alive, width)

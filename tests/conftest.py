@@ -1,0 +1,32 @@
+"""Test configuration: CPU only, 8 host devices for sharding tests, offline hub, data directory."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "COLLAPSE_JAX_DATA_DIR" not in os.environ and _SHARED.is_dir():
+    os.environ["COLLAPSE_JAX_DATA_DIR"] = str(_SHARED)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared data directory (MNIST, WikiText-2, tokenizers), or skip when it is absent."""
+    root = os.environ.get("COLLAPSE_JAX_DATA_DIR")
+    if not root or not Path(root).is_dir():
+        pytest.skip("shared data directory not available (set COLLAPSE_JAX_DATA_DIR)")
+    return Path(root)
