@@ -350,14 +350,24 @@ def run_generations(
         return (new_state, gen + 1), info
 
     def one_record(carry, _):
+        gen0 = carry[1]
         carry, infos = jax.lax.scan(one_generation, carry, None, length=record_every)
-        last = jax.tree.map(lambda a: a[-1], infos)
+        # The last record may be padded past the horizon: report the last real generation.
+        last_real = jnp.clip(n_generations - gen0, 0, record_every - 1)
+        last = jax.tree.map(lambda a: a[last_real], infos)
         return carry, reduce(last)
 
+    def constrain(state):
+        if sharding is None:
+            return state
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), state)
+
     @jax.jit
-    def chunk(state, gen, n_rec):
-        del n_rec
-        return jax.lax.scan(one_record, (state, gen), None, length=records_per_chunk)
+    def chunk(state, gen):
+        (state, gen), trace = jax.lax.scan(
+            one_record, (constrain(state), gen), None, length=records_per_chunk
+        )
+        return (constrain(state), gen), trace
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -372,7 +382,7 @@ def run_generations(
     while done_records < n_records:
         if between_chunks is not None and done_records:
             state = between_chunks(state)
-        (state, next_gen), tr = chunk(state, jnp.asarray(gen, jnp.int32), records_per_chunk)
+        (state, next_gen), tr = chunk(state, jnp.asarray(gen, jnp.int32))
         tr = jax.device_get(tr)
         take = min(records_per_chunk, n_records - done_records)
         traces.append(jax.tree.map(lambda a, take=take: a[:take], tr))

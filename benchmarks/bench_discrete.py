@@ -1,0 +1,87 @@
+"""Discrete engine vs the NumPy loop a researcher would write, same workload, one process.
+
+Workload (issue default): K = 50 uniform states, M = 1000, 4096 chains, 1000 generations,
+`replace`. Prints chain-generations per second of each and the ratio; also `samples` vs `counts`.
+
+    python benchmarks/bench_discrete.py            # full workload
+    python benchmarks/bench_discrete.py --quick    # 1024 chains, 200 generations
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+import numpy as np
+
+from collapse_jax.studies import discrete as study
+
+
+def numpy_loop(k: int, m: int, chains: int, generations: int, seed: int = 0) -> float:
+    """The peer: `Generator.multinomial` over the chain batch, generation after generation."""
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(m, np.full(k, 1.0 / k), size=chains)
+    t0 = time.perf_counter()
+    for _ in range(generations):
+        counts = rng.multinomial(m, counts / m)
+    return time.perf_counter() - t0
+
+
+def ours(k, m, chains, generations, method="counts", compact=True, seed=0) -> tuple[float, float]:
+    """Returns (seconds including compilation, seconds of a second, compiled run)."""
+    cfg = study.Config(
+        states=k,
+        samples=m,
+        chains=chains,
+        generations=generations,
+        method=method,
+        record_every=max(1, generations // 100),
+        seed=seed,
+        compact=compact,
+    )
+    t0 = time.perf_counter()
+    study.simulate(cfg, progress=False)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    study.simulate(cfg, progress=False)
+    return first, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--chains", type=int, default=None)
+    ap.add_argument("--generations", type=int, default=None)
+    ap.add_argument("--skip-samples", action="store_true", help="skip the samples-method run")
+    args = ap.parse_args()
+    k, m = 50, 1000
+    chains = args.chains or (1024 if args.quick else 4096)
+    gens = args.generations or (200 if args.quick else 1000)
+    work = chains * gens
+    print(f"workload: K={k}, M={m}, {chains} chains x {gens} generations, replace")
+
+    t_np = numpy_loop(k, m, chains, gens)
+    print(f"numpy Generator.multinomial loop : {work / t_np:10.3e} chain-gen/s ({t_np:.2f} s)")
+    first, t_ours = ours(k, m, chains, gens)
+    print(
+        f"collapse_jax counts (compacted)  : {work / t_ours:10.3e} chain-gen/s ({t_ours:.2f} s; "
+        f"first call with compilation {first:.2f} s)"
+    )
+    print(f"ratio ours / numpy               : {t_np / t_ours:10.2f}x")
+    _, t_nc = ours(k, m, chains, gens, compact=False)
+    print(f"collapse_jax counts, no compaction: {work / t_nc:10.3e} chain-gen/s ({t_nc:.2f} s)")
+    if not args.skip_samples:
+        sg = max(10, gens // 10)
+        _, t_s = ours(k, m, chains, sg, method="samples", compact=False)
+        _, t_c = ours(k, m, chains, sg, method="counts", compact=False)
+        print(
+            f"samples vs counts over {sg} generations: samples {chains * sg / t_s:.3e}, "
+            f"counts {chains * sg / t_c:.3e} chain-gen/s (counts {t_s / t_c:.1f}x faster)"
+        )
+
+
+if __name__ == "__main__":
+    main()

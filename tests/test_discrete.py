@@ -1,0 +1,213 @@
+"""The discrete resampling process against its closed forms (tolerances from MC standard errors)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from collapse_jax.generational import Policy, run_generations
+from collapse_jax.metrics.discrete import discrete_metrics
+from collapse_jax.processes import discrete as proc
+from collapse_jax.studies import discrete as study
+from collapse_jax.theory import wright_fisher as wf
+
+Z = 4.0  # agreement within Z standard errors
+
+
+def per_chain(
+    p0, m, chains, generations, *, policy=None, method="counts", seed=0, compact=True, sizes=None
+):
+    """Run chains and keep every chain's metrics (no reduction)."""
+    policy = policy or Policy()
+    p0 = np.asarray(p0)
+    sizes = np.full(generations, m) if sizes is None else np.asarray(sizes)
+    init, step = proc.make_kernels(policy, method, max_size=int(sizes.max()))
+    res = run_generations(
+        jax.random.key(seed),
+        lambda k: init(k, jnp.asarray(p0, jnp.float32), int(sizes[0])),
+        step,
+        chains,
+        generations,
+        {
+            "generation": np.arange(1, generations + 1),
+            "size": np.concatenate([sizes[1:], sizes[-1:]]),
+        },
+        reduce=lambda info: info.metrics,
+        between_chunks=(lambda s: proc.compact(s, policy)) if compact else None,
+        chunk_generations=50,
+        progress=False,
+    )
+    return res
+
+
+def assert_close(mc, se, theory, what):
+    assert abs(mc - theory) <= Z * se, f"{what}: MC {mc:.6g} ± {se:.3g} vs theory {theory:.6g}"
+
+
+@pytest.mark.parametrize("method", ["counts", "samples"])
+def test_heterozygosity_decay(method):
+    p0, m, n = np.array([0.4, 0.3, 0.2, 0.1]), 30, 24
+    res = per_chain(p0, m, 3000, n, method=method, seed=1)
+    het = np.asarray(res.trace.heterozygosity)  # (gens + 1, chains)
+    theory = wf.expected_heterozygosity(p0, np.full(n, m))
+    h0 = 1 - (p0**2).sum()
+    np.testing.assert_allclose(theory, h0 * (1 - 1 / m) ** np.arange(n + 1), rtol=1e-12)
+    for g in (1, 6, 12, 24):
+        x = het[g]
+        assert_close(x.mean(), x.std(ddof=1) / np.sqrt(x.size), theory[g], f"E[H_{g}] {method}")
+
+
+def test_absorption_probabilities_and_time():
+    p0, m = np.array([0.5, 0.3, 0.2]), 50
+    res = per_chain(p0, m, 2000, 1500, seed=2)
+    at = np.asarray(res.state.absorbed_at)
+    where = np.asarray(res.state.absorbed_state)
+    assert (at > 0).all(), "every chain is absorbed well before 1500 generations"
+    freq = np.bincount(where, minlength=3) / len(where)
+    for i in range(3):
+        assert_close(freq[i], np.sqrt(p0[i] * (1 - p0[i]) / len(where)), p0[i], f"P(absorb at {i})")
+    # Mean absorption time: within a few percent of the diffusion formula (M >= 50).
+    t_diff = wf.diffusion_absorption_time(p0, m)
+    se = at.std(ddof=1) / np.sqrt(at.size)
+    assert abs(at.mean() - t_diff) <= 0.05 * t_diff + Z * se, (at.mean(), se, t_diff)
+
+
+def test_two_state_absorption_time_exact_and_diffusion():
+    m = 50
+    exact = wf.exact_two_state_absorption_time(0.5, m)
+    diff = wf.diffusion_absorption_time([0.5, 0.5], m)
+    assert abs(exact - diff) / diff < 0.03  # the diffusion approximation is within a few percent
+    res = per_chain([0.5, 0.5], m, 2000, 1200, seed=3)
+    at = np.asarray(res.state.absorbed_at)
+    assert (at > 0).all()
+    assert_close(at.mean(), at.std(ddof=1) / np.sqrt(at.size), exact, "exact K=2 absorption time")
+
+
+@pytest.mark.parametrize(
+    "policy", [Policy(), Policy.parse("replace", fresh_fraction=0.25)], ids=["replace", "fresh"]
+)
+def test_expected_support_exact(policy):
+    p0 = proc.initial_distribution("zipf:1.2", 6)
+    m, n = 40, 40
+    res = per_chain(p0, m, 3000, n, policy=policy, seed=4)
+    sup = np.asarray(res.trace.support_size)
+    theory = wf.expected_support(p0, np.full(n, m), policy)
+    for g in (1, 5, 20, 40):
+        x = sup[g]
+        se = max(x.std(ddof=1), 1e-12) / np.sqrt(x.size)
+        assert_close(x.mean(), se, theory[g], f"E[support_{g}]")
+
+
+def test_mix_policy_heterozygosity():
+    p0 = np.array([0.25, 0.25, 0.2, 0.2, 0.1])
+    policy = Policy.parse("mix:0.6,0.2,0.2")
+    m, n = 25, 30
+    res = per_chain(p0, m, 3000, n, policy=policy, seed=5)
+    het = np.asarray(res.trace.heterozygosity)
+    theory = wf.expected_heterozygosity(p0, np.full(n, m), policy)
+    for g in (1, 2, 10, 30):
+        x = het[g]
+        assert_close(x.mean(), x.std(ddof=1) / np.sqrt(x.size), theory[g], f"mix E[H_{g}]")
+
+
+def test_samples_and_counts_agree_in_distribution():
+    p0 = proc.initial_distribution("zipf:1.0", 8)
+    g = 25
+    a = np.asarray(per_chain(p0, 30, 3000, g, method="counts", seed=6).trace.support_size[g])
+    b = np.asarray(per_chain(p0, 30, 3000, g, method="samples", seed=7).trace.support_size[g])
+    values = np.union1d(a, b)
+    table = np.array([[np.sum(a == v) for v in values], [np.sum(b == v) for v in values]])
+    table = table[:, table.sum(0) >= 5]
+    p = stats.chi2_contingency(table).pvalue
+    assert p > 1e-3, f"support-size distributions differ (chi-square p = {p:.2e})"
+
+
+def test_schedule_heterozygosity_product_form():
+    p0 = np.array([0.5, 0.5])
+    sizes = np.array([10, 20, 30, 40, 50, 60])
+    res = per_chain(p0, 10, 4000, 6, sizes=sizes, seed=8)
+    het = np.asarray(res.trace.heterozygosity)
+    theory = wf.expected_heterozygosity(p0, sizes)
+    np.testing.assert_allclose(theory[1:], 0.5 * np.cumprod(1 - 1 / sizes), rtol=1e-12)
+    for n in range(1, 7):
+        x = het[n]
+        assert_close(x.mean(), x.std(ddof=1) / np.sqrt(x.size), theory[n], f"schedule E[H_{n}]")
+
+
+@pytest.mark.parametrize("mode", ["accumulate", "accumulate-subsample"])
+def test_accumulate_policies_keep_sizes(mode):
+    policy = Policy.parse(mode)
+    p0 = np.full(5, 0.2)
+    res = per_chain(p0, 20, 64, 10, policy=policy, seed=9, compact=False)
+    totals = np.asarray(res.state.counts).sum(-1)
+    expected = 20 * 11 if mode == "accumulate" else 20
+    assert (totals == expected).all()
+    # Accumulating real and synthetic data slows the loss of states relative to replace.
+    het_acc = np.asarray(res.trace.heterozygosity)[-1].mean()
+    assert het_acc > 0
+
+
+def test_compaction_preserves_metrics():
+    policy = Policy()
+    counts = jnp.array([[0, 5, 0, 3, 0, 0, 2, 0], [1, 0, 0, 0, 0, 0, 9, 0]], jnp.int32)
+    p0 = jnp.full((2, 8), 1 / 8)
+    state = proc.DiscreteState(
+        counts=counts,
+        pool=jnp.zeros_like(counts),
+        p0=p0,
+        index=jnp.tile(jnp.arange(8, dtype=jnp.int32), (2, 1)),
+        p0_dropped=jnp.zeros(2),
+        absorbed_at=-jnp.ones(2, jnp.int32),
+        absorbed_state=-jnp.ones(2, jnp.int32),
+    )
+    small = proc.compact(state, policy)
+    assert small.counts.shape == (2, 4)
+    for c in range(2):
+        full = discrete_metrics(counts[c] / counts[c].sum(), p0[c])
+        comp = discrete_metrics(
+            small.counts[c] / small.counts[c].sum(), small.p0[c], small.p0_dropped[c]
+        )
+        for a, b in zip(full, comp, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(small.index[0]), [1, 3, 6, 0])
+
+
+def test_metrics_never_nan_and_kl_infinite_once_state_dies():
+    m = discrete_metrics(jnp.array([0.0, 1.0, 0.0]), jnp.array([0.2, 0.5, 0.3]))
+    assert np.isinf(m.kl_p0_model) and np.isfinite(m.kl_model_p0)
+    assert float(m.absorbed) == 1.0 and float(m.tail_mass_kept) == pytest.approx(0.5)
+    assert float(m.total_variation) == pytest.approx(0.5)
+    summary_fraction = per_chain([0.5, 0.5], 4, 64, 30, seed=10)
+    kl = np.asarray(summary_fraction.trace.kl_p0_model)
+    assert not np.isnan(kl).any()
+
+
+def test_same_seed_same_results_and_record_every(tmp_path):
+    cfg = study.Config(
+        states=6, p0="zipf:1.0", samples=20, chains=64, generations=40, seed=3, compact=False
+    )
+    a = study.run(cfg, tmp_path / "a", progress=False)
+    b = study.run(cfg, tmp_path / "b", progress=False)
+    assert a["heterozygosity"] == b["heterozygosity"]
+    assert a["absorbed_state_freq"] == b["absorbed_state_freq"]
+    c = study.run(
+        study.Config(**{**cfg.__dict__, "record_every": 7}), tmp_path / "c", progress=False
+    )
+    gens = c["heterozygosity"]["generation"]
+    assert gens == [0, 7, 14, 21, 28, 35, 40]
+    # Per-generation keys are fold_in(chain, generation): thinning the record changes nothing.
+    full = dict(zip(a["heterozygosity"]["generation"], a["heterozygosity"]["mean"], strict=True))
+    for g, v in zip(gens, c["heterozygosity"]["mean"], strict=True):
+        assert v == pytest.approx(full[g], rel=1e-6)
+
+
+def test_initial_distributions(tmp_path):
+    np.testing.assert_allclose(proc.initial_distribution("uniform", 4), 0.25)
+    z = proc.initial_distribution("zipf:1.0", 3)
+    np.testing.assert_allclose(z, np.array([1, 1 / 2, 1 / 3]) / (11 / 6))
+    d = proc.initial_distribution("dirichlet:0.5", 10)
+    assert d.shape == (10,) and abs(d.sum() - 1) < 1e-12
+    np.testing.assert_allclose(proc.initial_distribution("0.5,0.3,0.2"), [0.5, 0.3, 0.2])
+    np.save(tmp_path / "p.npy", np.array([0.1, 0.9]))
+    np.testing.assert_allclose(proc.initial_distribution(str(tmp_path / "p.npy")), [0.1, 0.9])

@@ -1,0 +1,230 @@
+"""The shared foundation: policies, schedules, the scan runner, run files and the CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from collapse_jax import cli
+from collapse_jax.errors import ConfigError
+from collapse_jax.generational import (
+    Policy,
+    Schedule,
+    chain_stats,
+    mix_training_data,
+    recorded_generations,
+    run_generations,
+    split_batch,
+)
+from collapse_jax.runs import read_arrays, read_json, write_arrays, write_json
+
+
+def test_policy_parse_and_split():
+    assert Policy.parse("replace") == Policy("replace", 1.0, 0.0, 0.0)
+    assert Policy.parse("replace", 0.1) == Policy("replace", 0.9, 0.0, 0.1)
+    assert Policy.parse("accumulate-subsample").accumulates
+    mix = Policy.parse("mix:0.5,0.3,0.2")
+    split = split_batch(101, mix)
+    assert sum(int(v) for v in split) == 101 and int(split.original) == 20
+    traced = jax.jit(lambda m: split_batch(m, mix))(jnp.int32(101))
+    assert [int(v) for v in traced] == [int(v) for v in split]
+    for bad in ("mix:0.5,0.5", "mix:0.5,0.3,0.3", "nope"):
+        with pytest.raises(ConfigError):
+            Policy.parse(bad)
+    with pytest.raises(ConfigError, match="fresh fraction"):
+        Policy.parse("replace", 1.5)
+    with pytest.raises(ConfigError, match="conflicts"):
+        Policy.parse("mix:0.5,0.3,0.2", 0.1)
+
+
+def test_schedules(tmp_path):
+    np.testing.assert_array_equal(Schedule.parse("constant").sizes(10, 3), [10, 10, 10])
+    np.testing.assert_array_equal(Schedule.parse("linear").sizes(10, 3), [10, 20, 30])
+    np.testing.assert_array_equal(Schedule.parse("linear:5").sizes(10, 3), [10, 15, 20])
+    np.testing.assert_array_equal(Schedule.parse("poly:2").sizes(10, 3), [10, 40, 90])
+    np.testing.assert_array_equal(Schedule.parse("list:3,4,5").sizes(1, 3), [3, 4, 5])
+    np.save(tmp_path / "s.npy", np.array([7, 8]))
+    np.testing.assert_array_equal(Schedule.parse(str(tmp_path / "s.npy")).sizes(1, 2), [7, 8])
+    with pytest.raises(ConfigError, match="2 sizes but 3"):
+        Schedule.parse("list:1,2").sizes(1, 3)
+    with pytest.raises(ConfigError, match="< 1"):
+        Schedule.parse("list:1,0").sizes(1, 2)
+    with pytest.raises(ConfigError):
+        Schedule.parse("cubic")
+
+
+def test_chain_stats_excludes_non_finite():
+    s = chain_stats(jnp.array([1.0, 3.0, jnp.inf, 2.0]))
+    assert float(s.mean) == pytest.approx(2.0)
+    assert float(s.stderr) == pytest.approx(np.std([1, 3, 2], ddof=1) / np.sqrt(3), rel=1e-6)
+    assert float(s.finite_fraction) == pytest.approx(0.75)
+    none = chain_stats(jnp.array([jnp.inf, jnp.inf]))
+    assert np.isnan(none.mean) and float(none.finite_fraction) == 0.0
+
+
+def _random_walk():
+    def init(key):
+        return jnp.zeros(()), {"x": jnp.zeros(())}
+
+    def step(key, x, inputs):
+        x = x + jax.random.normal(key) * inputs["scale"]
+        return x, {"x": x}
+
+    return init, step
+
+
+@pytest.mark.parametrize("record_every", [1, 3, 7])
+def test_runner_recording_is_thinning_only(record_every):
+    init, step = _random_walk()
+    kw = dict(inputs={"scale": jnp.ones(20)}, progress=False)
+    full = run_generations(jax.random.key(0), init, step, 16, 20, **kw)
+    thin = run_generations(
+        jax.random.key(0), init, step, 16, 20, record_every=record_every, chunk_generations=6, **kw
+    )
+    gens = recorded_generations(20, record_every)
+    np.testing.assert_array_equal(thin.generations, gens)
+    np.testing.assert_allclose(thin.trace["x"].mean, full.trace["x"].mean[gens], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(thin.state), np.asarray(full.state), rtol=1e-6)
+    # Variance of the random walk grows like n (8 chains: loose but falsifiable).
+    assert full.trace["x"].mean.shape == (21,)
+
+
+def test_runner_shards_chains_over_host_devices():
+    init, step = _random_walk()
+    res = run_generations(
+        jax.random.key(0), init, step, 16, 4, {"scale": jnp.ones(4)}, progress=False
+    )
+    if len(jax.devices()) > 1:
+        assert len(res.state.sharding.device_set) == len(jax.devices())
+
+
+def test_mix_training_data_policies():
+    rng = np.random.default_rng(0)
+    original = np.arange(100)[:, None]
+    model = lambda n: np.full((n, 1), -1)  # noqa: E731
+    train, pool = mix_training_data(rng, Policy.parse("replace", 0.2), 50, model, None, original)
+    assert train.shape == (50, 1) and pool is None
+    assert (train == -1).sum() == 40 and (train >= 0).sum() == 10
+    train2, pool = mix_training_data(rng, Policy.parse("accumulate"), 50, model, train, original)
+    assert len(train2) == 100 and len(pool) == 100
+    train3, pool = mix_training_data(
+        rng, Policy.parse("accumulate-subsample"), 50, model, train2, original, pool
+    )
+    assert len(train3) == 50 and len(pool) == 150
+
+
+def test_atomic_writes_and_corrupt_files(tmp_path):
+    write_json(
+        tmp_path / "a.json", {"x": np.float32(1.5), "inf": float("inf"), "arr": np.arange(3)}
+    )
+    assert read_json(tmp_path / "a.json") == {"x": 1.5, "inf": "inf", "arr": [0, 1, 2]}
+    write_arrays(tmp_path / "m.npz", a=np.arange(4))
+    np.testing.assert_array_equal(read_arrays(tmp_path / "m.npz")["a"], np.arange(4))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="corrupt"):
+        read_arrays(tmp_path / "bad.npz")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="corrupt"):
+        read_json(tmp_path / "bad.json")
+    # A failure while writing leaves neither a partial file nor a temporary behind.
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "c.json", {"x": object()})
+    assert not (tmp_path / "c.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--p0=0.5,0.6"], "p0 must sum to 1"),
+        (["--p0=-0.5,1.5"], "negative entry -0.5"),
+        (["--states", "1"], "states must be >= 2"),
+        (["--samples", "0"], "samples must be >= 1"),
+        (["--chains", "0"], "chains must be >= 1"),
+        (["--policy", "sometimes"], "unknown policy 'sometimes'"),
+        (["--fresh-fraction", "1.5"], "fresh fraction must be <= 1.0"),
+        (["--fresh-fraction", "-0.1"], "fresh fraction must be >= 0.0"),
+        (["--p0=0.5,nan"], "non-finite"),
+    ],
+)
+def test_cli_bad_input_one_line_error(args, message, capsys, tmp_path):
+    rc = cli.main(["run", "discrete", "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_run_writes_required_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(
+        [
+            "run",
+            "discrete",
+            "--out",
+            str(out),
+            "--states",
+            "4",
+            "--samples",
+            "10",
+            "--chains",
+            "32",
+            "--generations",
+            "60",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "p0",
+        "absorbed_fraction",
+        "absorbed_state_freq",
+        "absorption_time_mean",
+        "absorption_time_stderr",
+    ):
+        assert key in summary
+    for key in ("heterozygosity", "entropy", "support_size"):
+        assert set(summary[key]) >= {"generation", "mean", "stderr"}
+        assert summary[key]["generation"][0] == 0
+    assert summary["support_size"]["mean"][0] == 4.0  # generation 0 is p0 itself
+    for f in ("config.json", "metrics.npz", "report.md", "theory.png", "metrics.png"):
+        assert (out / f).exists(), f
+    assert "| claim | theory | Monte Carlo ± stderr | agrees? |" in (out / "report.md").read_text()
+
+
+def test_cli_sweep_and_experiments(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = cli.main(
+        [
+            "run",
+            "discrete",
+            "--out",
+            str(out),
+            "--states",
+            "3",
+            "--samples",
+            "8",
+            "--chains",
+            "16",
+            "--generations",
+            "10",
+            "--no-progress",
+            "--sweep",
+            "samples=8,16",
+        ]
+    )
+    assert rc == 0
+    assert (out / "samples=8" / "summary.json").exists()
+    assert (out / "samples=16" / "summary.json").exists()
+    assert (out / "sweep.png").exists()
+    assert cli.main(["run", "discrete", "--sweep", "policy=1,2", "--out", str(out)]) == 2
+    assert cli.main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "discrete_two_states" in listing
+    toml = tmp_path / "bad.toml"
+    toml.write_text('study = "discrete"\n[config]\nstatez = 3\n')
+    assert cli.main(["run", str(toml)]) == 2
+    assert "unknown config key(s) statez" in capsys.readouterr().err
