@@ -78,12 +78,23 @@ def test_sampling_is_deterministic_and_in_range():
     model = vae.make_model(TINY)
     fns = vae.VAEFunctions(model)
     params = vae.init_params(model, jax.random.key(0))
-    a = fns.sample(params, jax.random.key(1), 10, binarize=False, chunk=4)
-    b = fns.sample(params, jax.random.key(1), 10, binarize=False, chunk=4)
-    c = fns.sample(params, jax.random.key(1), 10, binarize=True, chunk=4)
+    a = fns.sample(params, jax.random.key(1), 10, binarize=False)
+    b = fns.sample(params, jax.random.key(1), 10, binarize=False)
+    c = fns.sample(params, jax.random.key(1), 10, binarize=True)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (10, 28, 28, 1) and 0 < a.min() and a.max() < 1
     assert set(np.unique(c)) <= {0.0, 1.0}
+    assert fns._sample_chunk._cache_size() == 2  # one compilation per binarize value
+    # Chunked encoding and ELBO (zero-padded last chunk) equal one unchunked call.
+    whole = vae.VAEFunctions(model, chunk=16)
+    x = _images(10, seed=2)
+    np.testing.assert_allclose(
+        fns.encoder_means(params, x), whole.encoder_means(params, x), rtol=1e-5, atol=1e-6
+    )
+    key = jax.random.key(3)
+    padded = np.concatenate([x, np.zeros((6, 28, 28, 1), np.float32)])
+    per_image = np.asarray(whole.nelbo(params, padded, jax.random.fold_in(key, 0)))
+    np.testing.assert_allclose(whole.mean_nelbo(params, x, key), per_image[:10].mean(), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ JAX's partitionable threefry the result does not depend on the number of devices
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -243,18 +244,38 @@ def place_batch(batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
 # Sampling and evaluation (jitted, batched on the host to bound memory)
 
 
+def padded_chunks(x: np.ndarray, chunk: int):
+    """Yield ``(index, padded_chunk, valid_rows)``: every chunk has exactly ``chunk`` rows (the
+    last is zero-padded), so a jitted function compiles once whatever ``len(x)`` is."""
+    for i, start in enumerate(range(0, len(x), chunk)):
+        part = x[start : start + chunk]
+        valid = len(part)
+        if valid < chunk:
+            part = np.concatenate([part, np.zeros((chunk - valid, *part.shape[1:]), part.dtype)])
+        yield i, part, valid
+
+
 @dataclasses.dataclass
 class VAEFunctions:
-    """Jitted pure functions of one architecture, built once and reused across generations."""
+    """Jitted pure functions of one architecture, built once and reused across generations.
+
+    Every function works on fixed-size chunks of ``chunk`` images, so each compiles once.
+    """
 
     model: VAE
+    chunk: int = 1024
 
     def __post_init__(self):
-        m = self.model
+        m, chunk = self.model, self.chunk
 
-        @jax.jit
-        def decode_means(params, z):
-            return jax.nn.sigmoid(m.apply({"params": params}, z, method=VAE.decode))
+        @functools.partial(jax.jit, static_argnums=2)
+        def sample_chunk(params, key, binarize: bool):
+            kz, kb = jax.random.split(key)
+            z = jax.random.normal(kz, (chunk, m.latent), jnp.float32)
+            means = jax.nn.sigmoid(m.apply({"params": params}, z, method=VAE.decode))
+            if binarize:
+                return jax.random.bernoulli(kb, means).astype(jnp.float32)
+            return means
 
         @jax.jit
         def encode(params, x):
@@ -265,40 +286,37 @@ class VAEFunctions:
             eps = jax.random.normal(key, (x.shape[0], m.latent), x.dtype)
             return negative_elbo(m, params, x, eps)
 
-        self.decode_means = decode_means
+        self._sample_chunk = sample_chunk
         self.encode = encode
         self.nelbo = nelbo
 
     def sample(
-        self, params, key: jax.Array, n: int, binarize: bool, chunk: int = 2048
+        self, params, key: jax.Array, n: int, binarize: bool
     ) -> Float[np.ndarray, "n 28 28 1"]:
         """``n`` images from the generative model: z ~ N(0, I), pixels = sigmoid(decoder(z)) (the
         Bernoulli means), or Bernoulli draws of them when ``binarize``. Chunk ``i`` uses
         ``fold_in(key, i)``, so the result depends only on (key, n, chunk)."""
         out = []
-        for i, start in enumerate(range(0, n, chunk)):
-            b = min(chunk, n - start)
-            kz, kb = jax.random.split(jax.random.fold_in(key, i))
-            z = jax.random.normal(kz, (b, self.model.latent), jnp.float32)
-            means = self.decode_means(params, z)
-            if binarize:
-                means = jax.random.bernoulli(kb, means).astype(jnp.float32)
-            out.append(np.asarray(means))
+        for i, start in enumerate(range(0, n, self.chunk)):
+            x = self._sample_chunk(params, jax.random.fold_in(key, i), bool(binarize))
+            out.append(np.asarray(x)[: min(self.chunk, n - start)])
         return np.concatenate(out, 0)
 
-    def encoder_means(self, params, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    def encoder_means(self, params, x: np.ndarray) -> np.ndarray:
         """Means of q(z|x) for images ``x`` (n, 28, 28, 1) in [0, 1]."""
-        return np.concatenate(
-            [np.asarray(self.encode(params, x[i : i + chunk])[0]) for i in range(0, len(x), chunk)]
-        )
+        out = [
+            np.asarray(self.encode(params, part)[0])[:valid]
+            for _, part, valid in padded_chunks(np.asarray(x, np.float32), self.chunk)
+        ]
+        return np.concatenate(out)
 
-    def mean_nelbo(self, params, x: np.ndarray, key: jax.Array, chunk: int = 2048) -> float:
+    def mean_nelbo(self, params, x: np.ndarray, key: jax.Array) -> float:
         """Mean one-sample negative ELBO (nats per image) of images ``x``; chunk ``i`` uses
         ``fold_in(key, i)``."""
         total = 0.0
-        for i, start in enumerate(range(0, len(x), chunk)):
-            v = self.nelbo(params, x[start : start + chunk], jax.random.fold_in(key, i))
-            total += float(jnp.sum(v))
+        for i, part, valid in padded_chunks(np.asarray(x, np.float32), self.chunk):
+            v = np.asarray(self.nelbo(params, part, jax.random.fold_in(key, i)))
+            total += float(v[:valid].astype(np.float64).sum())
         return total / len(x)
 
 
