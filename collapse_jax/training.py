@@ -449,6 +449,79 @@ def make_lm_train_step(
     return state, step
 
 
+class FitResult(NamedTuple):
+    """Outcome of :func:`fit_lm`."""
+
+    params: Any  # trained parameters (on the mesh)
+    losses: np.ndarray  # [n_updates] training loss of each update's batch (before the update)
+    state: TrainState  # final train state (to continue training)
+
+
+def fit_lm(
+    apply_fn: ApplyFn,
+    params: Any,
+    input_ids: Int[Array, "n seq"],
+    attention_mask: Int[Array, "n seq"] | None,
+    optimizer_config: OptimizerConfig,
+    *,
+    batch_size: int,
+    epochs: int,
+    key: jax.Array,
+    mesh: Mesh | None = None,
+    dropout: bool = True,
+    param_shardings: Any = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> FitResult:
+    """Train a causal LM for ``epochs`` passes over fixed-length blocks (the paper's fine-tuning).
+
+    Each epoch visits the ``n`` blocks in a fresh random order (``fold_in(key, epoch)``) in
+    batches of ``batch_size``; the last, short batch is filled with fully masked rows, which add
+    no target tokens, so every update has the same shape (one compilation) and the loss of a
+    short batch is its own token mean, as in an unpadded run. ``optimizer_config.total_steps``
+    should equal the number of updates, ``epochs · ceil(n / batch_size)``.
+
+    ``progress(update, total, loss)`` is called after each update (it syncs to the host).
+    """
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise ConfigError(
+            f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same [n, seq]"
+        )
+    n = ids.shape[0]
+    batch_size = check_int("batch_size", batch_size, 1)
+    epochs = check_int("epochs", epochs, 1)
+    if batch_size % optimizer_config.grad_accum_steps:
+        raise ConfigError(
+            f"batch_size {batch_size} must be divisible by grad_accum_steps "
+            f"{optimizer_config.grad_accum_steps}"
+        )
+    if mesh is None:
+        mesh = make_mesh(devices=jax.devices()[:1])
+    per_epoch = -(-n // batch_size)
+    total = epochs * per_epoch
+    state, step = make_lm_train_step(
+        apply_fn, optimizer_config, params, mesh, param_shardings=param_shardings, dropout=dropout
+    )
+    losses = []
+    k_order, k_dropout = jax.random.split(key)
+    update = 0
+    for epoch in range(epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(k_order, epoch), n))
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            b_ids = np.full((batch_size, ids.shape[1]), ids[rows[0], 0], np.int32)
+            b_mask = np.zeros((batch_size, ids.shape[1]), np.int32)
+            b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
+            batch = shard_batch({"input_ids": b_ids, "attention_mask": b_mask}, mesh)
+            state, info = step(state, batch, jax.random.fold_in(k_dropout, update))
+            losses.append(info.loss)
+            update += 1
+            if progress is not None:
+                progress(update, total, float(info.loss))
+    return FitResult(state.params, np.asarray(jax.device_get(losses)), state)
+
+
 def sequence_log_likelihoods(
     apply_fn: ApplyFn,
     params: Any,

@@ -127,6 +127,29 @@ def test_parameter_sharding_over_model_axis(params, reference):
     assert_params_close(reference[1], jax.device_get(state.params))
 
 
+def test_fit_lm_epochs_with_a_short_last_batch(params):
+    b = batches(1, batch=10)[0]
+    ids = np.concatenate([b["input_ids"]] * 2)  # 20 blocks, batch 8: 3 updates per epoch
+    mask = np.concatenate([b["attention_mask"]] * 2)
+    seen = []
+    cfg = dataclasses.replace(OPT_CFG, total_steps=6, grad_accum_steps=2)
+    out = T.fit_lm(
+        T.opt_apply_fn(TINY),
+        params,
+        ids,
+        mask,
+        cfg,
+        batch_size=8,
+        epochs=2,
+        key=jax.random.key(0),
+        progress=lambda i, n, loss: seen.append((i, n)),
+    )
+    assert seen == [(i, 6) for i in range(1, 7)]
+    assert out.losses.shape == (6,) and np.isfinite(out.losses).all()
+    assert int(out.state.step) == 6
+    assert out.losses[3:].mean() < out.losses[:3].mean()
+
+
 def test_schedule_warmup_then_cosine():
     cfg = T.OptimizerConfig(learning_rate=1.0, warmup_steps=4, total_steps=12, end_lr_fraction=0.1)
     lr = np.array([float(T.make_schedule(cfg)(n)) for n in range(13)])
