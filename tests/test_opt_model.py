@@ -268,6 +268,10 @@ def test_missing_files_and_bad_config_raise_config_error(tmp_path):
         OPTConfig.from_hf(dict(TINY, model_type="gpt2"))
     with pytest.raises(ConfigError, match="not a directory"):
         load_pretrained(tmp_path / "nope" / "deeper" / "still")
+    # A hub id offline (the test suite sets HF_HUB_OFFLINE=1): a one-line error naming it.
+    with pytest.raises(ConfigError, match="could not be fetched") as err:
+        load_pretrained("collapse-jax-test/no-such-model")
+    assert "\n" not in str(err.value) and "no-such-model" in str(err.value)
 
 
 def test_bfloat16_compute_tracks_float32():

@@ -305,6 +305,12 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     )
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception message on one line (the CLI prints errors as one line)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def resolve_model_dir(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory as is; otherwise download the hub repo ``path_or_id`` (config,
     tokenizer and the first weight format found) with ``huggingface_hub.snapshot_download``."""
@@ -333,7 +339,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike, revision: str | None = None
     except Exception as err:
         raise ConfigError(
             f"model {name!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face hub: {type(err).__name__}: {err}"
+            f"Hugging Face hub: {type(err).__name__}: {_one_line(err)}"
         ) from None
     raise ConfigError(f"hub repo {name!r} has no OPT weights in a supported format")
 
@@ -386,5 +392,6 @@ def load_tokenizer(path_or_id: str | os.PathLike):
         return AutoTokenizer.from_pretrained(str(path_or_id))
     except Exception as err:
         raise ConfigError(
-            f"cannot load a tokenizer from {str(path_or_id)!r}: {type(err).__name__}: {err}"
+            f"cannot load a tokenizer from {str(path_or_id)!r}: {type(err).__name__}: "
+            f"{_one_line(err)}"
         ) from None
