@@ -404,12 +404,12 @@ def causal_lm_sums(
     return -(ll * w).sum(), w.sum()
 
 
-def opt_apply_fn(config: Any, dtype: Any = jnp.float32) -> ApplyFn:
+def opt_apply_fn(config: Any, dtype: Any = jnp.float32, *, remat: bool = False) -> ApplyFn:
     """``apply_fn`` for :class:`collapse_jax.models.opt.OPTForCausalLM` (dropout when
-    ``deterministic`` is false)."""
+    ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass)."""
     from collapse_jax.models.opt import OPTForCausalLM
 
-    model = OPTForCausalLM(config, dtype=dtype)
+    model = OPTForCausalLM(config, dtype=dtype, remat=remat)
 
     def apply_fn(params, ids, mask, deterministic, key):
         rngs = None if deterministic or key is None else {"dropout": key}

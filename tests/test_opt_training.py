@@ -45,10 +45,11 @@ def batches(n_steps=4, batch=16, length=12, seed=0):
     return [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(n_steps)]
 
 
-def train(params, devices, data, *, accum=1, dropout=True):
+def train(params, devices, data, *, accum=1, dropout=True, remat=False):
     mesh = T.make_mesh(devices=devices)
     cfg = dataclasses.replace(OPT_CFG, grad_accum_steps=accum)
-    state, step = T.make_lm_train_step(T.opt_apply_fn(TINY), cfg, params, mesh, dropout=dropout)
+    apply_fn = T.opt_apply_fn(TINY, remat=remat)
+    state, step = T.make_lm_train_step(apply_fn, cfg, params, mesh, dropout=dropout)
     losses = []
     for i, b in enumerate(data):
         state, info = step(state, T.shard_batch(b, mesh), jax.random.key(i))
@@ -103,9 +104,10 @@ def test_eight_devices_follow_one_device_trajectory_with_dropout(params):
     assert_params_close(p1, p8)
 
 
-def test_accumulation_over_eight_devices_equals_one_big_batch(params, reference):
+def test_accumulation_and_remat_over_eight_devices_equal_one_big_batch(params, reference):
     l1, p1, _ = reference
-    l8, p8, _ = train(params, jax.devices()[:8], batches(1) * 3, accum=2, dropout=False)
+    data = batches(1) * 3
+    l8, p8, _ = train(params, jax.devices()[:8], data, accum=2, dropout=False, remat=True)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     assert_params_close(p1, p8)
 

@@ -327,11 +327,12 @@ class OPTAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    layer_index: int = 0  # which slice of the stacked KV cache this layer owns
 
     @nn.compact
     def __call__(self, h, mask, layer_cache, deterministic: bool):
-        """``h`` [B, T, D]; ``mask`` bool [B, 1, T, S]; ``layer_cache`` (keys, values, layer,
-        index) with stacked cache arrays, or None. Returns (output [B, T, D], new stacked keys,
+        """``h`` [B, T, D]; ``mask`` bool [B, 1, T, S]; ``layer_cache`` (keys, values, index)
+        with the stacked cache arrays of all layers, or None. Returns (output [B, T, D], new stacked keys,
         new stacked values)."""
         cfg = self.config
         b, t, _ = h.shape
@@ -346,7 +347,8 @@ class OPTAttention(nn.Module):
         v = v.reshape(b, t, heads, hd)
         new_keys = new_values = None
         if layer_cache is not None:
-            all_keys, all_values, layer, index = layer_cache
+            all_keys, all_values, index = layer_cache
+            layer = self.layer_index
             start = (layer, 0, index, 0, 0)
             new_keys = jax.lax.dynamic_update_slice(all_keys, k[None].astype(all_keys.dtype), start)
             new_values = jax.lax.dynamic_update_slice(
@@ -373,6 +375,7 @@ class OPTDecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    layer_index: int = 0  # which slice of the stacked KV cache this layer owns
 
     @nn.compact
     def __call__(self, h, mask, layer_cache, deterministic: bool):
@@ -385,9 +388,8 @@ class OPTDecoderLayer(nn.Module):
         residual = h
         if cfg.do_layer_norm_before:
             h = attn_norm(h)
-        h, new_keys, new_values = OPTAttention(cfg, dt, pdt, self.precision, name="self_attn")(
-            h, mask, layer_cache, deterministic
-        )
+        attention = OPTAttention(cfg, dt, pdt, self.precision, self.layer_index, name="self_attn")
+        h, new_keys, new_values = attention(h, mask, layer_cache, deterministic)
         h = dropout(h, deterministic=deterministic)
         h = residual + h
         if not cfg.do_layer_norm_before:
@@ -426,6 +428,7 @@ class OPTForCausalLM(nn.Module):
     dtype: Any = jnp.float32  # compute dtype (activations, matmuls); logits are always float32
     param_dtype: Any = jnp.float32  # parameter storage dtype
     precision: Any = None  # jax.lax.Precision of matmuls (None: backend default)
+    remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
 
     @nn.compact
     def __call__(
@@ -486,11 +489,15 @@ class OPTForCausalLM(nn.Module):
         keys = values = None
         if cache is not None:
             keys, values = cache.keys, cache.values
+        # Rematerialisation (activation checkpointing) of each layer in training trades compute
+        # for memory; ``deterministic`` (argument 4, counting self) must stay a Python bool.
+        layer_cls = (
+            nn.remat(OPTDecoderLayer, static_argnums=(4,)) if self.remat else OPTDecoderLayer
+        )
         for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else (keys, values, i, index)
-            h, keys, values = OPTDecoderLayer(cfg, dt, pdt, self.precision, name=f"layers_{i}")(
-                h, mask, layer_cache, deterministic
-            )
+            layer_cache = None if cache is None else (keys, values, index)
+            layer = layer_cls(cfg, dt, pdt, self.precision, i, name=f"layers_{i}")
+            h, keys, values = layer(h, mask, layer_cache, deterministic)
         if cfg.has_final_layer_norm:
             h = _layer_norm(cfg, "final_layer_norm", dt, pdt)(h)
         if cfg.has_projections:
