@@ -58,6 +58,7 @@ class OptimizerConfig:
     total_steps: int = 1000  # updates in the whole run (cosine decay ends here)
     end_lr_fraction: float = 0.0  # final learning rate as a fraction of the peak
     weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    decay_vectors: bool = False  # also decay 1-D parameters (biases, norms); HF Trainer does not
     b1: float = 0.9  # Adam first-moment decay
     b2: float = 0.999  # Adam second-moment decay
     eps: float = 1e-8  # Adam epsilon
@@ -95,7 +96,9 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """Clip by global norm (optional), then AdamW on :func:`make_schedule`."""
+    """Clip by global norm (optional), then AdamW on :func:`make_schedule`; weight decay
+    applies to matrices only unless ``decay_vectors`` (Hugging Face ``Trainer``'s rule: no decay
+    on biases and LayerNorm parameters)."""
     parts = []
     if config.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
@@ -106,9 +109,15 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
             b2=config.b2,
             eps=config.eps,
             weight_decay=config.weight_decay,
+            mask=None if config.decay_vectors else _matrices,
         )
     )
     return optax.chain(*parts)
+
+
+def _matrices(params: Any) -> Any:
+    """Weight-decay mask: parameters with at least two dimensions (kernels, embeddings)."""
+    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from collapse_jax import training as T
@@ -150,6 +151,21 @@ def test_fit_lm_epochs_with_a_short_last_batch(params):
     assert out.losses.shape == (6,) and np.isfinite(out.losses).all()
     assert int(out.state.step) == 6
     assert out.losses[3:].mean() < out.losses[:3].mean()
+
+
+def test_weight_decay_skips_vectors_unless_asked():
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for decay_vectors, want_bias in ((False, 1.0), (True, 0.5)):
+        cfg = T.OptimizerConfig(
+            learning_rate=1.0, total_steps=10, weight_decay=0.5, decay_vectors=decay_vectors
+        )
+        opt = T.make_optimizer(cfg)
+        # With a zero gradient only the decay moves parameters; lr(0) = 1 without warm-up.
+        updates, _ = opt.update(zeros, opt.init(params), params)
+        new = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(new["kernel"], 0.5)
+        np.testing.assert_allclose(new["bias"], want_bias)
 
 
 def test_schedule_warmup_then_cosine():
