@@ -14,9 +14,12 @@ Interface (stable; :mod:`collapse_jax.decoding` and :mod:`collapse_jax.training`
     a ``config.json`` (a directory, the file, or a dict) and raises ``ConfigError`` naming a bad
     field; ``config.to_hf_dict()`` writes one back.
 
-``OPTForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32)``
+``OPTForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
+remat=False)``
     ``model.apply({"params": params}, input_ids, attention_mask, position_ids=None, cache=None,
-    deterministic=True, rngs={"dropout": key}) -> (logits, cache)``
+    deterministic=True, rngs={"dropout": key}) -> (logits, cache)``. ``dtype`` is the compute
+    dtype (``jnp.bfloat16`` for mixed precision: matmuls in bfloat16, softmax and LayerNorm
+    statistics in float32); ``remat`` recomputes each layer in the backward pass.
 
     * ``input_ids``: int ``[B, T]``.
     * ``attention_mask``: ``[B, S]`` with 1 for real tokens and 0 for padding. Without a cache
