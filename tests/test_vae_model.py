@@ -74,6 +74,27 @@ def test_eight_devices_give_the_same_loss_as_one(one_device_run):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_subpixel_transposed_conv_matches_flax_and_pytorch():
+    """The decoder's sub-pixel form equals nn.ConvTranspose with PyTorch's (k=4, s=2, p=1)
+    padding, and PyTorch's ConvTranspose2d itself with the kernel flipped."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+    kernel = rng.normal(size=(4, 4, 3, 2)).astype(np.float32)
+    bias = rng.normal(size=(2,)).astype(np.float32)
+    params = {"params": {"kernel": kernel, "bias": bias}}
+    ours = np.asarray(vae.SubPixelConvTranspose(2).apply(params, x))
+    flax_ref = vae.nn.ConvTranspose(2, (4, 4), (2, 2), padding=vae.TRANSPOSE_PADDING)
+    np.testing.assert_allclose(ours, flax_ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    conv = torch.nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(kernel[::-1, ::-1].transpose(2, 3, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(bias))
+        ref = conv(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    assert ours.shape == (2, 10, 12, 2)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_is_deterministic_and_in_range():
     model = vae.make_model(TINY)
     fns = vae.VAEFunctions(model)

@@ -142,7 +142,7 @@ def cpu_config() -> Config:
         epochs=5,
         batch_size=128,
         samples=10000,
-        resample_each_epoch=False,
+        resample_each_epoch=True,
         channels1=16,
         channels2=32,
         eval_samples=1000,
