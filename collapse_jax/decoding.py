@@ -56,6 +56,7 @@ _NEG = -1.0e9
 class Decoder(Protocol):
     """What decoding needs from a causal LM with a KV cache.
 
+    ``vocab_size`` is the number of logits per position.
     ``step(params, input_ids[N,S], attention_mask[N,L], position_ids[N,S], cache)`` feeds ``S``
     new tokens per row into the cache (whose ``L`` slots hold the whole prompt + generation) and
     returns ``(logits[N,S,V], cache)``; ``attention_mask`` marks the cache slots that may be
@@ -64,6 +65,8 @@ class Decoder(Protocol):
     reordering); :func:`gather_cache_rows` does it for caches whose arrays carry the batch axis
     first.
     """
+
+    vocab_size: int  # number of logits per position
 
     def init_cache(self, batch: int, max_length: int) -> Any: ...
 
@@ -95,6 +98,10 @@ class OPTDecoder:
     module: Any  # an OPTForCausalLM instance
     cache_dtype: Any = None  # KV cache dtype; None = the module's compute dtype (float32 default)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.module.config.vocab_size
+
     def init_cache(self, batch: int, max_length: int):
         from collapse_jax.models import opt
 
@@ -117,7 +124,7 @@ class OPTDecoder:
 
 def as_decoder(model) -> Decoder:
     """Return ``model`` if it already is a :class:`Decoder`, or wrap an OPT module."""
-    if all(hasattr(model, name) for name in ("init_cache", "step", "reorder_cache")):
+    if all(hasattr(model, name) for name in ("vocab_size", "init_cache", "step", "reorder_cache")):
         return model
     from collapse_jax.models.opt import OPTForCausalLM
 
@@ -125,7 +132,7 @@ def as_decoder(model) -> Decoder:
         return OPTDecoder(model)
     raise ConfigError(
         f"cannot decode with {type(model).__name__}: pass an OPTForCausalLM or an object with "
-        "init_cache, step and reorder_cache"
+        "vocab_size, init_cache, step and reorder_cache"
     )
 
 
@@ -272,26 +279,37 @@ class _Prompt(NamedTuple):
 
 
 def _prefill(decoder: Decoder, params, prompt: _Prompt, max_new: int):
-    """Encode the prompts; return (last-position float32 logits [N, V], cache)."""
+    """Encode all prompt tokens but the last into a fresh cache (slots 0..T−2).
+
+    The logits of this call are unused, so XLA drops its LM-head matmul (T·V·E multiply-adds per
+    prompt, a third of OPT-125m's prefill); the last prompt token is fed by the first decoding
+    step, which gives the logits of the first new token. Left padding makes the last column a
+    real token in every row.
+    """
     n, t = prompt.input_ids.shape
     cache = decoder.init_cache(n, t + max_new)
-    slot_mask = jnp.concatenate([prompt.mask, jnp.zeros((n, max_new), prompt.mask.dtype)], axis=1)
-    # Hugging Face's OPT positions: cumsum(mask)·mask − 1 (padding gets −1).
-    positions = jnp.cumsum(prompt.mask, axis=1) * prompt.mask - 1
-    logits, cache = decoder.step(params, prompt.input_ids, slot_mask, positions, cache)
-    return logits[:, -1, :].astype(jnp.float32), cache
+    if t > 1:
+        pad = jnp.zeros((n, max_new + 1), prompt.mask.dtype)
+        slot_mask = jnp.concatenate([prompt.mask[:, :-1], pad], axis=1)
+        # Hugging Face's OPT positions: cumsum(mask)·mask − 1 (padding gets −1).
+        positions = jnp.cumsum(prompt.mask, axis=1) * prompt.mask - 1
+        _, cache = decoder.step(
+            params, prompt.input_ids[:, :-1], slot_mask, positions[:, :-1], cache
+        )
+    return cache
 
 
 def _feed(decoder: Decoder, params, prompt: _Prompt, max_new: int, tokens, s, cache):
-    """Feed the token generated at new-token index ``s`` (cache slot ``T + s``); return the
-    float32 logits for index ``s + 1`` and the cache."""
+    """Decoding step ``s``: feed ``tokens`` (the last prompt token when s = 0, else new token
+    s − 1) into cache slot ``T − 1 + s``; return the float32 logits of new token ``s`` and the
+    cache."""
     t = prompt.mask.shape[1]
     slots = jnp.arange(t + max_new)
-    written = (slots >= t) & (slots <= t + s)
+    written = (slots >= t) & (slots <= t - 1 + s)
     prompt_part = jnp.pad(prompt.mask, ((0, 0), (0, max_new)))
     slot_mask = jnp.where(written[None, :], 1, prompt_part).astype(prompt.mask.dtype)
-    # The token in slot T + s follows the n_real prompt tokens and s earlier new tokens.
-    positions = (prompt.n_real + s)[:, None].astype(prompt.mask.dtype)
+    # that token follows the n_real − 1 other prompt tokens and s − 1 new tokens
+    positions = (prompt.n_real - 1 + s)[:, None].astype(prompt.mask.dtype)
     logits, cache = decoder.step(params, tokens[:, None], slot_mask, positions, cache)
     return logits[:, -1, :].astype(jnp.float32), cache
 
@@ -316,14 +334,16 @@ class _SampleState(NamedTuple):
     lengths: Int[Array, " n"]
     seen: Bool[Array, "n vocab"]  # tokens of the prompt and generated so far
     stop: Bool[Array, ""]
-    logits: Float[Array, "n vocab"]  # logits for new-token index t
+    next_input: Int[Array, " n"]  # the token the next decoding step feeds
     cache: Any
 
 
-def _sample_select(state: _SampleState, key, static: _Static, dyn: _Dynamic) -> _SampleState:
-    """Choose the token at index t for every row (argmax or a draw from the processed scores)."""
+def _sample_select(
+    state: _SampleState, logits, key, static: _Static, dyn: _Dynamic
+) -> _SampleState:
+    """Choose new token t for every row (argmax or a draw from the processed scores)."""
     t = state.t
-    scores = _process(state.logits, state.seen, t, static, dyn)
+    scores = _process(logits, state.seen, t, static, dyn)
     if static.do_sample:
         token = jax.random.categorical(jax.random.fold_in(key, t), scores, axis=-1)
     else:
@@ -341,33 +361,30 @@ def _sample_select(state: _SampleState, key, static: _Static, dyn: _Dynamic) -> 
         lengths=lengths,
         seen=seen,
         stop=~jnp.any(unfinished),
+        next_input=token,
     )
 
 
 def _sample_search(decoder, params, prompt: _Prompt, static: _Static, dyn: _Dynamic, key):
     n = prompt.input_ids.shape[0]
     m = static.max_new_tokens
-    logits, cache = _prefill(decoder, params, prompt, m)
-    vocab = logits.shape[-1]
     state = _SampleState(
         t=jnp.zeros((), jnp.int32),
         tokens=jnp.full((n, m), static.pad_token_id, prompt.input_ids.dtype),
         unfinished=jnp.ones((n,), bool),
         lengths=jnp.zeros((n,), jnp.int32),
-        seen=_prompt_seen(prompt, vocab),
+        seen=_prompt_seen(prompt, decoder.vocab_size),
         stop=jnp.zeros((), bool),
-        logits=logits,
-        cache=cache,
+        next_input=prompt.input_ids[:, -1],
+        cache=_prefill(decoder, params, prompt, m),
     )
-    state = _sample_select(state, key, static, dyn)
 
     def cond(state):
         return ~state.stop & (state.t < m)
 
     def body(state):
-        last = jax.lax.dynamic_index_in_dim(state.tokens, state.t - 1, axis=1, keepdims=False)
-        logits, cache = _feed(decoder, params, prompt, m, last, state.t - 1, state.cache)
-        return _sample_select(state._replace(logits=logits, cache=cache), key, static, dyn)
+        logits, cache = _feed(decoder, params, prompt, m, state.next_input, state.t, state.cache)
+        return _sample_select(state._replace(cache=cache), logits, key, static, dyn)
 
     state = jax.lax.while_loop(cond, body, state)
     return state.tokens, state.lengths, None
@@ -388,7 +405,7 @@ class _BeamState(NamedTuple):
     fin_len: Int[Array, "b k"]
     early_unsat: Bool[Array, " b"]  # the early-stop heuristic says the prompt can still improve
     stop: Bool[Array, ""]
-    logits: Float[Array, "bk vocab"]  # logits for new-token index t
+    next_input: Int[Array, " bk"]  # the tokens the next decoding step feeds
     cache: Any
 
 
@@ -398,16 +415,18 @@ def _gather(x, index):
     return jnp.take_along_axis(x, index, axis=1)
 
 
-def _beam_select(state: _BeamState, decoder, key, static: _Static, dyn: _Dynamic) -> _BeamState:
+def _beam_select(
+    state: _BeamState, logits, decoder, key, static: _Static, dyn: _Dynamic
+) -> _BeamState:
     """One beam-search step at new-token index t (Hugging Face ``_beam_search`` steps b–g)."""
     b, k, m = state.running_tokens.shape
-    vocab = state.logits.shape[-1]
+    vocab = logits.shape[-1]
     n_candidates = max(2, 1 + len(static.eos_token_ids)) * k
     t = state.t
     stop_early = dyn.early_stopping
 
     # b. processed log-probabilities, accumulated over each beam's history
-    log_probs = jax.nn.log_softmax(state.logits, axis=-1)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     log_probs = _process(log_probs, state.seen, t, static, dyn)
     log_probs = log_probs.reshape(b, k, vocab) + state.running_scores[:, :, None]
     log_probs = log_probs.reshape(b, k * vocab)
@@ -453,7 +472,8 @@ def _beam_select(state: _BeamState, decoder, key, static: _Static, dyn: _Dynamic
     # g. reorder the cache (and the repetition-penalty sets) to the continuing beams; stop rule
     rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
     cache = decoder.reorder_cache(state.cache, rows)
-    seen = _mark_seen(state.seen[rows], running_tokens[:, :, t].reshape(-1))
+    next_input = running_tokens[:, :, t].reshape(-1)
+    seen = _mark_seen(state.seen[rows], next_input)
     t1 = t + 1
     best_running = true_divide(running_scores[:, :1], dyn.heuristic_norm[t1])
     worst_finished = jnp.where(
@@ -472,6 +492,7 @@ def _beam_select(state: _BeamState, decoder, key, static: _Static, dyn: _Dynamic
         fin_len=fin_len,
         early_unsat=early_unsat,
         stop=~go_on,
+        next_input=next_input,
         cache=cache,
     )
 
@@ -479,12 +500,9 @@ def _beam_select(state: _BeamState, decoder, key, static: _Static, dyn: _Dynamic
 def _beam_search(decoder, params, prompt: _Prompt, static: _Static, dyn: _Dynamic, key):
     b = prompt.input_ids.shape[0]
     k, m = static.num_beams, static.max_new_tokens
-    logits, cache = _prefill(decoder, params, prompt, m)
-    vocab = logits.shape[-1]
     # Every beam of a prompt starts from the same prefill (encoded once, then copied).
+    cache = _prefill(decoder, params, prompt, m)
     rows = jnp.repeat(jnp.arange(b), k)
-    logits = logits[rows]
-    cache = decoder.reorder_cache(cache, rows)
     beam_prompt = _Prompt(*(x[rows] for x in prompt))
     fill = jnp.full((b, k, m), static.pad_token_id, prompt.input_ids.dtype)
     state = _BeamState(
@@ -492,27 +510,25 @@ def _beam_search(decoder, params, prompt: _Prompt, static: _Static, dyn: _Dynami
         running_tokens=fill,
         # only the first beam is live at the start, so the beams do not all pick the same token
         running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG),
-        seen=_prompt_seen(beam_prompt, vocab),
+        seen=_prompt_seen(beam_prompt, decoder.vocab_size),
         fin_tokens=fill,
         fin_scores=jnp.full((b, k), _NEG, jnp.float32),
         fin_done=jnp.zeros((b, k), bool),
         fin_len=jnp.zeros((b, k), jnp.int32),
         early_unsat=jnp.ones((b,), bool),
         stop=jnp.zeros((), bool),
-        logits=logits,
-        cache=cache,
+        next_input=beam_prompt.input_ids[:, -1],
+        cache=decoder.reorder_cache(cache, rows),
     )
-    state = _beam_select(state, decoder, key, static, dyn)
 
     def cond(state):
         return ~state.stop & (state.t < m)
 
     def body(state):
-        last = jax.lax.dynamic_index_in_dim(
-            state.running_tokens, state.t - 1, axis=2, keepdims=False
-        ).reshape(-1)
-        logits, cache = _feed(decoder, params, beam_prompt, m, last, state.t - 1, state.cache)
-        return _beam_select(state._replace(logits=logits, cache=cache), decoder, key, static, dyn)
+        logits, cache = _feed(
+            decoder, params, beam_prompt, m, state.next_input, state.t, state.cache
+        )
+        return _beam_select(state._replace(cache=cache), logits, decoder, key, static, dyn)
 
     state = jax.lax.while_loop(cond, body, state)
     return state.fin_tokens, state.fin_len, state.fin_scores

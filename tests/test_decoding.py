@@ -237,6 +237,10 @@ class CountingDecoder:
     inner: decoding.OPTDecoder
     traces: list = dataclasses.field(default_factory=list)
 
+    @property
+    def vocab_size(self):
+        return self.inner.vocab_size
+
     def init_cache(self, batch, max_length):
         return self.inner.init_cache(batch, max_length)
 
@@ -326,7 +330,7 @@ def test_beam_search_matches_transformers_350m_style(tmp_path):
         word_embed_proj_dim=24,
         ffn_dim=96,
         num_attention_heads=6,
-        num_hidden_layers=3,
+        num_hidden_layers=2,
         do_layer_norm_before=False,
     )
     for settings in (dict(), dict(repetition_penalty=2.0, min_new_tokens=MAX_NEW)):
