@@ -1,0 +1,207 @@
+"""The GMM recursion: kernels on the shared generational loop, policies, the study end to end."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from collapse_jax.errors import ConfigError
+from collapse_jax.processes import gmm as proc
+from collapse_jax.studies import gmm as study
+
+TINY = study.Config(
+    samples=40,
+    chains=8,
+    generations=6,
+    record_every=2,
+    heldout=32,
+    w2_samples=16,
+    w2_chains=4,
+    tol=1e-3,
+    max_iter=30,
+    snapshots=(0, 2, 5, 6, 50),
+)
+
+
+def test_run_end_to_end(tmp_path):
+    summary = study.run(TINY, tmp_path, progress=False)
+    for name in (
+        "config.json",
+        "metrics.npz",
+        "summary.json",
+        "report.md",
+        "collapse.png",
+        "snapshots.png",
+        "metrics.png",
+    ):
+        assert (tmp_path / name).exists(), name
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("l2_distance", "component_std", "heldout_loglik", "weight_entropy", "w2"):
+        s = saved[key]
+        assert set(s) == {"generation", "mean", "stderr"}
+        assert all(np.isfinite(s["mean"])), key
+    assert saved["l2_distance"]["generation"] == [0, 2, 4, 6]
+    assert saved["l2_distance"]["mean"][0] == 0.0  # generation 0 is D0 itself
+    # W2 at generation 0 compares two samples of D0; later generations as configured.
+    assert saved["w2"]["generation"][0] == 0 and saved["w2"]["generation"][-1] == 6
+    arrays = np.load(tmp_path / "metrics.npz")
+    # Snapshot 5 falls between records: the latest recorded generation (4) is used; 50 > G.
+    assert list(arrays["snapshot_generation"]) == [0, 2, 4, 6]
+    assert arrays["snapshot_points"].shape == (4, 40, 2)
+    assert arrays["w2_chains"].shape == (4, 8)
+    assert np.isnan(arrays["w2_chains"][:, 4:]).all()  # only the first w2_chains recursions
+    assert "| claim" in (tmp_path / "report.md").read_text()
+    assert summary["generations"] == 6
+    # The generation-0 snapshot is T_0 of recursion 0 exactly (the runner's key for chain 0).
+    config = study.validate(TINY)
+    d0, _, _, spec = study.setup(config)
+    init, _ = proc.make_kernels(spec, d0)
+    state0, _ = jax.jit(init)(jax.random.split(jax.random.key(config.seed), config.chains)[0])
+    np.testing.assert_array_equal(arrays["snapshot_points"][0], np.asarray(state0.x))
+
+
+def _degenerate_d0(tmp_path):
+    """A D0 point set with many duplicate points."""
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([np.repeat([[1.0, 1.0]], 60, 0), rng.normal(size=(60, 2))])
+    path = tmp_path / "d0.npy"
+    np.save(path, pts)
+    return path
+
+
+def test_recursion_stays_finite(tmp_path):
+    """Duplicate points, warm starts, diagonal covariances, a growing accumulated pool with
+    subsampling and fresh data: every metric stays finite over the whole run."""
+    config = study.validate(
+        dataclasses.replace(
+            TINY,
+            d0=str(_degenerate_d0(tmp_path)),
+            heldout=30,
+            policy="accumulate-subsample",
+            fresh_fraction=0.25,
+            init="warm",
+            schedule="linear:10",
+            components=3,
+            covariance_type="diag",
+        )
+    )
+    d0, _, sizes, spec = study.setup(config)
+    init, step = proc.make_kernels(spec, d0)
+    keys = jax.random.split(jax.random.key(1), 4)
+    state, info = jax.jit(jax.vmap(init))(keys)
+    step = jax.jit(jax.vmap(step, (0, 0, None)))
+    for n in range(1, config.generations + 1):
+        state, info = step(keys, state, {"size": sizes[n]})
+        keys = jax.vmap(jax.random.fold_in, (0, None))(keys, n)
+        for leaf in jax.tree.leaves((state, info)):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float64))), n
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(policy="accumulate", init="kmeans++", covariance_type="spherical"),
+        dict(policy="mix:0.5,0.25,0.25", schedule="list:40,36,32,30"),
+    ],
+)
+def test_policy_composition(tmp_path, changes):
+    """accumulate: the pool holds every batch, in order; mix: each batch is α M model samples,
+    β M points of the previous training set and γ M points of D0."""
+    config = study.validate(
+        dataclasses.replace(
+            TINY, d0=str(_degenerate_d0(tmp_path)), heldout=30, generations=3, **changes
+        )
+    )
+    d0, policy, sizes, spec = study.setup(config)
+    init, step = proc.make_kernels(spec, d0)
+    step = jax.jit(step)
+    state, _ = jax.jit(init)(jax.random.key(0))
+    d0_rows = {tuple(r) for r in np.asarray(d0.points, np.float32)}
+    for n in range(1, 4):
+        prev = state
+        state, info = step(jax.random.key(n), state, {"size": sizes[n]})
+        for leaf in (info.l2_distance, info.component_std, info.heldout_loglik, state.gmm.covs):
+            assert np.all(np.isfinite(np.asarray(leaf)))
+        m = int(sizes[n])
+        batch = np.asarray(info.batch[:m])
+        if policy.mode == "accumulate":
+            c = int(state.count)
+            assert c == int(sizes[: n + 1].sum()) and float(state.w.sum()) == c
+            np.testing.assert_array_equal(np.asarray(state.x[c - m : c]), batch)
+        else:
+            n_model, n_prev, n_orig = (int(v) for v in proc.split_batch(m, policy))
+            prev_rows = {tuple(r) for r in np.asarray(prev.x)[np.asarray(prev.w) > 0]}
+            assert all(tuple(r) in prev_rows for r in batch[n_model : n_model + n_prev])
+            assert all(tuple(r) in d0_rows for r in batch[n_model + n_prev :])
+            assert n_orig == m - n_model - n_prev > 0
+            np.testing.assert_array_equal(np.asarray(state.x[:m]), batch)
+            assert float(state.w.sum()) == m
+
+
+def test_config_errors(tmp_path):
+    bad = [
+        (dict(samples=1, components=2), "at least as many points as components"),
+        (
+            dict(
+                d0="mixture",
+                d0_weights=[1.0],
+                d0_means=[[0.0, 0.0]],
+                d0_covs=[[[1.0, 0.0], [0.0, -1.0]]],
+            ),
+            "not positive definite",
+        ),
+        (dict(covariance_type="tied"), "covariance type"),
+        (dict(init="random"), "init"),
+        (dict(w2_every=3), "multiple of record_every"),
+        (dict(w2_samples=64), "w2_samples"),
+        (dict(reg_covar=0.0), "reg_covar"),
+        (dict(policy="accumulate", pool_capacity=100), "pool_capacity"),
+        (dict(policy="mix:0.5,0.5,0", schedule="list:10,30,30,30,30,30,30"), "previous"),
+        (dict(policy="sideways"), "unknown policy"),
+    ]
+    for changes, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            study.validate(dataclasses.replace(TINY, **changes))
+    pts = np.random.default_rng(0).normal(size=(40, 2))
+    pts[7, 0] = np.nan
+    np.save(tmp_path / "nan.npy", pts)
+    with pytest.raises(ConfigError, match="non-finite"):
+        study.validate(dataclasses.replace(TINY, d0=str(tmp_path / "nan.npy")))
+    np.save(tmp_path / "few.npy", np.zeros((50, 2)))
+    with pytest.raises(ConfigError, match="fewer than samples"):
+        study.validate(dataclasses.replace(TINY, d0=str(tmp_path / "few.npy")))
+
+
+def test_cli_flags_and_toml_lists():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--components",
+            "3",
+            "--d0",
+            "mixture",
+            "--d0-weights",
+            "[0.5, 0.5]",
+            "--d0-means",
+            "[[0, 0], [3, 0]]",
+            "--d0-covs",
+            "[1.0, 2.0]",
+            "--snapshots",
+            "0,2",
+        ]
+    )
+    config = study.config_from_args(args, TINY)
+    assert config.components == 3 and config.d0_means == ((0, 0), (3, 0))
+    assert config.snapshots == (0, 2) and config.samples == TINY.samples
+    # TOML gives lists; validate turns them into tuples (hashable, frozen).
+    config = study.validate(
+        dataclasses.replace(
+            TINY, d0="mixture", d0_weights=[1.0], d0_means=[[0.0, 0.0]], d0_covs=[1.0]
+        )
+    )
+    assert config.d0_weights == (1.0,)
