@@ -8,7 +8,9 @@ The source has S hidden states and V word tokens. The hidden chain starts in its
 distribution mu (mu A = mu) and moves with the transition matrix A; state s emits token v with
 probability B[s, v]. Emissions are a Zipf law pi0(v) ∝ (v + 1)^(-a) perturbed per state by a
 log-normal factor, so the language has a head of frequent words and a long tail of rare ones,
-and context (the hidden state) matters. Because the chain is stationary, the marginal of every
+and context (the hidden state) matters: with the default parameters the entropy rate is about
+2.2 nats per word against 3.3 nats for the unigram distribution alone, and the rarest 96 of 128
+words hold 10% of the mass. Because the chain is stationary, the marginal of every
 position is the same:
 
     P(x_t = v) = sum_s mu_s B[s, v]                                   (unigram marginal)
@@ -50,11 +52,11 @@ class SourceConfig:
     """Parameters of the hidden-Markov source (all fixed by ``seed``)."""
 
     vocab_size: int = 128  # number of word tokens V
-    n_states: int = 8  # hidden states S
+    n_states: int = 16  # hidden states S
     zipf_exponent: float = 1.1  # a in pi0(v) ∝ (v + 1)^(-a)
-    emission_noise: float = 1.5  # sigma of the per-state log-normal perturbation of pi0
-    stickiness: float = 0.5  # weight of staying in the same hidden state
-    concentration: float = 0.5  # Dirichlet concentration of the rest of each transition row
+    emission_noise: float = 4.0  # sigma of the per-state log-normal perturbation of pi0
+    stickiness: float = 0.0  # weight of staying in the same hidden state
+    concentration: float = 0.05  # Dirichlet concentration of the rest of each transition row
     seed: int = 0  # seed of the source's parameters (not of the samples)
 
     def __post_init__(self):

@@ -4,11 +4,12 @@ import argparse
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 
 from collapse_jax import synthetic_language as sl
 from collapse_jax.errors import ConfigError
-from collapse_jax.models.opt import OPTConfig, init_params
+from collapse_jax.models.opt import OPTConfig, param_shapes
 from collapse_jax.models.opt_weights import save_pretrained
 from collapse_jax.studies import lm
 
@@ -50,9 +51,8 @@ def _model_dir(tmp_path, vocab_size, max_positions):
         eos_token_id=17,
     )
     d = tmp_path / f"opt-v{vocab_size}-p{max_positions}"
-    save_pretrained(
-        init_params(config, jax.random.key(0)), config, d, tokenizer=sl.make_tokenizer(16)
-    )
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), param_shapes(config))
+    save_pretrained(params, config, d, tokenizer=sl.make_tokenizer(16))
     return d
 
 
@@ -105,3 +105,23 @@ def test_flags_parse_and_validate():
     with pytest.raises(ConfigError, match="decoding"):
         lm.config_from_args(parser.parse_args(["--decoding", "nucleus"]), lm.Config())
     assert lm.validate(lm.demo_config()) == lm.demo_config()
+
+
+def test_wikitext_with_the_opt_tokenizer_prepares_blocks(shared_data):
+    cfg = lm.validate(
+        dataclasses.replace(
+            SMALL,
+            corpus="wikitext",
+            block_size=64,
+            train_blocks=64,
+            eval_blocks=32,
+            pretrain_blocks=128,
+        )
+    )
+    setup = lm.prepare(cfg)
+    assert setup.model_config.vocab_size == 50272  # OPT's 50,265 tokens rounded up to 8
+    assert setup.train.shape == (64, 64) and setup.pretrain.shape == (128, 64)
+    assert setup.test.shape == (32, 64) and setup.validation.shape == (32, 64)
+    assert "local files" in setup.corpus_source and setup.source is None
+    # Pre-training and regime blocks are consecutive, disjoint parts of the training text.
+    assert not np.array_equal(setup.pretrain[-1], setup.train[0])

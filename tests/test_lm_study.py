@@ -18,8 +18,9 @@ TINY = lm.Config(
     synthetic_blocks=64,
     train_blocks=16,
     eval_blocks=16,
-    pretrain_blocks=32,
-    pretrain_epochs=1,
+    pretrain_blocks=16,  # pre-training = fine-tuning shapes and schedule: one compiled step
+    pretrain_epochs=2,
+    pretrain_learning_rate=1e-3,
     generations=2,
     epochs=2,
     seeds=1,
@@ -65,7 +66,7 @@ def test_run_writes_arrays_figures_and_report(uninterrupted):
     gen1 = np.load(out / "work" / "seed0" / "arm0" / "gen01" / "generated.npy")
     assert gen1.shape == (16, 8) and gen1.dtype == np.int32
     # Exact source-side metrics are recomputable from the saved tokens.
-    source = sl.make_source(sl.SourceConfig(vocab_size=16, n_states=8, seed=0))
+    source = sl.make_source(sl.SourceConfig(vocab_size=16, n_states=TINY.synthetic_states))
     st = sl.tail_stats(source, gen1, 0.1)
     assert a["bigram_lost_mass"][0, 0, 1] == pytest.approx(st.bigram_lost_mass)
     assert summary["arms"][0]["test_perplexity"]["generation"] == [0, 1, 2]
@@ -111,7 +112,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, m
     def save_then_die(self, step, arrays, meta):
         real_save(self, step, arrays, meta)
         saves["n"] += 1
-        if saves["n"] == 4:  # pre-train (1) + generation 0 (2) + generation 1, epoch 1
+        if saves["n"] == 5:  # pre-train (2) + generation 0 (2) + generation 1, epoch 1
             raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_die)

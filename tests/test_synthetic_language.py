@@ -123,8 +123,9 @@ def test_tokenizer_round_trip_and_config_errors(tmp_path):
 
 
 def test_make_corpus_is_deterministic():
-    a = sl.make_corpus(jax.random.key(5), TINY, 8, 4, 2, 3)
-    b = sl.make_corpus(jax.random.key(5), TINY, 8, 4, 2, 3)
+    config = sl.SourceConfig(vocab_size=16)
+    a = sl.make_corpus(jax.random.key(5), config, 8, 4, 2, 3)
+    b = sl.make_corpus(jax.random.key(5), config, 8, 4, 2, 3)
     np.testing.assert_array_equal(a.train, b.train)
     assert a.train.shape == (4, 8) and a.validation.shape == (2, 8) and a.test.shape == (3, 8)
     assert not np.array_equal(a.train[:2], a.validation)

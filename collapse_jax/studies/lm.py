@@ -74,11 +74,11 @@ class Config:
     train_blocks: int = 128  # real training blocks of the regime (0 = all available)
     eval_blocks: int = 256  # validation and test blocks used (0 = all)
     pretrain_blocks: int = 4096  # built-in models: blocks to pre-train the base on (disjoint)
-    pretrain_epochs: int = 2  # built-in models: epochs of base pre-training
+    pretrain_epochs: int = 3  # built-in models: epochs of base pre-training
     pretrain_learning_rate: float = 3e-3  # built-in models: peak learning rate of pre-training
     generations: int = 5  # generations trained on generated data (after generation 0)
     epochs: int = 5  # fine-tuning epochs per generation
-    learning_rate: float = 1e-3  # peak AdamW learning rate of every fine-tune (cosine decay)
+    learning_rate: float = 3e-4  # peak AdamW learning rate of every fine-tune (cosine decay)
     warmup_steps: int = 0  # linear warm-up updates of every fine-tune
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     batch_size: int = 16  # training batch (blocks per update, over all devices)
@@ -100,7 +100,7 @@ class Config:
     n_prompts: int = 3  # fixed test prompts whose continuations are shown per generation
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     synthetic_vocab: int = 128  # synthetic corpus: word tokens V
-    synthetic_states: int = 8  # synthetic corpus: hidden states S
+    synthetic_states: int = 16  # synthetic corpus: hidden states S
     synthetic_seed: int = 0  # synthetic corpus: seed of the source's parameters
     synthetic_blocks: int = (
         8192  # synthetic corpus: training-text blocks sampled (incl. pre-training)
@@ -297,20 +297,55 @@ def _cap(blocks: np.ndarray, n: int) -> np.ndarray:
 
 
 def prepare(config: Config) -> Setup:
-    """Load the corpus, tokenizer and model configuration and check that they fit together.
+    """Load the model configuration, tokenizer and corpus and check that they fit together.
 
-    Raises :class:`ConfigError` (before anything is trained) for an empty corpus, a block size
-    above the model's positions, or a tokenizer/model vocabulary mismatch.
+    Raises :class:`ConfigError` (before anything is trained) for a block size above the model's
+    positions, a tokenizer/model vocabulary mismatch, or an empty or too small corpus. The model
+    and tokenizer are checked first, so those errors come before the corpus is even read.
     """
     from collapse_jax.models.opt import OPTConfig
     from collapse_jax.models.opt_weights import resolve_model_dir
 
     block = config.block_size
-    source = None
     builtin = config.model in BUILTIN_MODELS
-    if config.corpus == "synthetic":
+    synthetic = config.corpus == "synthetic"
+    base_dir = None if builtin else resolve_model_dir(config.model)
+    if synthetic:
         from collapse_jax import synthetic_language as sl
 
+        if config.tokenizer:
+            raise ConfigError("the synthetic corpus has its own tokenizer; leave tokenizer empty")
+        tokenizer = sl.make_tokenizer(config.synthetic_vocab)
+    else:
+        tokenizer = corpora.load_tokenizer(config.tokenizer or (None if builtin else base_dir))
+
+    if builtin:
+        model_config = OPTConfig(
+            vocab_size=-(-corpora.tokenizer_vocab_size(tokenizer) // 8) * 8,
+            max_position_embeddings=max(2 * block, 128),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **BUILTIN_MODELS[config.model],
+        )
+    else:
+        model_config = OPTConfig.from_hf(base_dir)
+    corpora.check_vocab(tokenizer, model_config.vocab_size)
+    if 2 * block > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"block_size {block} is too long for the model: a block plus its {block}-token "
+            f"continuation needs {2 * block} positions, the model has "
+            f"max_position_embeddings {model_config.max_position_embeddings}"
+        )
+    n_pre = config.pretrain_blocks if builtin and config.pretrain_epochs > 0 else 0
+    if synthetic and n_pre >= config.synthetic_blocks:
+        raise ConfigError(
+            f"pretrain_blocks {n_pre} leaves no training blocks for the regime: "
+            f"synthetic_blocks is {config.synthetic_blocks}"
+        )
+
+    source = None
+    if synthetic:
         scfg = sl.SourceConfig(
             vocab_size=config.synthetic_vocab,
             n_states=config.synthetic_states,
@@ -325,23 +360,13 @@ def prepare(config: Config) -> Setup:
             n_eval,
             n_eval,
         )
-        tokenizer = sl.make_tokenizer(config.synthetic_vocab)
-        if config.tokenizer:
-            raise ConfigError("the synthetic corpus has its own tokenizer; leave tokenizer empty")
-        text_train, validation, test, source = (
-            corpus.train,
-            corpus.validation,
-            corpus.test,
-            corpus.source,
-        )
+        text_train, validation, test = corpus.train, corpus.validation, corpus.test
+        source = corpus.source
         corpus_source = (
             f"synthetic hidden-Markov source (V={scfg.vocab_size}, S={scfg.n_states}, "
             f"seed {scfg.seed})"
         )
     else:
-        base_dir = None if builtin else resolve_model_dir(config.model)
-        tok_name = config.tokenizer or (None if builtin else str(base_dir))
-        tokenizer = corpora.load_tokenizer(tok_name)
         splits = corpora.load_text_splits(config.corpus)
         tc = corpora.build_token_corpus(splits, tokenizer, block)
         text_train, validation, test = tc.train, tc.validation, tc.test
@@ -350,7 +375,6 @@ def prepare(config: Config) -> Setup:
     validation = _cap(validation, config.eval_blocks)
     test = _cap(test, config.eval_blocks)
     # Built-in models are pre-trained on the first blocks; the regime uses the next ones.
-    n_pre = config.pretrain_blocks if builtin and config.pretrain_epochs > 0 else 0
     if n_pre >= len(text_train):
         raise ConfigError(
             f"pretrain_blocks {n_pre} leaves no training blocks for the regime: the corpus has "
@@ -363,39 +387,17 @@ def prepare(config: Config) -> Setup:
             f"train_blocks {config.train_blocks} exceeds the {len(train)} training blocks left "
             f"after pre-training"
         )
-    n_dev = jax.device_count()
     if len(train) < config.batch_size:
         raise ConfigError(
             f"empty corpus for batch_size {config.batch_size}: only {len(train)} training blocks"
         )
-    if config.batch_size % n_dev and n_dev > 1:
+    n_dev = jax.device_count()
+    if n_dev > 1 and config.batch_size % n_dev:
         raise ConfigError(
             f"batch_size {config.batch_size} must be divisible by the {n_dev} devices"
         )
-
-    if builtin:
-        vocab = -(-corpora.tokenizer_vocab_size(tokenizer) // 8) * 8
-        model_config = OPTConfig(
-            vocab_size=vocab,
-            max_position_embeddings=max(2 * block, 128),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **BUILTIN_MODELS[config.model],
-        )
-        base_dir = None
-    else:
-        base_dir = resolve_model_dir(config.model)
-        model_config = OPTConfig.from_hf(base_dir)
-    corpora.check_vocab(tokenizer, model_config.vocab_size)
     for name, arr in (("train", train), ("validation", validation), ("test", test)):
         corpora.check_blocks(name, arr, model_config.vocab_size)
-    if 2 * block > model_config.max_position_embeddings:
-        raise ConfigError(
-            f"block_size {block} is too long for the model: a block plus its {block}-token "
-            f"continuation needs {2 * block} positions, the model has "
-            f"max_position_embeddings {model_config.max_position_embeddings}"
-        )
     prompts = test[: min(config.n_prompts, len(test))]
     return Setup(
         model_config,
@@ -441,6 +443,15 @@ def _put_rows(x: np.ndarray):
     per = x.shape[0] // jax.process_count()
     i = jax.process_index()
     return tr.shard_batch(x[i * per : (i + 1) * per], mesh)
+
+
+def _sync(name: str) -> None:
+    """In a multi-process run, wait until every process got here (after the main one wrote a
+    file that the others read next)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _gather(x) -> np.ndarray:
@@ -526,7 +537,8 @@ def _trainer(model_config, opt_config, dtype, dropout: bool):
 def _init_params(model_config, seed: int):
     from collapse_jax.models.opt import init_params
 
-    return init_params(model_config, jax.random.key(seed))
+    # Jitted: Flax's init run op by op compiles every small operation separately.
+    return jax.jit(init_params, static_argnums=0)(model_config, jax.random.key(seed))
 
 
 class TrainResult(NamedTuple):
@@ -752,13 +764,14 @@ def _model_done(d: Path) -> bool:
 def _save_model(params, model_config, d: Path, tokenizer) -> None:
     from collapse_jax.models.opt_weights import save_pretrained
 
-    if not _is_main():
-        return
     tmp = d.with_name(d.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(jax.device_get(params), model_config, tmp, tokenizer=tokenizer)
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.rename(d)
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if _is_main():
+        save_pretrained(jax.device_get(params), model_config, tmp, tokenizer=tokenizer)
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)
+    _sync(f"saved {d}")
 
 
 def _load_model(d: Path):
@@ -879,7 +892,8 @@ class Regime:
                 val_loss=res.val_loss,
                 best_epoch=res.best_epoch,
             )
-        shutil.rmtree(d / "ckpt", ignore_errors=True)
+            shutil.rmtree(d / "ckpt", ignore_errors=True)
+        _sync(f"evaluated {d}")
 
     def generated(self, seed: int, arm: int | None, g: int) -> np.ndarray:
         """Continuations by generation ``g`` of every original training block (cached)."""
@@ -909,9 +923,10 @@ class Regime:
         if path.exists():
             return np.load(path)
         params = _device_params(_load_model(d / "model"))
-        rows = self.setup.prompts[: self.config.generate_batch_size]
-        pad = self.config.generate_batch_size - len(rows)
-        padded = np.concatenate([rows, np.repeat(rows[:1], pad, 0)])  # same shape: no recompile
+        rows = self.setup.prompts
+        n_dev = jax.device_count()
+        pad = -(-len(rows) // n_dev) * n_dev - len(rows)  # one small shape for all generations
+        padded = np.concatenate([rows, np.repeat(rows[:1], pad, 0)])
         key = _key(seed, 0 if arm is None else arm + 1, g, 2)
         out = generate_batch(self.decode, params, padded, key)[: len(rows)]
         if _is_main():
@@ -986,7 +1001,10 @@ def _check_resume(config: Config, rd: RunDir) -> None:
 
 def run(config: Config, out_dir, *, progress: bool | None = None) -> dict:
     """Run the regime (see the module docstring) and write arrays, figures and the report."""
+    from collapse_jax import training as tr
+
     config = validate(config)
+    tr.maybe_initialize_distributed()  # a no-op unless the environment describes several hosts
     rd = RunDir(out_dir)
     _check_resume(config, rd)
     setup = prepare(config)  # all corpus/model checks before any training
@@ -1030,6 +1048,7 @@ def run(config: Config, out_dir, *, progress: bool | None = None) -> dict:
 
 def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
     """All per-generation metrics as arrays (arms × seeds × generations, and histograms)."""
+    _sync("collect")
     c, s = regime.config, regime.setup
     G, A, S = c.generations, len(c.fresh_fractions), len(seeds)
     test_ppl = np.zeros((A, S, G + 1))
@@ -1077,7 +1096,8 @@ def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
                     gnll, gcnt = score_blocks(
                         s.model_config, gen0, data, c.eval_batch_size, regime.dtype
                     )
-                    write_arrays(scores_path, nll_sum=gnll, count=gcnt)
+                    if _is_main():
+                        write_arrays(scores_path, nll_sum=gnll, count=gcnt)
                 gen_nll[a][g].append(gnll / gcnt)
                 rep_frac[a, si, g] = float(tm.repeated_ngram_fraction(data, REPEAT_N).mean())
                 for j, n in enumerate(DISTINCT_N):
@@ -1149,6 +1169,7 @@ def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
             real_bigram_lost_mass=np.float64(st.bigram_lost_mass),
             real_tail_frequency=np.float64(st.tail_frequency),
             test_true_nll_per_sequence=test_true,
+            source_test_perplexity=np.float64(_source_perplexity(s.source, s.test)),
             source_tail_mass=np.float64(
                 np.asarray(sl.unigram_marginal(s.source))[
                     sl.tail_set(sl.unigram_marginal(s.source), c.tail_mass)
@@ -1156,6 +1177,17 @@ def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
             ),
         )
     return out
+
+
+def _source_perplexity(source, blocks: np.ndarray) -> float:
+    """The true source's perplexity on the scored targets of ``blocks`` (tokens 2..T given their
+    prefix): exp(sum_b [log p(x_1) - log p(x_1..x_T)] / (n (T - 1))), exact by the forward
+    algorithm; no model can do better in expectation."""
+    from collapse_jax import synthetic_language as sl
+
+    ll = np.asarray(sl.log_likelihood(source, jnp.asarray(blocks)), np.float64)
+    first = np.log(np.asarray(sl.unigram_marginal(source), np.float64))[blocks[:, 0]]
+    return math.exp(float((first - ll).sum()) / (blocks.shape[0] * (blocks.shape[1] - 1)))
 
 
 def _stats(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -1225,6 +1257,13 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
             ax.plot(gens, row, color="0.6", lw=0.8)
         m, se = _stats(ppl)
         rep.band(ax, gens, m, se, label="mean ± 2 stderr")
+        if "source_test_perplexity" in arrays:
+            ax.axhline(
+                float(arrays["source_test_perplexity"]),
+                color="k",
+                ls="--",
+                label="true source (floor)",
+            )
         ax.set_title(_arm_label(fr[a]))
         ax.set_xlabel("generation")
         ax.set_ylabel("test perplexity")
@@ -1424,7 +1463,8 @@ def write_report(rd: RunDir, config: Config, setup: Setup, summary: dict) -> Non
     if len(arrays["prompts"]):
         lines += ["## Continuations of fixed prompts (seed 0)", ""]
         for p in range(len(arrays["prompts"])):
-            lines.append(f"**Prompt {p}:** {_decode_text(setup.tokenizer, arrays['prompts'][p])}")
+            prompt = _decode_text(setup.tokenizer, arrays["prompts"][p])
+            lines.append(f"**Prompt {p}:** {prompt}")
             lines.append("")
             for a, f in enumerate(config.fresh_fractions):
                 for g in range(G + 1):
