@@ -133,16 +133,23 @@ def parse_sweep(spec: str, config) -> tuple[str, list]:
 def run_sweep(module, config, field: str, values: list, out: Path, progress=None) -> dict:
     """Run one study per value (each into OUT/FIELD=VALUE) and overlay their curves.
 
-    Values change shapes or static settings in general, so each value is its own run; the
-    chains of each run are still vmapped and sharded as usual.
+    A study may provide ``run_sweep(config, field, values, out)`` that runs every value in one
+    vmapped computation when shapes allow (returning None otherwise); other sweeps loop, each
+    value's chains still vmapped and sharded as usual.
     """
     from collapse_jax import report as rep
     from collapse_jax.runs import write_json, write_text
 
     summaries = {}
-    for v in values:
-        cfg = module.validate(dataclasses.replace(config, **{field: v}))
-        summaries[v] = module.run(cfg, out / f"{field}={v}", progress=progress)
+    vmapped = None
+    if hasattr(module, "run_sweep"):
+        vmapped = module.run_sweep(config, field, values, out, progress=progress)
+    if vmapped is not None:
+        summaries = dict(zip(values, vmapped, strict=True))
+    else:
+        for v in values:
+            cfg = module.validate(dataclasses.replace(config, **{field: v}))
+            summaries[v] = module.run(cfg, out / f"{field}={v}", progress=progress)
     common = None
     for s in summaries.values():
         keys = {
@@ -166,7 +173,8 @@ def run_sweep(module, config, field: str, values: list, out: Path, progress=None
                 }
             )
         panels.append({"title": key, "x": series[0]["x"], "series": series})
-    lines = [f"# Sweep over {field}", "", f"Study `{module.NAME}`, values {values}.", ""]
+    how = "one vmapped computation" if vmapped is not None else "one run per value"
+    lines = [f"# Sweep over {field}", "", f"Study `{module.NAME}`, values {values} ({how}).", ""]
     if panels:
         rep.curves_figure(out / "sweep.png", panels, ncols=3)
         lines.append(rep.figure_md("sweep.png", f"Metrics for each {field} (±2 stderr bands)."))

@@ -304,6 +304,7 @@ def run_generations(
     between_chunks: Callable[[Any], Any] | None = None,
     progress: bool | None = None,
     desc: str = "generations",
+    chain_params: Any = None,
 ) -> ScanResult:
     """Run ``n_chains`` independent chains for ``n_generations`` generations.
 
@@ -319,6 +320,10 @@ def run_generations(
     kept, after ``reduce`` (default: mean / stderr / finite fraction over chains), so 10^5
     generations fit in memory. ``between_chunks(state) -> state`` may reshape the state between
     chunks (e.g. compact dead states); chunks are recompiled only when shapes change.
+
+    ``chain_params`` (optional, leading axis = chains) gives each chain its own numeric
+    parameters: ``init(key, params)`` is then called per chain and may store them in the state.
+    This is how a sweep over a numeric parameter runs as one vmapped, sharded computation.
     """
     n_chains = check_int("chains", n_chains, 1)
     n_generations = check_int("generations", n_generations, 1)
@@ -336,7 +341,11 @@ def run_generations(
     chain_keys = shard_chains(chain_keys, sharding)
 
     t0 = time.perf_counter()
-    state, info0 = jax.jit(jax.vmap(init))(chain_keys)
+    if chain_params is None:
+        state, info0 = jax.jit(jax.vmap(init))(chain_keys)
+    else:
+        chain_params = shard_chains(jax.tree.map(jnp.asarray, chain_params), sharding)
+        state, info0 = jax.jit(jax.vmap(init))(chain_keys, chain_params)
     trace0 = jax.device_get(jax.jit(reduce)(info0))
 
     def one_generation(carry, _):

@@ -160,6 +160,8 @@ def test_compaction_preserves_metrics():
         p0_dropped=jnp.zeros(2),
         absorbed_at=-jnp.ones(2, jnp.int32),
         absorbed_state=-jnp.ones(2, jnp.int32),
+        samples=jnp.zeros(2, jnp.int32),
+        gamma=jnp.zeros(2),
     )
     small = proc.compact(state, policy)
     assert small.counts.shape == (2, 4)
@@ -211,3 +213,23 @@ def test_initial_distributions(tmp_path):
     np.testing.assert_allclose(proc.initial_distribution("0.5,0.3,0.2"), [0.5, 0.3, 0.2])
     np.save(tmp_path / "p.npy", np.array([0.1, 0.9]))
     np.testing.assert_allclose(proc.initial_distribution(str(tmp_path / "p.npy")), [0.1, 0.9])
+
+
+@pytest.mark.parametrize(
+    ("field", "values"), [("samples", [10, 40]), ("fresh_fraction", [0.0, 0.3])]
+)
+def test_vmapped_sweep_matches_theory_per_value(field, values, tmp_path):
+    cfg = study.Config(
+        states=4, p0="0.4,0.3,0.2,0.1", samples=20, chains=1500, generations=12, seed=11
+    )
+    summaries = study.run_sweep(cfg, field, values, tmp_path, progress=False)
+    assert summaries is not None and len(summaries) == len(values)
+    p0 = np.array([0.4, 0.3, 0.2, 0.1])
+    for v, s in zip(values, summaries, strict=True):
+        m = v if field == "samples" else 20
+        policy = Policy.parse("replace", v if field == "fresh_fraction" else 0.0)
+        theory = wf.expected_heterozygosity(p0, np.full(12, m), policy)
+        het = s["heterozygosity"]
+        for g in (1, 6, 12):
+            assert_close(het["mean"][g], het["stderr"][g], theory[g], f"{field}={v} E[H_{g}]")
+        assert (tmp_path / f"{field}={v}" / "report.md").exists()

@@ -36,6 +36,8 @@ class DiscreteState(NamedTuple):
     p0_dropped: Float[Array, ""]  # p0-mass of states dropped by compaction (all dead)
     absorbed_at: Int[Array, ""]  # first generation whose model is a delta, -1 if none yet
     absorbed_state: Int[Array, ""]  # original id of that delta's state, -1 if none yet
+    samples: Int[Array, ""]  # this chain's constant batch size M, or 0 to follow the schedule
+    gamma: Float[Array, ""]  # this chain's fresh fraction (used when the policy has beta = 0)
 
 
 class DiscreteInfo(NamedTuple):
@@ -110,12 +112,15 @@ def _sample_model(key, n, p, method: str, max_size: int):
     return jnp.zeros(p.shape[0], jnp.int32).at[draws].add(valid.astype(jnp.int32))
 
 
-def make_kernels(policy: Policy, method: str = "counts", max_size: int = 1):
+def make_kernels(
+    policy: Policy, method: str = "counts", max_size: int = 1, fresh_varies: bool = False
+):
     """Build ``init(key, p0, m0)`` and ``step(key, state, inputs)`` for one chain.
 
     ``inputs`` per generation: ``{"generation": n, "size": M_n}`` where ``M_n`` is the size of the
     batch drawn at generation n (it fits generation n + 1). ``max_size`` bounds every batch size
-    (needed by the ``samples`` method, whose draws have static shape).
+    (needed by the ``samples`` method, whose draws have static shape). ``fresh_varies`` says
+    that chains may carry their own fresh fraction (a vmapped sweep over it).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -123,9 +128,14 @@ def make_kernels(policy: Policy, method: str = "counts", max_size: int = 1):
     def draw(key, n, p):
         return _sample_model(key, n, p, method, max_size)
 
-    def init(key, p0: Float[Array, " K"], m0) -> tuple[DiscreteState, DiscreteInfo]:
+    def init(
+        key, p0: Float[Array, " K"], m0, samples=0, gamma=policy.gamma
+    ) -> tuple[DiscreteState, DiscreteInfo]:
+        """Generation 0 of one chain. ``samples`` > 0 fixes this chain's M (overriding the
+        schedule) and ``gamma`` its fresh fraction: per-chain values for vmapped sweeps."""
         k = p0.shape[0]
-        counts = draw(key, m0, p0)
+        samples = jnp.asarray(samples, jnp.int32)
+        counts = draw(key, jnp.where(samples > 0, samples, m0), p0)
         pool = counts if policy.mode == "accumulate-subsample" else jnp.zeros_like(counts)
         state = DiscreteState(
             counts=counts,
@@ -135,11 +145,14 @@ def make_kernels(policy: Policy, method: str = "counts", max_size: int = 1):
             p0_dropped=jnp.zeros((), p0.dtype),
             absorbed_at=jnp.where(jnp.sum(p0 > 0) == 1, 0, -1).astype(jnp.int32),
             absorbed_state=jnp.where(jnp.sum(p0 > 0) == 1, jnp.argmax(p0), -1).astype(jnp.int32),
+            samples=samples,
+            gamma=jnp.asarray(gamma, p0.dtype),
         )
         return state, DiscreteInfo(discrete_metrics(p0, p0))
 
     def step(key, state: DiscreteState, inputs) -> tuple[DiscreteState, DiscreteInfo]:
-        gen, size = inputs["generation"], inputs["size"]
+        gen = inputs["generation"]
+        size = jnp.where(state.samples > 0, state.samples, inputs["size"])
         k_model, k_prev, k_orig, k_sub = jax.random.split(key, 4)
         total = state.counts.sum()
         p = state.counts.astype(state.p0.dtype) / jnp.maximum(total, 1).astype(state.p0.dtype)
@@ -149,13 +162,17 @@ def make_kernels(policy: Policy, method: str = "counts", max_size: int = 1):
         absorbed_at = jnp.where(newly, gen, state.absorbed_at)
         absorbed_state = jnp.where(newly, state.index[jnp.argmax(p)], state.absorbed_state)
 
-        n_model, n_prev, n_orig = split_batch(size, policy)
+        if policy.beta > 0:
+            n_model, n_prev, n_orig = split_batch(size, policy)
+        else:  # gamma may differ per chain (vmapped sweeps); same rounding as split_batch
+            n_orig = jnp.round(size * state.gamma).astype(size.dtype)
+            n_model, n_prev = size - n_orig, 0
         batch = draw(k_model, n_model, p)
         if policy.beta > 0:
             batch = batch + samplers.multivariate_hypergeometric(
                 k_prev, jnp.minimum(n_prev, total), state.counts
             )
-        if policy.gamma > 0:
+        if policy.gamma > 0 or fresh_varies:
             # Fresh D0 data; dropped states never have p0 > 0 when gamma > 0 (see `alive_mask`).
             batch = batch + draw(k_orig, n_orig, state.p0)
 
@@ -177,8 +194,8 @@ def make_kernels(policy: Policy, method: str = "counts", max_size: int = 1):
 def alive_mask(state: DiscreteState, policy: Policy) -> Int[Array, "... K"]:
     """States that can still have positive probability at some later generation."""
     alive = (state.counts > 0) | (state.pool > 0)
-    if policy.gamma > 0:
-        alive = alive | (state.p0 > 0)
+    fresh = (state.gamma > 0)[..., None] if policy.beta == 0 else policy.gamma > 0
+    alive = alive | (fresh & (state.p0 > 0))
     return alive
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 
 from collapse_jax import report as rep
 from collapse_jax.errors import ConfigError, check_choice, check_int
-from collapse_jax.generational import Policy, Schedule, run_generations
+from collapse_jax.generational import Policy, Schedule, chain_stats, run_generations
 from collapse_jax.processes import discrete as proc
 from collapse_jax.runs import RunDir, series
 from collapse_jax.theory import wright_fisher as wf
@@ -119,62 +120,150 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def simulate(config: Config, progress: bool | None = None):
-    """Run the chains; return (trace dict of arrays, final state, generations, sizes, seconds)."""
+class Simulation(NamedTuple):
+    """One configuration's simulated arrays (chain-reduced trace plus per-chain outcomes)."""
+
+    trace: dict[str, np.ndarray]
+    absorbed_at: np.ndarray
+    absorbed_state: np.ndarray
+    generations: np.ndarray
+    sizes: np.ndarray
+    seconds: float
+
+
+#: Parameters a sweep can vary inside ONE vmapped computation (each chain carries its value).
+VMAPPED_SWEEPS = ("samples", "fresh_fraction")
+
+
+def sweep_is_vmappable(config: Config, field: str) -> bool:
+    """Whether a sweep over ``field`` keeps every shape and static setting fixed."""
+    policy = Policy.parse(config.policy, config.fresh_fraction)
+    if field == "samples":
+        return Schedule.parse(config.schedule).kind == "constant"
+    if field == "fresh_fraction":
+        return policy.mode != "mix"
+    return False
+
+
+def simulate(
+    config: Config, progress: bool | None = None, sweep: tuple[str, list] | None = None
+) -> list[Simulation]:
+    """Run the chains of ``config`` — or of every value of a vmappable ``sweep`` at once, each
+    value getting ``config.chains`` chains of one vmapped, sharded batch. One Simulation per value.
+    """
     p0 = _p0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
     next_sizes = np.concatenate([sizes[1:], sizes[-1:]])  # batch drawn at generation n (n >= 1)
-    init, step = proc.make_kernels(policy, config.method, max_size=int(sizes.max()))
+    field, values = sweep if sweep is not None else (None, [None])
+    n_values, chains = len(values), config.chains
+    samples = np.zeros(n_values, np.int32)
+    gamma = np.full(n_values, policy.gamma, np.float32)
+    if field == "samples":
+        samples = np.asarray(values, np.int32)
+    elif field == "fresh_fraction":
+        gamma = np.asarray(values, np.float32)
+    elif field is not None:
+        raise ConfigError(f"a vmapped sweep cannot vary {field!r}; use one of {VMAPPED_SWEEPS}")
+    max_size = int(max(sizes.max(), samples.max()))
+    init, step = proc.make_kernels(
+        policy, config.method, max_size=max_size, fresh_varies=field == "fresh_fraction"
+    )
     p0_j = jnp.asarray(p0, jnp.float32)
     m0 = int(sizes[0])
 
+    def reduce(info):
+        def stats(leaf):
+            return chain_stats(leaf.reshape(n_values, chains), axis=1)
+
+        return jax.tree.map(stats, info.metrics)
+
     result = run_generations(
         jax.random.key(config.seed),
-        lambda key: init(key, p0_j, m0),
+        lambda key, prm: init(key, p0_j, m0, prm[0], prm[1]),
         step,
-        config.chains,
+        n_values * chains,
         config.generations,
         {"generation": np.arange(1, config.generations + 1), "size": next_sizes},
         record_every=config.record_every,
+        reduce=reduce,
         between_chunks=(lambda s: proc.compact(s, policy)) if config.compact else None,
         progress=progress,
         desc="discrete",
+        chain_params=(np.repeat(samples, chains), np.repeat(gamma, chains)),
     )
-    metrics = result.trace.metrics
-    trace = {}
-    for name in METRICS:
-        stats = getattr(metrics, name)
-        trace[f"{name}_mean"] = np.asarray(stats.mean, np.float64)
-        trace[f"{name}_stderr"] = np.asarray(stats.stderr, np.float64)
-        trace[f"{name}_finite_fraction"] = np.asarray(stats.finite_fraction, np.float64)
-    return trace, result.state, result.generations, sizes, result.seconds, p0, policy
+    absorbed_at = np.asarray(result.state.absorbed_at).reshape(n_values, chains)
+    absorbed_state = np.asarray(result.state.absorbed_state).reshape(n_values, chains)
+    sims = []
+    for v in range(n_values):
+        trace = {}
+        for name in METRICS:
+            st = getattr(result.trace, name)
+            trace[f"{name}_mean"] = np.asarray(st.mean[:, v], np.float64)
+            trace[f"{name}_stderr"] = np.asarray(st.stderr[:, v], np.float64)
+            trace[f"{name}_finite_fraction"] = np.asarray(st.finite_fraction[:, v], np.float64)
+        value_sizes = np.full_like(sizes, samples[v]) if samples[v] > 0 else sizes
+        sims.append(
+            Simulation(
+                trace,
+                absorbed_at[v],
+                absorbed_state[v],
+                result.generations,
+                value_sizes,
+                result.seconds,
+            )
+        )
+    return sims
 
 
 def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) -> dict:
     """Run the study and write config.json, metrics.npz, summary.json, figures and report.md."""
     config = validate(config)
+    t0 = time.perf_counter()
+    (sim,) = simulate(config, progress)
+    return write_run(config, out_dir, sim, t0)
+
+
+def run_sweep(
+    config: Config, field: str, values: list, out_dir: str | Path, *, progress=None
+) -> list[dict] | None:
+    """Run a sweep as one vmapped computation when shapes allow (else return None), writing one
+    run directory per value, ``OUT/FIELD=VALUE``."""
+    config = validate(config)
+    if not sweep_is_vmappable(config, field):
+        return None
+    configs = [validate(dataclasses.replace(config, **{field: v})) for v in values]
+    t0 = time.perf_counter()
+    sims = simulate(config, progress, sweep=(field, values))
+    return [
+        write_run(cfg, Path(out_dir) / f"{field}={v}", sim, t0)
+        for cfg, v, sim in zip(configs, values, sims, strict=True)
+    ]
+
+
+def write_run(config: Config, out_dir, sim: Simulation, t0: float) -> dict:
+    """Write one configuration's run directory from its simulated arrays."""
     run_dir = RunDir(out_dir)
     run_dir.write_config(config, NAME)
-    t0 = time.perf_counter()
-    trace, state, gens, sizes, seconds, p0, policy = simulate(config, progress)
-
-    absorbed_at = np.asarray(state.absorbed_at)
-    absorbed_state = np.asarray(state.absorbed_state)
+    p0 = _p0(config)
+    policy = Policy.parse(config.policy, config.fresh_fraction)
+    gens, sizes = sim.generations, sim.sizes
     theory = theory_curves(config, p0, policy, sizes, gens)
     run_dir.write_metrics(
         "metrics.npz",
         generation=gens,
         sizes=sizes,
         p0=p0,
-        absorbed_at=absorbed_at,
-        absorbed_state=absorbed_state,
-        **trace,
+        absorbed_at=sim.absorbed_at,
+        absorbed_state=sim.absorbed_state,
+        **sim.trace,
         **{f"theory_{k}": v for k, v in theory.items()},
     )
-    summary = summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absorbed_state)
-    summary["seconds"] = seconds
-    summary["chain_generations_per_second"] = config.chains * config.generations / seconds
+    summary = summarize(
+        config, p0, policy, sizes, gens, sim.trace, theory, sim.absorbed_at, sim.absorbed_state
+    )
+    summary["seconds"] = sim.seconds
+    summary["chain_generations_per_second"] = config.chains * config.generations / sim.seconds
     run_dir.write_summary(summary)
     figures = make_figures(run_dir.path)
     write_report(run_dir, config, summary, figures, time.perf_counter() - t0)
