@@ -248,8 +248,8 @@ class CountingDecoder:
         self.traces.append(input_ids.shape)
         return self.inner.step(params, input_ids, attention_mask, position_ids, cache)
 
-    def reorder_cache(self, cache, index):
-        return self.inner.reorder_cache(cache, index)
+    def reorder_cache(self, cache, index, start=0):
+        return self.inner.reorder_cache(cache, index, start)
 
 
 def test_second_call_does_not_recompile(tiny):
