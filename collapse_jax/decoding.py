@@ -28,6 +28,12 @@ Semantics reproduced from ``transformers.generation`` (``utils.py`` ``_sample``,
   candidates continue; ``early_stopping`` ∈ {True, False, "never"} decides, through Hugging
   Face's heuristic, when a prompt's finished hypotheses can no longer improve; the output is the
   ``num_return_sequences`` best finished hypotheses.
+
+Two deliberate differences: finished beams are always padded with ``pad_token_id`` (Hugging
+Face pads with EOS when ``pad_token_id`` is 0), and random draws come from JAX keys (sampling by
+``jax.random.categorical``; beam sampling by Gumbel-top-k, which has the law of
+``torch.multinomial`` without replacement), so sampled tokens follow the same distribution but
+not the same random stream.
 """
 
 from __future__ import annotations

@@ -176,6 +176,25 @@ def test_sampling_with_one_candidate_is_greedy(tiny):
     np.testing.assert_array_equal(np.asarray(sampled.sequences), np.asarray(greedy.sequences))
 
 
+def test_beam_sampling_at_low_temperature_is_beam_search(tiny):
+    """Temperature τ scales every processed log-probability by 1/τ, which leaves the ranking of
+    candidates and hypotheses unchanged; at τ = 1e-5 the score gaps (≳ 1e-2/τ) dwarf the Gumbel
+    noise, so beam sampling must return the beam-search tokens."""
+    kwargs = dict(max_new_tokens=MAX_NEW, num_beams=5, eos_token_id=EOS, pad_token_id=PAD)
+    searched = decoding.generate(tiny.model, tiny.params, tiny.ids, tiny.mask, **kwargs)
+    sampled = decoding.generate(
+        tiny.model,
+        tiny.params,
+        tiny.ids,
+        tiny.mask,
+        do_sample=True,
+        temperature=1e-5,
+        key=jax.random.key(1),
+        **kwargs,
+    )
+    np.testing.assert_array_equal(np.asarray(sampled.sequences), np.asarray(searched.sequences))
+
+
 def test_sampled_first_token_follows_warped_distribution(tiny):
     """n draws of the first new token vs Hugging Face's processed probabilities (temperature,
     top-k, top-p): |frequency − p| < 4·sqrt(p(1 − p)/n) for every token (binomial stderr)."""
