@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return float(out.loss.detach())
 
     torch_step(batches[0])
     t0 = time.perf_counter()
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{theirs:,.0f} tokens/s, loss {loss:.4f}"
     )
     print(f"ratio ours / transformers: {ours / theirs:.2f}x")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 
 
