@@ -14,6 +14,7 @@ from collapse_jax.models.opt_weights import save_pretrained
 from collapse_jax.studies import lm
 
 SMALL = lm.Config(
+    model="micro",
     block_size=8,
     synthetic_vocab=16,
     synthetic_blocks=64,

@@ -13,6 +13,7 @@ from collapse_jax.runs import read_arrays
 from collapse_jax.studies import lm
 
 TINY = lm.Config(
+    model="micro",
     block_size=8,
     synthetic_vocab=16,
     synthetic_blocks=64,

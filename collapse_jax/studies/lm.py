@@ -53,6 +53,7 @@ DESCRIPTION = "OPT fine-tuned generation after generation on its own beam-search
 
 #: Built-in OPT-architecture sizes for offline runs (pre-trained from scratch as the base).
 BUILTIN_MODELS = {
+    "micro": dict(hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=2),
     "small": dict(hidden_size=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4),
     "base": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4),
@@ -67,7 +68,7 @@ REPEAT_N = 4
 class Config:
     """The language-model regime. Defaults: the offline CPU form (synthetic source, tiny OPT)."""
 
-    model: str = "tiny"  # tiny | small | base (offline, pre-trained here) | HF dir | hub id
+    model: str = "tiny"  # micro | tiny | small | base (offline, pre-trained here) | HF dir | hub id
     tokenizer: str = ""  # tokenizer dir or hub id; "" = the model's, OPT's, or the synthetic one
     corpus: str = "synthetic"  # synthetic | wikitext | directory with train/valid/test.txt
     block_size: int = 64  # tokens per training block and per generated continuation
@@ -191,7 +192,7 @@ def demo_config() -> Config:
 
 
 _FLAGS: dict[str, tuple[type, str]] = {
-    "model": (str, "tiny | small | base (offline) | Hugging Face directory | hub id"),
+    "model": (str, "micro | tiny | small | base (offline) | Hugging Face directory | hub id"),
     "tokenizer": (str, "tokenizer directory or hub id (default: the model's)"),
     "corpus": (str, "synthetic | wikitext | directory with train/valid/test.txt"),
     "block_size": (int, "tokens per block and per generated continuation (64)"),
@@ -1289,6 +1290,7 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
                 label=f"generation {g}" if g in (0, G - 1) or G <= 5 else None,
             )
         ax.plot(centers, arrays["hist_real_train"], "k--", lw=1.2, label="real training data")
+        ax.plot(centers, arrays["hist_real_test"], "k:", lw=1.2, label="real test data")
         ax.set_xscale("log")
         ax.set_xlabel("perplexity under the generation-0 model")
         ax.set_ylabel("density (per log perplexity)")
