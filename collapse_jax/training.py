@@ -489,7 +489,8 @@ def fit_lm(
     short batch is its own token mean, as in an unpadded run. ``optimizer_config.total_steps``
     should equal the number of updates, ``epochs · ceil(n / batch_size)``.
 
-    ``progress(update, total, loss)`` is called after each update (it syncs to the host).
+    ``mesh`` defaults to all devices (data parallel); ``progress(update, total, loss)`` is called
+    after each update (it syncs to the host).
     """
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
@@ -506,7 +507,14 @@ def fit_lm(
             f"{optimizer_config.grad_accum_steps}"
         )
     if mesh is None:
-        mesh = make_mesh(devices=jax.devices()[:1])
+        mesh = make_mesh()
+    per_device = mesh.shape[DATA_AXIS] * optimizer_config.grad_accum_steps
+    if batch_size % per_device:
+        raise ConfigError(
+            f"batch_size {batch_size} must be divisible by {per_device} (data-parallel devices "
+            f"{mesh.shape[DATA_AXIS]} x grad_accum_steps {optimizer_config.grad_accum_steps}); "
+            "pass a smaller mesh or change the batch size"
+        )
     per_epoch = -(-n // batch_size)
     total = epochs * per_epoch
     state, step = make_lm_train_step(

@@ -145,12 +145,16 @@ def test_fit_lm_epochs_with_a_short_last_batch(params):
         batch_size=8,
         epochs=2,
         key=jax.random.key(0),
+        mesh=T.make_mesh(devices=jax.devices()[:1]),
         progress=lambda i, n, loss: seen.append((i, n)),
     )
     assert seen == [(i, 6) for i in range(1, 7)]
     assert out.losses.shape == (6,) and np.isfinite(out.losses).all()
     assert int(out.state.step) == 6
     assert out.losses[3:].mean() < out.losses[:3].mean()
+    # By default all 8 devices share each micro-batch: 8 rows in 2 micro-batches cannot.
+    with pytest.raises(ConfigError, match="batch_size 8 must be divisible by 16"):
+        T.fit_lm(T.opt_apply_fn(TINY), params, ids, mask, cfg, batch_size=8, epochs=1, key=None)
 
 
 def test_weight_decay_skips_vectors_unless_asked():
