@@ -489,8 +489,10 @@ def fit_lm(
     short batch is its own token mean, as in an unpadded run. ``optimizer_config.total_steps``
     should equal the number of updates, ``epochs · ceil(n / batch_size)``.
 
-    ``mesh`` defaults to all devices (data parallel); ``progress(update, total, loss)`` is called
-    after each update (it syncs to the host).
+    ``mesh`` defaults to all devices (data parallel). In a multi-process run every process
+    passes the same blocks and key; each feeds its contiguous share of every batch (the rows its
+    devices hold). ``progress(update, total, loss)`` is called after each update (it syncs to
+    the host).
     """
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
@@ -530,6 +532,10 @@ def fit_lm(
             b_ids = np.full((batch_size, ids.shape[1]), ids[rows[0], 0], np.int32)
             b_mask = np.zeros((batch_size, ids.shape[1]), np.int32)
             b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
+            if jax.process_count() > 1:  # every process holds all blocks; pass its own rows
+                local = batch_size // jax.process_count()
+                lo = jax.process_index() * local
+                b_ids, b_mask = b_ids[lo : lo + local], b_mask[lo : lo + local]
             batch = shard_batch({"input_ids": b_ids, "attention_mask": b_mask}, mesh)
             state, info = step(state, batch, jax.random.fold_in(k_dropout, update))
             losses.append(info.loss)
