@@ -24,7 +24,7 @@ STUDIES = {
 }
 
 #: Studies run by `collapse-jax demo`, in order (each with its module's demo_config()).
-DEMO = ("discrete",)
+DEMO = ("discrete", "gaussian", "gmm")
 
 
 def load_study(name: str):
