@@ -267,7 +267,8 @@ def init_train_state(
     """Put ``params`` on the mesh (``shardings`` default: :func:`param_sharding`) and build
     the optimizer state with matching shardings."""
     if mesh is None:
-        params = jax.tree.map(jnp.asarray, params)
+        # A copy: the train step donates its state, which must not take the caller's arrays.
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
     state_sharding = train_state_sharding(params, optimizer, mesh, shardings)
     init = jax.jit(

@@ -157,6 +157,22 @@ def test_fit_lm_epochs_with_a_short_last_batch(params):
         T.fit_lm(T.opt_apply_fn(TINY), params, ids, mask, cfg, batch_size=8, epochs=1, key=None)
 
 
+def test_generic_step_keeps_the_callers_params_and_does_not_recompile():
+    params = {"w": jnp.ones(3)}
+    opt = T.make_optimizer(T.OptimizerConfig(learning_rate=0.1, total_steps=10))
+
+    def loss_sums(p, batch, key):  # a weighted quadratic: sum and count
+        return ((p["w"] - batch) ** 2).sum(), jnp.float32(batch.shape[0])
+
+    step = T.make_train_step(loss_sums, opt)  # no mesh: plain jit, state donated
+    state = T.init_train_state(params, opt)
+    for i in range(3):
+        state, _ = step(state, jnp.zeros(3), jax.random.key(i))
+    assert step._cache_size() == 1 and int(state.step) == 3
+    np.testing.assert_array_equal(params["w"], 1.0)  # not donated away
+    assert float(state.params["w"][0]) < 1.0
+
+
 def test_weight_decay_skips_vectors_unless_asked():
     params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
     zeros = jax.tree.map(jnp.zeros_like, params)
