@@ -228,3 +228,29 @@ def test_cli_sweep_and_experiments(tmp_path, capsys):
     toml.write_text('study = "discrete"\n[config]\nstatez = 3\n')
     assert cli.main(["run", str(toml)]) == 2
     assert "unknown config key(s) statez" in capsys.readouterr().err
+
+
+def test_demo_combines_every_study_report(tmp_path, monkeypatch, capsys):
+    """`collapse-jax demo` runs each demo study and writes one report linking their figures
+    (studies shrunk here; the real demo configs are exercised by each study's own smoke test)."""
+    import dataclasses
+
+    shrink = {"chains": 8, "generations": 6, "record_every": 1}
+    for name in cli.DEMO:
+        module = cli.load_study(name)
+        small = dataclasses.replace(
+            module.demo_config(),
+            **{
+                k: v
+                for k, v in shrink.items()
+                if k in {f.name for f in dataclasses.fields(module.Config)}
+            },
+        )
+        monkeypatch.setattr(module, "demo_config", lambda small=small: small)
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for name in cli.DEMO:
+        assert f"## {name}:" in report
+        assert (tmp_path / name / "summary.json").exists()
+    for link in [part.split(")")[0] for part in report.split("](")[1:]]:
+        assert (tmp_path / link).exists(), link
