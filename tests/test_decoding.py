@@ -352,9 +352,36 @@ def test_beam_search_matches_transformers_350m_style(tmp_path):
         num_hidden_layers=2,
         do_layer_norm_before=False,
     )
-    for settings in (dict(), dict(repetition_penalty=2.0, min_new_tokens=MAX_NEW)):
-        kwargs = dict(max_new_tokens=MAX_NEW, num_beams=5, eos_token_id=EOS, pad_token_id=PAD)
-        kwargs.update(settings)
-        ref = _hf_generate(setup, do_sample=False, **kwargs)
-        ours = decoding.generate(setup.model, setup.params, setup.ids, setup.mask, **kwargs)
-        _assert_same_tokens(ours, ref.sequences.numpy(), PAD)
+    kwargs = dict(max_new_tokens=MAX_NEW, num_beams=5, eos_token_id=EOS, pad_token_id=PAD)
+    ref = _hf_generate(setup, do_sample=False, **kwargs)
+    ours = decoding.generate(setup.model, setup.params, setup.ids, setup.mask, **kwargs)
+    assert np.any(ref.sequences.numpy()[:, setup.ids.shape[1] :] == EOS)
+    _assert_same_tokens(ours, ref.sequences.numpy(), PAD)
+
+
+@pytest.mark.shared_data
+def test_beam_search_matches_transformers_opt125m_width(shared_data, tmp_path):
+    """OPT-125m's config.json (vocabulary 50272, width 768, 12 heads) cut to 2 layers, in the
+    paper's setting: 5 beams, min_new_tokens = max_new_tokens, repetition penalty 2."""
+    import json
+
+    raw = json.loads((shared_data / "opt-125m-config" / "config.json").read_text())
+    raw.update(num_hidden_layers=2, dropout=0.0, torch_dtype="float32")
+    raw = {k: v for k, v in raw.items() if not k.startswith("_name")}
+    torch.manual_seed(7)
+    hf = transformers.OPTForCausalLM(transformers.OPTConfig(**raw)).eval()
+    hf.save_pretrained(tmp_path)
+    config, params = load_pretrained(tmp_path)
+    ids, mask = _prompts(7, [12, 7], config.vocab_size)
+    setup = Setup(hf, OPTForCausalLM(config), jax.device_put(params), ids, mask)
+    kwargs = dict(
+        max_new_tokens=6,
+        min_new_tokens=6,
+        num_beams=5,
+        repetition_penalty=2.0,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    ref = _hf_generate(setup, do_sample=False, **kwargs)
+    ours = decoding.generate(setup.model, setup.params, ids, mask, **kwargs)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), ref.sequences.numpy())
