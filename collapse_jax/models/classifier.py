@@ -11,6 +11,7 @@ never reuses a stale classifier; an unreadable cache file is retrained and repla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -100,17 +101,10 @@ def predict(params: Any, x: Float[np.ndarray, "n 28 28 1"], chunk: int = 1024) -
     return np.concatenate(out).astype(np.int32)
 
 
-def train(
-    data: ImageData, settings: ClassifierSettings, progress: bool = False
-) -> tuple[Any, float]:
-    """Train on ``data.x_train``; return ``(params, test accuracy)``."""
-    x = to_unit(data.x_train)
-    y = data.y_train
-    if settings.max_train:
-        x, y = x[: settings.max_train], y[: settings.max_train]
-    params = _init(jax.random.key(settings.seed))
-    opt = optax.adam(settings.learning_rate)
-    opt_state = opt.init(params)
+@functools.lru_cache(maxsize=4)
+def _train_step(learning_rate: float):
+    """Adam and its jitted cross-entropy step, built once per learning rate (one compilation)."""
+    opt = optax.adam(learning_rate)
 
     @jax.jit
     def step(params, opt_state, xb, yb):
@@ -121,6 +115,20 @@ def train(
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    return opt, step
+
+
+def train(
+    data: ImageData, settings: ClassifierSettings, progress: bool = False
+) -> tuple[Any, float]:
+    """Train on ``data.x_train``; return ``(params, test accuracy)``."""
+    x = to_unit(data.x_train)
+    y = data.y_train
+    if settings.max_train:
+        x, y = x[: settings.max_train], y[: settings.max_train]
+    params = _init(jax.random.key(settings.seed))
+    opt, step = _train_step(settings.learning_rate)
+    opt_state = opt.init(params)
     bs = min(settings.batch_size, len(x))
     for epoch in range(settings.epochs):
         order = np.random.default_rng([settings.seed, epoch]).permutation(len(x))

@@ -132,7 +132,19 @@ def validate(config: Config) -> Config:
 
 def demo_config() -> Config:
     """The CPU-sized setting for ``collapse-jax demo``."""
-    return dataclasses.replace(cpu_config(), generations=4, epochs=2, samples=4096, seeds=2)
+    return dataclasses.replace(
+        cpu_config(),
+        generations=3,
+        epochs=4,
+        batch_size=64,
+        samples=4096,
+        seeds=2,
+        eval_samples=500,
+        eval_test=1000,
+        diversity_samples=250,
+        classifier_epochs=1,
+        classifier_train=10000,
+    )
 
 
 def cpu_config() -> Config:
