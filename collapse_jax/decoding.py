@@ -1,13 +1,16 @@
 """Jitted decoding for causal language models: greedy, sampling and beam search with the exact
 semantics of Hugging Face ``transformers`` ``generate`` (version 5), over a KV cache.
 
-Everything is written against a small *decoder* interface (``init_cache`` + ``step``), so any
-causal LM with a KV cache can be decoded; :class:`OPTDecoder` adapts our OPT port.
+Everything is written against a small *decoder* interface (``vocab_size``, ``init_cache``,
+``step``, ``reorder_cache``: :class:`Decoder`), so any causal LM with a KV cache can be decoded;
+:class:`OPTDecoder` adapts our OPT port.
 
 Shapes are static: a batch of ``B`` left-padded prompts of length ``T`` always produces
 ``[B·R, T + max_new_tokens]`` tokens, finished sequences padded with ``pad_token_id``. One call
-compiles once per (shape, static setting); numeric settings (temperature, top-p, repetition and
-length penalties) are traced, so sweeping them does not recompile. The prompt is encoded once
+compiles once per (shape, number of beams, max_new_tokens, sampling warpers in use, EOS/pad ids);
+everything else (temperature, top-p, repetition and length penalties, min_new_tokens,
+early_stopping, num_return_sequences) is traced or applied outside, so sweeping it does not
+recompile. The prompt is encoded once
 (prefill), then a ``lax.while_loop`` runs one cached decoding step per new token and stops as
 soon as Hugging Face's stopping rule says so.
 
