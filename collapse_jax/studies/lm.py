@@ -46,7 +46,7 @@ from collapse_jax import report as rep
 from collapse_jax.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.generational import Policy, mix_training_data
 from collapse_jax.metrics import text as tm
-from collapse_jax.runs import RunDir, read_json, series, write_arrays
+from collapse_jax.runs import RunDir, read_json, series, write_arrays, write_json
 
 NAME = "lm"
 DESCRIPTION = "OPT fine-tuned generation after generation on its own beam-search text"
@@ -1031,8 +1031,13 @@ def run(config: Config, out_dir, *, progress: bool | None = None) -> dict:
                     regime.generated(seed, arm, g)
                 regime.cleanup(seed, arm, g)
                 previous = data
-    seconds = time.perf_counter() - t0
     arrays = collect(regime, seeds)
+    # Wall time summed over every invocation (an interrupted run resumed counts all its parts).
+    elapsed_path = work / "elapsed.json"
+    before = read_json(elapsed_path) if elapsed_path.exists() else {"seconds": 0.0, "runs": 0}
+    seconds = float(before["seconds"]) + time.perf_counter() - t0
+    if _is_main():
+        write_json(elapsed_path, {"seconds": seconds, "runs": int(before["runs"]) + 1})
     arrays["seconds"] = np.float64(seconds)
     if not _is_main():
         return {}
@@ -1240,6 +1245,15 @@ def _arm_label(f: float) -> str:
     return "no original data" if f == 0 else f"{f:.0%} original data"
 
 
+def _log_x(ax) -> None:
+    """Log x axis with plain major labels only (minor labels overlap on short ranges)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
     """Draw every figure from ``metrics.npz`` arrays; return (file, caption) pairs."""
     import matplotlib.pyplot as plt
@@ -1291,7 +1305,7 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
             )
         ax.plot(centers, arrays["hist_real_train"], "k--", lw=1.2, label="real training data")
         ax.plot(centers, arrays["hist_real_test"], "k:", lw=1.2, label="real test data")
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("perplexity under the generation-0 model")
         ax.set_ylabel("density (per log perplexity)")
         ax.set_title(_arm_label(fr[a]))
@@ -1318,7 +1332,7 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
             ax.fill_between(centers, base, base + h, color=color, alpha=0.6, lw=0)
             ax.plot(centers, base + h, color="k", lw=0.5)
             ax.text(centers[0], base + 0.05 * step, label, fontsize=7, va="bottom")
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_yticks([])
         ax.set_xlabel("perplexity under the generation-0 model")
         ax.set_title(_arm_label(fr[a]))
@@ -1414,7 +1428,7 @@ def write_report(rd: RunDir, config: Config, setup: Setup, summary: dict) -> Non
             if config.repetition_penalty != 1
             else ""
         )
-        + f". Wall time {summary['seconds']:.0f} s.",
+        + f". Wall time {summary['seconds']:.0f} s (all invocations of this run directory).",
         "",
         "No closed-form theory exists for this regime; the table reports the measured change "
         "of test perplexity from generation 0 to the last generation (mean ± stderr over "
