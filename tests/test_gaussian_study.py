@@ -119,3 +119,25 @@ def test_run_end_to_end(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| claim | theory | Monte Carlo ± stderr | agrees? |" in report
     assert not jax.config.jax_enable_x64  # the run boundary restored the precision
+
+
+def test_last_record_is_generation_g_when_record_every_does_not_divide_g():
+    d0 = proc.make_d0("normal", 1)
+    sizes = np.full(10, 6)
+    out = []
+    for every in (4, 1):
+        p = proc.make_process(d0, sizes, record_every=every)
+        r = run_generations(
+            jax.random.key(3),
+            p.init,
+            p.step,
+            16,
+            10,
+            p.inputs,
+            record_every=every,
+            reduce=functools.partial(proc.reduce_info, log_trace0=0.0),
+            progress=False,
+        )
+        assert r.generations[-1] == 10
+        out.append(r.trace["log_det_cov"]["mean"][-1])
+    assert np.isclose(out[0], out[1], rtol=1e-5)

@@ -258,6 +258,8 @@ class GaussianState(NamedTuple):
     pool: PooledStats | None  # accumulate: statistics of everything ever generated
     points: Float[Array, "P d"] | None  # samples sampler with beta > 0 / accumulate-subsample
     n_points: Int[Array, ""] | None  # valid rows of ``points``
+    first: PooledStats  # statistics of the M_0 real D0 samples that generation 1 is fitted to
+    generation: Int[Array, ""]  # n
 
 
 GaussianInfo = GaussianMetrics  # what one generation reports (zeros when not recorded)
@@ -275,31 +277,29 @@ class GaussianModel(NamedTuple):
 # Exact random draws
 
 
-def uniforms(key: jax.Array, n: int, dtype) -> tuple[Float[Array, " n"], jax.Array]:
-    """``n`` uniforms on the open interval (0, 1) and a fresh key, from ONE random-bits call.
+#: fold_in tags of the rejection loop's keys: fold_in(key, c) is the Threefry block with
+#: counter (0, c), distinct from every block (j, j + n/2) that ``bits(key, n)`` uses for the
+#: first proposal as long as c != n/2; the tags count down from 2³² − 1.
+_LOOP_TAG = 2**32 - 1
+
+
+def uniforms(key: jax.Array, n: int, dtype) -> Float[Array, " n"]:
+    """``n`` uniforms on the open interval (0, 1) from ONE random-bits call.
 
     Uniforms take the top mantissa bits of each word (23 for float32 from 32-bit words, 52 for
-    float64 from 64-bit words) plus half a unit in the last place, so 0 and 1 never occur;
-    the fresh key is made of further words (as ``jax.random.split`` does), so it is
-    independent of the uniforms. One call instead of a split per draw keeps the number of
-    counter-based PRNG blocks per generation minimal.
+    float64 from 64-bit words) plus half a unit in the last place, so 0 and 1 never occur.
+    One call instead of a key split per draw keeps the number of counter-based PRNG blocks per
+    generation minimal (the words count is rounded up to an even number: Threefry makes pairs).
     """
-    impl = jax.random.key_impl(key)
-    kw = int(np.prod(jax.random.key_data(key).shape))
+    m = n + (n % 2)
     if jnp.dtype(dtype) == jnp.float64:
-        bits = jax.random.bits(key, (n + kw,), jnp.uint64)
-        mant = jax.lax.shift_right_logical(bits[:n], jnp.uint64(12)) | jnp.uint64(
-            0x3FF0000000000000
-        )
-        u = jax.lax.bitcast_convert_type(mant, jnp.float64) - (1.0 - 2.0**-53)
-        words = bits[n:].astype(jnp.uint32)
-    else:
-        bits = jax.random.bits(key, (n + kw,), jnp.uint32)
-        mant = jax.lax.shift_right_logical(bits[:n], jnp.uint32(9)) | jnp.uint32(0x3F800000)
-        u = jax.lax.bitcast_convert_type(mant, jnp.float32) - (1.0 - 2.0**-24)
-        u = u.astype(dtype)
-        words = bits[n:]
-    return u, jax.random.wrap_key_data(words, impl=impl)
+        bits = jax.random.bits(key, (m,), jnp.uint64)[:n]
+        mant = jax.lax.shift_right_logical(bits, jnp.uint64(12)) | jnp.uint64(0x3FF0000000000000)
+        return jax.lax.bitcast_convert_type(mant, jnp.float64) - (1.0 - 2.0**-53)
+    bits = jax.random.bits(key, (m,), jnp.uint32)[:n]
+    mant = jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    u = jax.lax.bitcast_convert_type(mant, jnp.float32) - (1.0 - 2.0**-24)
+    return u.astype(dtype)
 
 
 def normal_from_uniform(u: Float[Array, "..."]) -> Float[Array, "..."]:
@@ -327,8 +327,9 @@ def log_gamma_from_uniforms(
     Marsaglia & Tsang (2000) rejection sampling: with d = a − 1/3, c = 1/√(9d), x ~ N(0, 1),
     v = (1 + c x)³ and u ~ U(0, 1), accept d·v when v > 0 and log u < x²/2 + d − d v + d log v
     (the squeeze u < 1 − 0.0331 x⁴ skips the logarithms). ``u[0]``, ``u[1]`` drive the first
-    proposal; rejected lanes (rate ≈ 6e-5 at a = 500, ≈ 5% at a = 1) draw again from ``key`` in
-    a loop. Shapes a < 1 use Gamma(a) = Gamma(a + 1) · U^{1/a} with ``u[2]`` (``boost``, static;
+    proposal (drawn from ``bits(key, ·)``); rejected lanes (rate ≈ 6e-5 at a = 500, ≈ 5% at
+    a = 1) draw again in a loop from keys ``fold_in(key, 2³² − 1 − i)``, which are derived only
+    when a lane is rejected. Shapes a < 1 use Gamma(a) = Gamma(a + 1) · U^{1/a} with ``u[2]`` (``boost``, static;
     leave it on unless every a >= 1); the result is a logarithm so tiny shapes do not underflow.
 
     Written here rather than calling ``jax.random.gamma``/``loggamma``, which split keys inside
@@ -347,7 +348,8 @@ def log_gamma_from_uniforms(
 
     def body(carry):
         ok, lv, i = carry
-        w, _ = uniforms(jax.random.fold_in(key, i), 2 * a.shape[0], dtype)
+        tag = jnp.uint32(_LOOP_TAG) - i.astype(jnp.uint32)
+        w = uniforms(jax.random.fold_in(key, tag), 2 * a.shape[0], dtype)
         ok2, lv2 = _mt_propose(w[: a.shape[0]], w[a.shape[0] :], d, c)
         return ok | ok2, jnp.where(ok, lv, lv2), i + 1
 
@@ -362,8 +364,8 @@ def log_gamma(key: jax.Array, a: Float[Array, " n"], *, boost: bool = True) -> F
     """log of Gamma(a, 1) draws for a vector of shapes a > 0 (see :func:`log_gamma_from_uniforms`)."""
     a = jnp.atleast_1d(jnp.asarray(a))
     n = a.shape[0]
-    u, k_loop = uniforms(key, 3 * n, a.dtype)
-    return log_gamma_from_uniforms(u.reshape(3, n), k_loop, a, boost=boost)
+    u = uniforms(key, 3 * n, a.dtype)
+    return log_gamma_from_uniforms(u.reshape(3, n), key, a, boost=boost)
 
 
 def log_chi2(key: jax.Array, df: Float[Array, " n"], *, boost: bool = True) -> Float[Array, " n"]:
@@ -384,16 +386,14 @@ def sufficient_draws(
     """
     n_low = d * (d - 1) // 2
     n_gam = 3 * d if boost else 2 * d
-    u, k_loop = uniforms(key, d + n_low + n_gam, dtype)
+    u = uniforms(key, d + n_low + n_gam, dtype)
     z = normal_from_uniform(u[:d])
     j = jnp.arange(d)
     dof = jnp.asarray(dof, dtype)
     col_ok = j < dof
     shape = jnp.where(col_ok, dof - j, 1.0) / 2
     u_gam = jnp.concatenate([u[d + n_low :], jnp.ones(3 * d - n_gam, dtype)]).reshape(3, d)
-    lg = jnp.log(jnp.asarray(2.0, dtype)) + log_gamma_from_uniforms(
-        u_gam, k_loop, shape, boost=boost
-    )
+    lg = jnp.log(jnp.asarray(2.0, dtype)) + log_gamma_from_uniforms(u_gam, key, shape, boost=boost)
     log_diag = jnp.where(col_ok, 0.5 * lg, -jnp.inf)
     if d == 1:
         return z, jnp.zeros((1, 1), dtype), log_diag
@@ -590,17 +590,29 @@ def make_process(
         )
 
     def init(key):
-        del key
+        """Generation 0 (= D0) and the M_0 real D0 samples that generation 1 will be fitted to.
+
+        The samples are drawn from ``fold_in(key, 0)``: the runner's generation keys are
+        ``fold_in(key, n)`` with n >= 1, so the streams never overlap.
+        """
         dt = dtype()
         chol0 = np.linalg.cholesky(d0.cov)
         model, _ = model_from_chol(jnp.asarray(d0.mean, dt), jnp.asarray(chol0, dt))
-        pool = None
-        if policy.mode == "accumulate":
-            pool = PooledStats(jnp.zeros((), dt), jnp.zeros(d, dt), jnp.zeros((d, d), dt))
-        points = jnp.zeros((buf, d), dt) if keep_points else None
-        n_points = jnp.zeros((), jnp.int32) if keep_points else None
+        pts = d0.sample(jax.random.fold_in(key, 0), m_first)
+        first = masked_stats(pts, jnp.ones(m_first, bool))
+        pool = first if policy.mode == "accumulate" else None
+        points = jnp.zeros((buf, d), dt).at[:m_first].set(pts) if keep_points else None
+        n_points = jnp.asarray(m_first, jnp.int32) if keep_points else None
         state = GaussianState(
-            model.mean, model.chol, model.log_scale, jnp.zeros((), bool), pool, points, n_points
+            model.mean,
+            model.chol,
+            model.log_scale,
+            jnp.zeros((), bool),
+            pool,
+            points,
+            n_points,
+            first,
+            jnp.zeros((), jnp.int32),
         )
         mse = jnp.zeros((), dt)
         tr = jnp.asarray(spec.trace, dt)
@@ -614,17 +626,6 @@ def make_process(
             jnp.zeros((), bool),
         )
         return state, info
-
-    def first_generation(key, state: GaussianState, x) -> GaussianState:
-        pts = d0.sample(key, m_first)
-        stats = masked_stats(pts, jnp.ones(m_first, bool))
-        state = fit(stats, state)
-        if state.pool is not None:
-            state = state._replace(pool=stats)
-        if keep_points:
-            buf_pts = jnp.zeros((buf, d), pts.dtype).at[:m_first].set(pts)
-            state = state._replace(points=buf_pts, n_points=jnp.asarray(m_first, jnp.int32))
-        return state
 
     def model_part(key, state: GaussianState, n_model) -> tuple[PooledStats, Any]:
         """Statistics (and, for the samples sampler, the points) of n_model model samples."""
@@ -650,6 +651,14 @@ def make_process(
         m = x["size"].astype(dt)
         if sampler == "sufficient":
             z, lower, log_diag = sufficient_draws(key, m - 1, d, dt, boost=boost)
+            if d == 1:  # scalar fast path: μ += σ z / √M, log σ += ½ log(χ²_{M−1} / D)
+                bad = ~jnp.isfinite(log_diag[0]) | state.collapsed
+                ell = state.log_scale + log_diag - 0.5 * jnp.log(divisor(m, estimator))
+                return state._replace(
+                    mean=state.mean + jnp.exp(state.log_scale) * z / jnp.sqrt(m),
+                    log_scale=jnp.where(bad, state.log_scale, ell),
+                    collapsed=bad,
+                )
             shift = absolute_chol(model) @ z / jnp.sqrt(m)
         else:
             zs = jax.random.normal(key, (max_model, d), dt)
@@ -711,18 +720,25 @@ def make_process(
     later_step = replace_step if simple else general_step
 
     def step(key, state: GaussianState, x) -> tuple[GaussianState, GaussianInfo]:
-        new = jax.lax.cond(
-            x["first"],
-            lambda s: first_generation(key, s, x),
-            lambda s: later_step(key, s, x),
-            state,
-        )
+        # Generation 1 is fitted to the D0 samples drawn in init. A select (not a cond) between
+        # that cheap fit and the ordinary step keeps the scan body one fused computation.
+        later = later_step(key, state, x)
+        first = fit(state.first, state)
+        new = jax.tree.map(lambda a, b: jnp.where(x["first"], a, b), first, later)
+        # Steps past the horizon (padding of the runner's last record) leave the chain as it is,
+        # so the last recorded metrics describe generation G itself.
+        past = state.generation >= n_gen
+        new = new._replace(generation=state.generation + 1)
+        new = jax.tree.map(lambda a, b: jnp.where(past, a, b), state, new)
         model = GaussianModel(new.mean, new.chol, new.log_scale)
-        info = jax.lax.cond(
-            x["record"],
-            lambda: gaussian_metrics(model.mean, model.chol, model.log_scale, spec, new.collapsed),
-            lambda: zero_metrics(new.mean.dtype),
-        )
+
+        def metrics():
+            return gaussian_metrics(model.mean, model.chol, model.log_scale, spec, new.collapsed)
+
+        if d == 1:  # a few flops: cheaper than a conditional
+            info = metrics()
+        else:  # SVD for the Bures cross term: only on recorded generations
+            info = jax.lax.cond(x["record"], metrics, lambda: zero_metrics(new.mean.dtype))
         return new, info
 
     return GaussianProcess(init, step, inputs, spec)

@@ -1,0 +1,177 @@
+"""Benchmark: the Gaussian fit-and-resample recursion, collapse_jax vs NumPy.
+
+Workload (the project's acceptance workload): 10,000 chains, M = 1000 samples per generation,
+1000 generations, replace policy, unbiased estimator, in d = 1 and d = 10.
+
+* ours: :func:`collapse_jax.processes.gaussian.make_process` with the ``sufficient`` sampler
+  (mean ~ N(μ, Σ/M), scatter ~ Wishart(M − 1, Σ) by the Bartlett decomposition), its one-chain
+  ``step`` vmapped over chains and scanned over generations exactly as the shared runner does
+  (per-chain keys ``fold_in(chain_key, generation)``, metrics on recorded generations only,
+  recorded every 100 generations). Figures are steady-state (compilation excluded, best of
+  ``--repeats``); the end-to-end time of :func:`collapse_jax.generational.run_generations`
+  (compilation, chunking and progress included) is printed too.
+* NumPy sample-level loop (what a researcher writes): draw M points per chain, fit mean and
+  covariance (``ddof = 1``). Its cost per generation does not change over a run, so it is timed
+  over a few generations.
+* NumPy sufficient-statistic loop: the same exact sampler in NumPy (``normal`` + ``chisquare``;
+  in d = 10 the Bartlett factor from ``chisquare`` + ``normal`` and batched matrix products).
+
+Rates are chain-generations per second; each ratio is ours / peer. The CPU may be shared with
+other work: figures are the best of ``--repeats`` runs.
+
+    python benchmarks/bench_gaussian.py [--quick] [--repeats N] [--x64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+
+# Both cores: the chain axis is sharded over two host devices (set before JAX starts).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collapse_jax.generational import chain_sharding, run_generations, shard_chains
+from collapse_jax.processes import gaussian as proc
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ours_steady(d: int, m: int, chains: int, gens: int, repeats: int, record_every: int = 100):
+    """Steady-state chain-generations/s of the sufficient sampler (compile excluded)."""
+    d0 = proc.make_d0("normal", d)
+    p = proc.make_process(d0, np.full(gens, m), record_every=record_every)
+    inputs = jax.tree.map(jnp.asarray, p.inputs)
+    keys = shard_chains(jax.random.split(jax.random.key(0), chains), chain_sharding(chains))
+    reduce = functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
+
+    def one_record(carry, r):
+        def one_generation(state, g):
+            x = jax.tree.map(lambda a: a[g - 1], inputs)
+            k = jax.vmap(jax.random.fold_in, (0, None))(carry[1], g)
+            return jax.vmap(p.step, (0, 0, None))(k, state, x)
+
+        gs = r * record_every + 1 + jnp.arange(record_every)
+        state, infos = jax.lax.scan(one_generation, carry[0], gs)
+        return (state, carry[1]), reduce(jax.tree.map(lambda a: a[-1], infos))
+
+    @jax.jit
+    def run(state, keys):
+        return jax.lax.scan(one_record, (state, keys), jnp.arange(gens // record_every))
+
+    state0, _ = jax.jit(jax.vmap(p.init))(keys)
+    jax.block_until_ready(run(state0, keys))
+    seconds = _best(lambda: jax.block_until_ready(run(state0, keys)), repeats)
+    return chains * gens / seconds
+
+
+def ours_end_to_end(d: int, m: int, chains: int, gens: int, record_every: int = 100) -> float:
+    d0 = proc.make_d0("normal", d)
+    p = proc.make_process(d0, np.full(gens, m), record_every=record_every)
+    r = run_generations(
+        jax.random.key(1),
+        p.init,
+        p.step,
+        chains,
+        gens,
+        p.inputs,
+        record_every=record_every,
+        reduce=functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace))),
+        progress=False,
+    )
+    return chains * gens / r.seconds
+
+
+def numpy_samples(d: int, m: int, chains: int, gens: int, repeats: int) -> float:
+    """Draw M points per chain per generation and fit (the literal loop)."""
+    rng = np.random.default_rng(0)
+
+    def run():
+        mean = np.zeros((chains, d))
+        chol = np.broadcast_to(np.eye(d), (chains, d, d)).copy()
+        for _ in range(gens):
+            z = rng.standard_normal((chains, m, d))
+            x = mean[:, None, :] + z @ np.swapaxes(chol, 1, 2)
+            mean = x.mean(1)
+            if d == 1:
+                chol = x.std(1, ddof=1)[:, :, None]
+            else:
+                xc = x - mean[:, None, :]
+                cov = np.swapaxes(xc, 1, 2) @ xc / (m - 1)
+                chol = np.linalg.cholesky(cov)
+
+    return chains * gens / _best(run, repeats)
+
+
+def numpy_sufficient(d: int, m: int, chains: int, gens: int, repeats: int) -> float:
+    """The same exact sufficient-statistic sampler in NumPy (vectorised over chains)."""
+    rng = np.random.default_rng(0)
+
+    def run_1d():
+        mu = np.zeros(chains)
+        sigma = np.ones(chains)
+        for _ in range(gens):
+            mu = mu + sigma * rng.standard_normal(chains) / np.sqrt(m)
+            sigma = sigma * np.sqrt(rng.chisquare(m - 1, chains) / (m - 1))
+
+    rows, cols = np.tril_indices(d, -1)
+    dof = m - 1 - np.arange(d)
+
+    def run_nd():
+        mu = np.zeros((chains, d))
+        chol = np.broadcast_to(np.eye(d), (chains, d, d)).copy()
+        for _ in range(gens):
+            z = rng.standard_normal((chains, d))
+            mu = mu + np.einsum("cij,cj->ci", chol, z) / np.sqrt(m)
+            a = np.zeros((chains, d, d))
+            a[:, np.arange(d), np.arange(d)] = np.sqrt(rng.chisquare(dof, (chains, d)))
+            a[:, rows, cols] = rng.standard_normal((chains, rows.size))
+            chol = chol @ a / np.sqrt(m - 1)  # L A is lower triangular: the new Cholesky factor
+
+    return chains * gens / _best(run_1d if d == 1 else run_nd, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--x64", action="store_true", help="float64 for our sampler")
+    args = parser.parse_args()
+    jax.config.update("jax_enable_x64", args.x64)
+    chains, gens, m = (2000, 200, 1000) if args.quick else (10_000, 1000, 1000)
+    sample_gens = {1: 3 if args.quick else 10, 10: 1 if args.quick else 2}
+    print(
+        f"Gaussian recursion, {chains} chains, M = {m}, {gens} generations; devices: "
+        f"{jax.devices()}; dtype {'float64' if args.x64 else 'float32'} (NumPy: float64)"
+    )
+    print(f"{'d':>3} {'implementation':<44} {'chain-gen/s':>12} {'ours / peer':>12}")
+    for d in (1, 10):
+        ours = ours_steady(d, m, chains, gens, args.repeats)
+        e2e = ours_end_to_end(d, m, chains, gens)
+        samp = numpy_samples(d, m, chains, sample_gens[d], max(1, args.repeats - 1))
+        suff = numpy_sufficient(d, m, chains, gens if d == 1 else gens // 10, args.repeats)
+        print(f"{d:>3} {'ours: sufficient (steady state)':<44} {ours:>12.3g}")
+        print(f"{d:>3} {'ours: run_generations end to end (+compile)':<44} {e2e:>12.3g}")
+        print(
+            f"{d:>3} {'NumPy sample-level (draw M, fit)':<44} {samp:>12.3g} {ours / samp:>11.1f}x"
+        )
+        print(f"{d:>3} {'NumPy sufficient statistics':<44} {suff:>12.3g} {ours / suff:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
