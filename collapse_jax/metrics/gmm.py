@@ -41,27 +41,34 @@ def precision_cholesky(chol: Float[Array, "K d d"]) -> Float[Array, "K d d"]:
     return jnp.swapaxes(inv_l, -1, -2)
 
 
+def component_log_densities_t(
+    xt: Float[Array, "d N"], means: Float[Array, "K d"], prec_chol: Float[Array, "K d d"]
+) -> Float[Array, "K N"]:
+    """log N(x_n; μ_k, Σ_k) = -½(d log 2π + ‖P_kᵀ(x_n - μ_k)‖²) + log det P_k with Σ_k⁻¹ = P_k P_kᵀ,
+    for points given as columns (``xt`` = xᵀ).
+
+    The point axis is kept minor (last): on CPU, XLA's fused loops over a long minor axis are
+    several times faster than the same arithmetic with the point axis first.
+    """
+    d = xt.shape[0]
+    diff = xt[None, :, :] - means[:, :, None]  # K d N
+    y = jnp.sum(diff[:, :, None, :] * prec_chol[:, :, :, None], 1)  # K d N
+    log_det = jnp.sum(jnp.log(jnp.diagonal(prec_chol, axis1=-2, axis2=-1)), -1)  # K
+    return -0.5 * (d * math.log(2 * math.pi) + jnp.sum(y * y, 1)) + log_det[:, None]
+
+
 def component_log_densities(
     x: Float[Array, "N d"], means: Float[Array, "K d"], prec_chol: Float[Array, "K d d"]
 ) -> Float[Array, "N K"]:
-    """log N(x_n; μ_k, Σ_k) = -½(d log 2π + ‖(x_n - μ_k)ᵀ P_k‖²) + log det P_k, with Σ_k⁻¹ = P_k P_kᵀ.
-
-    Written as broadcast products rather than matmuls: for the small dimensions of these
-    studies (d = 2) XLA fuses them into one pass over the points.
-    """
-    d = x.shape[-1]
-    diff = x[None, :, :] - means[:, None, :]  # K N d
-    y = jnp.sum(diff[:, :, :, None] * prec_chol[:, None, :, :], axis=2)  # K N d
-    log_det = jnp.sum(jnp.log(jnp.diagonal(prec_chol, axis1=-2, axis2=-1)), -1)  # K
-    out = -0.5 * (d * math.log(2 * math.pi) + jnp.sum(y * y, -1)) + log_det[:, None]
-    return out.T
+    """log N(x_n; μ_k, Σ_k) for points as rows (see :func:`component_log_densities_t`)."""
+    return component_log_densities_t(x.T, means, prec_chol).T
 
 
 def log_prob(gmm: GMM, x: Float[Array, "N d"]) -> Float[Array, " N"]:
     """log p(x_n) = logsumexp_k(log π_k + log N(x_n; μ_k, Σ_k))."""
     chol = jnp.linalg.cholesky(gmm.covs)
-    logp = component_log_densities(x, gmm.means, precision_cholesky(chol))
-    return logsumexp(logp + jnp.log(gmm.weights)[None, :], axis=1)
+    logp = component_log_densities_t(x.T, gmm.means, precision_cholesky(chol))
+    return logsumexp(logp + jnp.log(gmm.weights)[:, None], axis=0)
 
 
 def gaussian_overlap_log(

@@ -37,7 +37,7 @@ from collapse_jax.errors import ConfigError, check_choice, check_float, check_in
 from collapse_jax.generational import Policy, split_batch
 from collapse_jax.metrics.gmm import (
     GMM,
-    component_log_densities,
+    component_log_densities_t,
     component_std,
     l2_distance_squared,
     log_prob,
@@ -108,49 +108,48 @@ def safe_cholesky(
 
 
 def e_step(
-    x: Float[Array, "N d"], w: Float[Array, " N"], gmm: GMM, chol: Float[Array, "K d d"]
-) -> tuple[Float[Array, ""], Float[Array, "N K"]]:
+    xt: Float[Array, "d N"], w: Float[Array, " N"], gmm: GMM, chol: Float[Array, "K d d"]
+) -> tuple[Float[Array, ""], Float[Array, "K N"]]:
     """Mean log-likelihood Σ_n w_n log p(x_n) / Σ_n w_n and responsibilities
-    r_nk = exp(log π_k + log N(x_n; μ_k, Σ_k) - logsumexp_j(...))."""
-    logp = component_log_densities(x, gmm.means, precision_cholesky(chol))
-    logp = logp + jnp.log(gmm.weights)[None, :]
-    lse = logsumexp(logp, axis=1)
-    resp = jnp.exp(logp - lse[:, None])
+    r_kn = exp(log π_k + log N(x_n; μ_k, Σ_k) - logsumexp_j(...)). Points are columns of ``xt``."""
+    logp = component_log_densities_t(xt, gmm.means, precision_cholesky(chol))
+    logp = logp + jnp.log(gmm.weights)[:, None]
+    lse = logsumexp(logp, axis=0)
+    resp = jnp.exp(logp - lse[None, :])
     mean_ll = jnp.sum(jnp.where(w > 0, w * lse, 0.0)) / jnp.sum(w)
     return mean_ll, resp
 
 
 def m_step(
-    x: Float[Array, "N d"],
+    xt: Float[Array, "d N"],
     w: Float[Array, " N"],
-    resp: Float[Array, "N K"],
+    resp: Float[Array, "K N"],
     prev: GMM,
     covariance_type: str,
     reg_covar: float,
 ) -> GMM:
     """Weighted maximum-likelihood update (scikit-learn's ``_estimate_gaussian_parameters``):
-    n_k = Σ_n w_n r_nk + 10ε, μ_k = Σ_n w_n r_nk x_n / n_k, Σ_k = Σ_n w_n r_nk (x_n-μ_k)(x_n-μ_k)ᵀ / n_k
+    n_k = Σ_n w_n r_kn + 10ε, μ_k = Σ_n w_n r_kn x_n / n_k, Σ_k = Σ_n w_n r_kn (x_n-μ_k)(x_n-μ_k)ᵀ / n_k
     + reg_covar·I (diagonal / spherical: the diagonal, or its mean), π_k = n_k / Σ_j n_j.
 
     Covariances are computed from centred points (not E[x²] - μ²) to avoid cancellation in
-    float32. A dead component (mass < 1e-6 points) keeps ``prev``'s mean and covariance.
+    float32. A dead component (mass < 1e-6 points) keeps ``prev``'s mean and covariance. Points
+    are columns of ``xt``; the sums over points are contractions over the long axis, which XLA
+    runs as efficient dot products.
     """
-    d = x.shape[-1]
-    r = resp * w[:, None]  # N K
-    mass = jnp.sum(r, 0)
+    d = xt.shape[0]
+    r = resp * w[None, :]  # K N
+    mass = jnp.sum(r, 1)
     nk = mass + _COUNT_EPS
-    rk = r.T[:, :, None]  # K N 1
-    # Broadcast-and-reduce rather than matmuls: with K, d ~ 2 XLA's CPU batched dots are far
-    # slower than one fused pass over the points.
-    means = jnp.sum(rk * x[None, :, :], 1) / nk[:, None]
-    diff = x[None, :, :] - means[:, None, :]  # K N d
-    eye = jnp.eye(d, dtype=x.dtype)
+    means = (r @ xt.T) / nk[:, None]
+    diff = xt[None, :, :] - means[:, :, None]  # K d N
+    rd = r[:, None, :] * diff
+    eye = jnp.eye(d, dtype=xt.dtype)
     if covariance_type == "full":
-        outer = diff[:, :, :, None] * diff[:, :, None, :]  # K N d d
-        covs = jnp.sum(rk[..., None] * outer, 1) / nk[:, None, None]
+        covs = jnp.einsum("kin,kjn->kij", rd, diff) / nk[:, None, None]
         covs = covs + reg_covar * eye[None]
     else:
-        var = jnp.sum(rk * diff * diff, 1) / nk[:, None] + reg_covar  # K d
+        var = jnp.sum(rd * diff, -1) / nk[:, None] + reg_covar  # K d
         if covariance_type == "spherical":
             var = jnp.broadcast_to(jnp.mean(var, -1, keepdims=True), var.shape)
         covs = var[:, :, None] * eye[None]
@@ -169,6 +168,7 @@ def fit_em(
     ``lax.while_loop`` under vmap runs until every chain has stopped (stopped chains are frozen).
     """
     chol0 = safe_cholesky(init.covs)
+    xt = x.T
     ninf = jnp.asarray(-jnp.inf, x.dtype)
 
     def cond(carry):
@@ -177,15 +177,15 @@ def fit_em(
 
     def body(carry):
         gmm, chol, prev_lb, it, _ = carry
-        lb, resp = e_step(x, w, gmm, chol)
-        new = m_step(x, w, resp, gmm, config.covariance_type, config.reg_covar)
+        lb, resp = e_step(xt, w, gmm, chol)
+        new = m_step(xt, w, resp, gmm, config.covariance_type, config.reg_covar)
         new_chol = safe_cholesky(new.covs, chol)
         done = jnp.abs(lb - prev_lb) < config.tol
         return new, new_chol, lb, it + 1, done
 
     carry = (init, chol0, ninf, jnp.asarray(0, jnp.int32), jnp.asarray(False))
     gmm, chol, lb, it, done = jax.lax.while_loop(cond, body, carry)
-    loglik, _ = e_step(x, w, gmm, chol)
+    loglik, _ = e_step(xt, w, gmm, chol)
     return gmm, EMInfo(loglik, lb, it, done)
 
 
@@ -195,9 +195,9 @@ def fit_em(
 
 def weighted_covariance(x: Float[Array, "N d"], w: Float[Array, " N"]) -> Float[Array, "d d"]:
     """Weighted covariance of the points (used for components without any point)."""
-    mu = jnp.sum(w[:, None] * x, 0) / jnp.sum(w)
+    mu = (w @ x) / jnp.sum(w)
     diff = x - mu[None, :]
-    return jnp.sum(w[:, None, None] * diff[:, :, None] * diff[:, None, :], 0) / jnp.sum(w)
+    return (diff * w[:, None]).T @ diff / jnp.sum(w)
 
 
 def kmeans_plusplus(
@@ -210,14 +210,15 @@ def kmeans_plusplus(
     n_trials = 2 + int(math.log(n_components))
     keys = jax.random.split(key, n_components)
     logw = jnp.log(w)
+    xt = x.T
     first = jax.random.categorical(keys[0], logw)
     centers = jnp.zeros((n_components, x.shape[1]), x.dtype).at[0].set(x[first])
-    d2 = jnp.sum((x - x[first][None, :]) ** 2, -1)
+    d2 = jnp.sum((xt - x[first][:, None]) ** 2, 0)
     for k in range(1, n_components):
         p = w * d2
         logits = jnp.where(jnp.sum(p) > 0, jnp.log(p), logw)  # all points equal: any valid one
         cand = jax.random.categorical(keys[k], logits, shape=(n_trials,))
-        cd2 = jnp.sum((x[None, :, :] - x[cand][:, None, :]) ** 2, -1)  # trials N
+        cd2 = jnp.sum((xt[None, :, :] - x[cand][:, :, None]) ** 2, 1)  # trials N
         cd2 = jnp.minimum(cd2, d2[None, :])
         best = jnp.argmin(jnp.sum(cd2 * w[None, :], -1))
         centers = centers.at[k].set(x[cand[best]])
@@ -225,9 +226,14 @@ def kmeans_plusplus(
     return centers
 
 
-def _nearest(x, centers):
-    d2 = jnp.sum((x[:, None, :] - centers[None, :, :]) ** 2, -1)  # N K
-    return jnp.argmin(d2, -1)
+def _nearest(xt, centers):
+    """Index of the nearest centre of every point (points are columns of ``xt``)."""
+    d2 = jnp.sum((xt[None, :, :] - centers[:, :, None]) ** 2, 1)  # K N
+    return jnp.argmin(d2, 0)
+
+
+def _onehot(labels, k, dtype):
+    return (labels[None, :] == jnp.arange(k)[:, None]).astype(dtype)  # K N
 
 
 def lloyd(
@@ -237,6 +243,7 @@ def lloyd(
     ``kmeans_tol`` × mean per-dimension variance (scikit-learn's rule) or ``kmeans_iter``
     iterations; an empty cluster keeps its centre."""
     k = centers.shape[0]
+    xt = x.T
     var = jnp.mean(jnp.diagonal(weighted_covariance(x, w)))
     tol = config.kmeans_tol * var
 
@@ -246,15 +253,14 @@ def lloyd(
 
     def body(c):
         cen, it, _ = c
-        onehot = jax.nn.one_hot(_nearest(x, cen), k, dtype=x.dtype) * w[:, None]
-        mass = jnp.sum(onehot, 0)
-        total = jnp.sum(onehot.T[:, :, None] * x[None, :, :], 1)
+        onehot = _onehot(_nearest(xt, cen), k, x.dtype) * w[None, :]
+        mass = jnp.sum(onehot, 1)
+        total = onehot @ x
         new = jnp.where(mass[:, None] > 0, total / jnp.maximum(mass, 1e-30)[:, None], cen)
         return new, it + 1, jnp.sum((new - cen) ** 2)
 
-    out, _, _ = jax.lax.while_loop(
-        cond, body, (centers, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, x.dtype))
-    )
+    init = (centers, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, x.dtype))
+    out, _, _ = jax.lax.while_loop(cond, body, init)
     return out
 
 
@@ -265,7 +271,7 @@ def init_from_centers(
     scikit-learn's ``init_params='kmeans'``); a centre without points keeps the centre and the
     data covariance."""
     k, d = centers.shape
-    resp = jax.nn.one_hot(_nearest(x, centers), k, dtype=x.dtype)
+    resp = _onehot(_nearest(x.T, centers), k, x.dtype)
     cov = weighted_covariance(x, w) + config.reg_covar * jnp.eye(d, dtype=x.dtype)
     prev = GMM(jnp.full((k,), 1.0 / k, x.dtype), centers, jnp.broadcast_to(cov, (k, d, d)))
     if config.covariance_type != "full":
@@ -275,7 +281,7 @@ def init_from_centers(
         prev = prev._replace(
             covs=jnp.broadcast_to(diag[:, None] * jnp.eye(d, dtype=x.dtype), (k, d, d))
         )
-    return m_step(x, w, resp, prev, config.covariance_type, config.reg_covar)
+    return m_step(x.T, w, resp, prev, config.covariance_type, config.reg_covar)
 
 
 def initialize(
