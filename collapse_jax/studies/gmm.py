@@ -489,7 +489,7 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
                 "logx": True,
             },
             {
-                "title": "W₂² to original data (Sinkhorn)",
+                "title": "W₂² between model samples and held-out original points",
                 "x": g[w2_rows],
                 "series": [
                     {
@@ -498,7 +498,6 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
                         "label": "mean ± 2 se",
                     }
                 ],
-                "logx": True,
                 "logy": True,
             },
             {
