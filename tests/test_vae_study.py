@@ -126,9 +126,14 @@ def test_corrupt_checkpoint_is_reported_and_older_steps_survive(tiny, uninterrup
     _assert_same_metrics(uninterrupted, out)
 
 
-def test_accumulate_policy_resumes_exactly(tiny, tmp_path):
+def test_accumulate_policy_with_fresh_data_resumes_exactly(tiny, tmp_path):
     cfg = dataclasses.replace(
-        tiny, policy="accumulate", resample_each_epoch=False, synthetic="binary", generations=3
+        tiny,
+        policy="accumulate",
+        fresh_fraction=0.25,
+        resample_each_epoch=False,
+        synthetic="binary",
+        generations=3,
     )
     full = tmp_path / "full"
     study.run(cfg, full, progress=False)
