@@ -456,6 +456,9 @@ def _sync(name: str) -> None:
 
 
 def _gather(x) -> np.ndarray:
+    """A device array as one host array in every process."""
+    if getattr(x, "is_fully_replicated", False):
+        return np.asarray(x.addressable_data(0))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -687,7 +690,10 @@ def make_decode_fn(model_config, config: Config, tokenizer) -> Callable:
     )
 
     def decode(params, prompts, key):
-        out = fn(params, _put_rows(prompts), None, key)
+        # One host: prompts split over the devices. Several hosts: every process decodes the
+        # whole batch (the decoder validates its prompts on the host, which needs them whole).
+        rows = _put_rows(prompts) if jax.process_count() == 1 else prompts
+        out = fn(params, rows, None, key)
         return _gather(out.new_tokens)
 
     return decode
