@@ -1203,10 +1203,15 @@ def _source_perplexity(source, blocks: np.ndarray) -> float:
 
 
 def _stats(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error over ``axis`` ignoring NaN (all-NaN entries stay NaN)."""
+    import warnings
+
     x = np.asarray(x, np.float64)
     n = x.shape[axis]
-    mean = np.nanmean(x, axis=axis)
-    sd = np.nanstd(x, axis=axis, ddof=1) if n > 1 else np.zeros_like(mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no data there
+        mean = np.nanmean(x, axis=axis)
+        sd = np.nanstd(x, axis=axis, ddof=1) if n > 1 else np.zeros_like(mean)
     return mean, sd / math.sqrt(n)
 
 
