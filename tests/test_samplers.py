@@ -1,0 +1,294 @@
+"""Exactness tests for collapse_jax.samplers against scipy.stats (fixed keys, small sizes).
+
+Goodness of fit uses Pearson's chi-square on cells with expected count >= 5 (the rest pooled
+into one cell) and fails at significance 1e-4; moment checks use |mean - theory| < 4 stderr.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.extend.random
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats as st
+
+from collapse_jax import samplers
+
+ALPHA = 1e-4
+
+
+def chi_square_ok(samples: np.ndarray, pmf: np.ndarray) -> tuple[bool, float]:
+    """Pearson chi-square of integer ``samples`` against ``pmf`` over 0..len(pmf)-1."""
+    n = samples.size
+    obs = np.bincount(samples, minlength=pmf.size)
+    assert obs.size == pmf.size, "sample outside the support"
+    exp = pmf * n
+    big = exp >= 5
+    stat = float((((obs[big] - exp[big]) ** 2) / exp[big]).sum())
+    df = int(big.sum()) - 1
+    rest_e, rest_o = exp[~big].sum(), obs[~big].sum()
+    if rest_e > 0:
+        stat += (rest_o - rest_e) ** 2 / rest_e
+        df += 1
+    pval = float(st.chi2.sf(stat, max(df, 1)))
+    return pval > ALPHA, pval
+
+
+# ------------------------------------------------------------------------------------------
+# Random bits
+# ------------------------------------------------------------------------------------------
+
+
+def test_threefry_matches_jax_reference():
+    key = jnp.array([0x13198A2E, 0x03707344], jnp.uint32)
+    x0 = jnp.arange(8, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
+    x1 = jnp.arange(8, dtype=jnp.uint32) + jnp.uint32(7)
+    ours = samplers._threefry2x32(key[0], key[1], x0, x1)
+    ref = jax.extend.random.threefry_2x32(key, jnp.concatenate([x0, x1]))
+    np.testing.assert_array_equal(np.concatenate([ours[0], ours[1]]), np.asarray(ref))
+
+
+def test_threefry_known_answer():
+    # Random123 known-answer vector for threefry2x32_20.
+    out = samplers._threefry2x32(
+        jnp.uint32(0x13198A2E),
+        jnp.uint32(0x03707344),
+        jnp.uint32(0x243F6A88),
+        jnp.uint32(0x85A308D3),
+    )
+    assert (int(out[0]), int(out[1])) == (0xC4923A9C, 0x483DF7A0)
+
+
+# ------------------------------------------------------------------------------------------
+# Binomial
+# ------------------------------------------------------------------------------------------
+
+
+def test_binomial_edge_cases():
+    key = jax.random.key(0)
+    n = jnp.array([0, 0, 7, 7, 2**31 - 1, 2**31 - 1, 2**31 - 1, 5], jnp.int32)
+    p = jnp.array([0.0, 0.7, 0.0, 1.0, 0.0, 1.0, 0.5, 1.5], jnp.float32)
+    x = np.asarray(samplers.binomial(key, n, p))
+    assert x.dtype == np.int32
+    np.testing.assert_array_equal(x[[0, 1, 2, 3, 4, 5, 7]], [0, 0, 0, 7, 0, 2**31 - 1, 5])
+    # n = 2^31 - 1, p = 1/2: within 10 standard deviations of the mean.
+    assert abs(int(x[6]) - 2**30) < 10 * np.sqrt(2**31 / 4)
+
+
+# (n, p) grid: inversion (n p < 10), BTRS (n p >= 10), p > 1/2 by symmetry, tiny p, n = 1.
+BINOMIAL_GRID = [
+    (1, 0.3),
+    (4, 0.5),
+    (30, 0.1),
+    (100, 0.095),
+    (25, 0.45),
+    (40, 0.5),
+    (200, 0.07),
+    (1000, 0.5),
+    (1000, 0.97),
+    (60, 0.8),
+    (100000, 0.0001),
+]
+
+
+@pytest.mark.parametrize(("n", "p"), BINOMIAL_GRID)
+def test_binomial_chi_square(n, p):
+    size = 20000
+    key = jax.random.fold_in(jax.random.key(1), n)
+    x = np.asarray(samplers.binomial(key, jnp.full((size,), n, jnp.int32), p))
+    assert x.min() >= 0 and x.max() <= n
+    support = np.arange(n + 1) if n <= 2000 else np.arange(int(n * p + 40 * np.sqrt(n * p) + 50))
+    pmf = st.binom(n, p).pmf(support)
+    pmf[-1] += 1.0 - pmf.sum()
+    ok, pval = chi_square_ok(x, pmf)
+    assert ok, f"Binomial({n}, {p}) chi-square p-value {pval:.2g}"
+
+
+@pytest.mark.parametrize(("n", "p"), [(10**6, 0.3), (2**24, 0.01), (10**9, 2e-8)])
+def test_binomial_large_n_moments(n, p):
+    size = 20000
+    x = np.asarray(samplers.binomial(jax.random.key(2), jnp.full((size,), n, jnp.int32), p))
+    mean, var = n * p, n * p * (1 - p)
+    assert abs(x.mean() - mean) < 4 * np.sqrt(var / size)
+    # Var of the sample variance ~ 2 var^2 / size for a near-normal law.
+    assert abs(x.var() - var) < 4 * np.sqrt(2 * var**2 / size) + 4 * var / size
+
+
+def test_binomial_mixed_lanes_and_broadcast():
+    # Lanes of every regime in one call (rejection, inversion, trivial, flipped).
+    key = jax.random.key(3)
+    n = jnp.array([[0], [5], [50], [5000]], jnp.int32)
+    p = jnp.array([0.0, 0.02, 0.5, 0.9, 1.0], jnp.float32)
+    x = samplers.binomial(key, n, p)
+    assert x.shape == (4, 5)
+    assert bool(jnp.all((x >= 0) & (x <= n)))
+    assert bool(jnp.all(x[:, 0] == 0)) and bool(jnp.all(x[:, 4] == n[:, 0]))
+
+
+def test_binomial_jit_vmap_and_key_impls():
+    n = jnp.array([3, 40, 700, 0], jnp.int32)
+    p = jnp.array([0.2, 0.5, 0.3, 0.5], jnp.float32)
+    keys = jax.random.split(jax.random.key(4), 6)
+    loop = np.stack([np.asarray(samplers.binomial(k, n, p)) for k in keys])
+    vm = np.asarray(jax.jit(jax.vmap(samplers.binomial, in_axes=(0, None, None)))(keys, n, p))
+    np.testing.assert_array_equal(loop, vm)
+    jitted = np.asarray(jax.jit(samplers.binomial)(keys[0], n, p))
+    np.testing.assert_array_equal(jitted, loop[0])
+    for impl in ("rbg", "unsafe_rbg"):
+        x = samplers.binomial(jax.random.key(0, impl=impl), n, p)
+        assert bool(jnp.all((x >= 0) & (x <= n)))
+    legacy = samplers.binomial(jax.random.PRNGKey(0), n, p)
+    assert legacy.shape == n.shape
+
+
+def test_binomial_float64():
+    with jax.enable_x64(True):
+        n, p, size = 60, 0.3, 20000
+        x = np.asarray(samplers.binomial(jax.random.key(5), jnp.full((size,), n), p))
+        ok, pval = chi_square_ok(x, st.binom(n, p).pmf(np.arange(n + 1)))
+        assert ok, pval
+        big = np.asarray(samplers.binomial(jax.random.key(6), jnp.full((size,), 2**31 - 1), 0.4))
+        mean, var = (2**31 - 1) * 0.4, (2**31 - 1) * 0.24
+        assert abs(big.mean() - mean) < 4 * np.sqrt(var / size)
+
+
+# ------------------------------------------------------------------------------------------
+# Multinomial
+# ------------------------------------------------------------------------------------------
+
+
+def test_multinomial_exact_joint_small():
+    # All compositions of n = 4 into K = 3 states against scipy's multinomial pmf.
+    n, p, size = 4, np.array([0.2, 0.5, 0.3]), 20000
+    keys = jax.random.split(jax.random.key(7), size)
+    x = np.asarray(jax.vmap(samplers.multinomial, in_axes=(0, None, None))(keys, n, p))
+    assert np.all(x.sum(1) == n)
+    comps = [c for c in itertools.product(range(n + 1), repeat=3) if sum(c) == n]
+    index = {c: i for i, c in enumerate(comps)}
+    cells = np.array([index[tuple(row)] for row in x])
+    pmf = np.array([st.multinomial(n, p).pmf(c) for c in comps])
+    ok, pval = chi_square_ok(cells, pmf)
+    assert ok, pval
+
+
+@pytest.mark.parametrize("k_states", [1, 2, 5, 50])
+def test_multinomial_moments_and_dead_states(k_states):
+    m, size = 1000, 4000
+    rng = np.random.default_rng(k_states)
+    w = rng.random(k_states)
+    w[rng.random(k_states) < 0.3] = 0.0
+    w[0] = max(w[0], 0.05)
+    p = w / w.sum()
+    keys = jax.random.split(jax.random.key(8), size)
+    draw = jax.jit(jax.vmap(samplers.multinomial, in_axes=(0, None, None)))
+    x = np.asarray(draw(keys, m, jnp.asarray(p, jnp.float32)))
+    assert x.shape == (size, k_states) and x.dtype == np.int32
+    assert np.all(x.sum(1) == m)
+    assert np.all(x[:, p == 0] == 0)
+    live = p > 0
+    mean, var = m * p[live], m * p[live] * (1 - p[live])
+    se = np.sqrt(np.maximum(var, 1e-12) / size)
+    assert np.all(np.abs(x[:, live].mean(0) - mean) <= 4 * se + 1e-9)
+    if k_states >= 2:
+        # Covariance of the first two states: -m p0 p1.
+        c = np.cov(x[:, 0], x[:, 1])[0, 1]
+        sd = np.sqrt(var[0] * var[1] / size) * 1.5 if live[1] else 0.0
+        assert abs(c - (-m * p[0] * p[1])) <= 4 * sd + 1e-9
+
+
+def test_multinomial_jit_vmap_unnormalised():
+    p = jnp.array([2.0, 0.0, 1.0, 1.0, 0.0], jnp.float32)  # weights, normalised internally
+    keys = jax.random.split(jax.random.key(9), 5)
+    loop = np.stack([np.asarray(samplers.multinomial(k, 100, p)) for k in keys])
+    vm = np.asarray(jax.jit(jax.vmap(samplers.multinomial, in_axes=(0, None, None)))(keys, 100, p))
+    np.testing.assert_array_equal(loop, vm)
+    assert np.all(loop.sum(1) == 100) and np.all(loop[:, [1, 4]] == 0)
+    assert np.all(np.asarray(samplers.multinomial(keys[0], 0, p)) == 0)
+
+
+def test_multinomial_in_scan():
+    # The Wright–Fisher use: counts -> Multinomial(M, counts / M), vmapped, inside lax.scan.
+    m, chains, k_states = 200, 64, 7
+
+    def step(counts, gen):
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+            jax.random.fold_in(jax.random.key(10), gen), jnp.arange(chains)
+        )
+        new = jax.vmap(samplers.multinomial, in_axes=(0, None, 0))(keys, m, counts / m)
+        return new, new
+
+    counts0 = jnp.full((chains, k_states), m // k_states, jnp.int32).at[:, 0].add(m % k_states)
+    _, trace = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(20)))(counts0)
+    trace = np.asarray(trace)
+    assert np.all(trace.sum(-1) == m)
+    # A dead state stays dead.
+    dead = trace[:-1] == 0
+    assert np.all(trace[1:][dead] == 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Hypergeometric
+# ------------------------------------------------------------------------------------------
+
+HYPER_GRID = [  # (sample, good, bad): item-by-item, HRUA, symmetric flips, large population
+    (3, 5, 9),
+    (9, 30, 20),
+    (20, 30, 50),
+    (60, 30, 50),
+    (500, 300, 700),
+    (2000, 10**6, 9 * 10**6),
+]
+
+
+@pytest.mark.parametrize(("n", "good", "bad"), HYPER_GRID)
+def test_hypergeometric_chi_square(n, good, bad):
+    size = 20000
+    key = jax.random.fold_in(jax.random.key(11), n)
+    x = np.asarray(samplers.hypergeometric(key, jnp.full((size,), n, jnp.int32), good, bad))
+    dist = st.hypergeom(good + bad, good, n)
+    assert x.min() >= max(0, n - bad) and x.max() <= min(n, good)
+    ok, pval = chi_square_ok(x, dist.pmf(np.arange(min(n, good) + 1)))
+    assert ok, f"Hypergeometric({n}; {good}, {bad}) chi-square p-value {pval:.2g}"
+
+
+def test_hypergeometric_edge_cases():
+    key = jax.random.key(12)
+    n = jnp.array([0, 5, 5, 10, 12], jnp.int32)
+    good = jnp.array([3, 0, 5, 4, 4], jnp.int32)
+    bad = jnp.array([3, 7, 0, 6, 6], jnp.int32)
+    x = np.asarray(samplers.hypergeometric(key, n, good, bad))
+    np.testing.assert_array_equal(x, [0, 0, 5, 4, 4])  # n clipped to the population
+
+
+def test_multivariate_hypergeometric_exact_small():
+    counts, n, size = np.array([3, 0, 2, 4]), 4, 20000
+    keys = jax.random.split(jax.random.key(13), size)
+    draw = jax.jit(jax.vmap(samplers.multivariate_hypergeometric, in_axes=(0, None, None)))
+    x = np.asarray(draw(keys, n, jnp.asarray(counts, jnp.int32)))
+    assert np.all(x.sum(1) == n) and np.all(x <= counts) and np.all(x[:, 1] == 0)
+    comps = sorted(
+        {tuple(c) for c in itertools.product(*[range(c + 1) for c in counts]) if sum(c) == n}
+    )
+    index = {c: i for i, c in enumerate(comps)}
+    cells = np.array([index[tuple(row)] for row in x])
+    pmf = st.multivariate_hypergeom(counts, n).pmf(np.array(comps))
+    ok, pval = chi_square_ok(cells, pmf)
+    assert ok, pval
+
+
+def test_multivariate_hypergeometric_large_moments():
+    counts = np.array([4 * 10**6, 10**6, 0, 3 * 10**6, 2 * 10**6, 17])
+    n, size = 10**4, 2000
+    keys = jax.random.split(jax.random.key(14), size)
+    draw = jax.jit(jax.vmap(samplers.multivariate_hypergeometric, in_axes=(0, None, None)))
+    x = np.asarray(draw(keys, n, jnp.asarray(counts, jnp.int32)))
+    assert np.all(x.sum(1) == n) and np.all(x <= counts)
+    dist = st.multivariate_hypergeom(counts, n)
+    se = np.sqrt(np.maximum(dist.var(), 1e-12) / size)
+    assert np.all(np.abs(x.mean(0) - dist.mean()) <= 4 * se + 1e-9)
+    # Over-request: n larger than the population takes everything.
+    allx = samplers.multivariate_hypergeometric(keys[0], 10**8, jnp.asarray([5, 0, 7], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(allx), [5, 0, 7])
