@@ -25,43 +25,6 @@ TINY = study.Config(
 )
 
 
-def test_run_end_to_end(tmp_path):
-    summary = study.run(TINY, tmp_path, progress=False)
-    for name in (
-        "config.json",
-        "metrics.npz",
-        "summary.json",
-        "report.md",
-        "collapse.png",
-        "snapshots.png",
-        "metrics.png",
-    ):
-        assert (tmp_path / name).exists(), name
-    saved = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("l2_distance", "component_std", "heldout_loglik", "weight_entropy", "w2"):
-        s = saved[key]
-        assert set(s) == {"generation", "mean", "stderr"}
-        assert all(np.isfinite(s["mean"])), key
-    assert saved["l2_distance"]["generation"] == [0, 2, 4, 6]
-    assert saved["l2_distance"]["mean"][0] == 0.0  # generation 0 is D0 itself
-    # W2 at generation 0 compares two samples of D0; later generations as configured.
-    assert saved["w2"]["generation"][0] == 0 and saved["w2"]["generation"][-1] == 6
-    arrays = np.load(tmp_path / "metrics.npz")
-    # Snapshot 5 falls between records: the latest recorded generation (4) is used; 50 > G.
-    assert list(arrays["snapshot_generation"]) == [0, 2, 4, 6]
-    assert arrays["snapshot_points"].shape == (4, 40, 2)
-    assert arrays["w2_chains"].shape == (4, 8)
-    assert np.isnan(arrays["w2_chains"][:, 4:]).all()  # only the first w2_chains recursions
-    assert "| claim" in (tmp_path / "report.md").read_text()
-    assert summary["generations"] == 6
-    # The generation-0 snapshot is T_0 of recursion 0 exactly (the runner's key for chain 0).
-    config = study.validate(TINY)
-    d0, _, _, spec = study.setup(config)
-    init, _ = proc.make_kernels(spec, d0)
-    state0, _ = jax.jit(init)(jax.random.split(jax.random.key(config.seed), config.chains)[0])
-    np.testing.assert_array_equal(arrays["snapshot_points"][0], np.asarray(state0.x))
-
-
 def _degenerate_d0(tmp_path):
     """A D0 point set with many duplicate points."""
     rng = np.random.default_rng(0)
@@ -71,32 +34,62 @@ def _degenerate_d0(tmp_path):
     return path
 
 
-def test_recursion_stays_finite(tmp_path):
-    """Duplicate points, warm starts, diagonal covariances, a growing accumulated pool with
-    subsampling and fresh data: every metric stays finite over the whole run."""
-    config = study.validate(
-        dataclasses.replace(
-            TINY,
-            d0=str(_degenerate_d0(tmp_path)),
-            heldout=30,
-            policy="accumulate-subsample",
-            fresh_fraction=0.25,
-            init="warm",
-            schedule="linear:10",
-            components=3,
-            covariance_type="diag",
-        )
+def test_run_end_to_end(tmp_path):
+    """The whole study on a hard case: duplicate points in D0, warm starts, diagonal
+    covariances, 3 components, a growing accumulated pool with subsampling, 25% fresh data and
+    a growing schedule. Every file is written and every metric of every recursion is finite."""
+    config = dataclasses.replace(
+        TINY,
+        d0=str(_degenerate_d0(tmp_path)),
+        heldout=30,
+        policy="accumulate-subsample",
+        fresh_fraction=0.25,
+        init="warm",
+        schedule="linear:10",
+        components=3,
+        covariance_type="diag",
     )
-    d0, _, sizes, spec = study.setup(config)
-    init, step = proc.make_kernels(spec, d0)
-    keys = jax.random.split(jax.random.key(1), 4)
-    state, info = jax.jit(jax.vmap(init))(keys)
-    step = jax.jit(jax.vmap(step, (0, 0, None)))
-    for n in range(1, config.generations + 1):
-        state, info = step(keys, state, {"size": sizes[n]})
-        keys = jax.vmap(jax.random.fold_in, (0, None))(keys, n)
-        for leaf in jax.tree.leaves((state, info)):
-            assert np.all(np.isfinite(np.asarray(leaf, np.float64))), n
+    out = tmp_path / "run"
+    summary = study.run(config, out, progress=False)
+    for name in (
+        "config.json",
+        "metrics.npz",
+        "summary.json",
+        "report.md",
+        "collapse.png",
+        "snapshots.png",
+        "metrics.png",
+    ):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("l2_distance", "component_std", "heldout_loglik", "weight_entropy", "w2"):
+        s = saved[key]
+        assert set(s) == {"generation", "mean", "stderr"}
+        assert all(np.isfinite(s["mean"])), key
+    assert saved["l2_distance"]["generation"] == [0, 2, 4, 6]
+    assert saved["l2_distance"]["mean"][0] == 0.0  # generation 0 is the reference itself
+    # W2 at generation 0 compares model-0 samples with held-out points; and at the last one.
+    assert saved["w2"]["generation"][0] == 0 and saved["w2"]["generation"][-1] == 6
+    arrays = np.load(out / "metrics.npz")
+    for name in study.METRICS:
+        assert np.all(np.isfinite(arrays[f"{name}_chains"])), name
+    assert arrays["w2_chains"].shape == (4, 8)
+    assert np.isfinite(arrays["w2_chains"][:, :4]).all()
+    assert np.isnan(arrays["w2_chains"][:, 4:]).all()  # only the first w2_chains recursions
+    # Snapshot 5 falls between records: the latest recorded generation (4) is used; 50 > G.
+    assert list(arrays["snapshot_generation"]) == [0, 2, 4, 6]
+    biggest = 40 + 10 * 6  # linear:10 schedule, M_0 .. M_G
+    assert arrays["snapshot_points"].shape == (4, biggest, 2)
+    assert list(arrays["snapshot_weights"].sum(1)) == [40, 60, 80, 100]
+    assert np.isfinite(arrays["snapshot_points"]).all()
+    assert "| claim" in (out / "report.md").read_text()
+    assert summary["generations"] == 6
+    # The generation-0 snapshot is T_0 of recursion 0 exactly (the runner's key for chain 0).
+    config = study.validate(config)
+    d0, _, _, spec = study.setup(config)
+    init, _ = proc.make_kernels(spec, d0)
+    state0, _ = jax.jit(init)(jax.random.split(jax.random.key(config.seed), config.chains)[0])
+    np.testing.assert_array_equal(arrays["snapshot_points"][0], np.asarray(state0.x))
 
 
 @pytest.mark.parametrize(
