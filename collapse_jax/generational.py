@@ -22,6 +22,7 @@ Each generation n >= 1 draws a new batch B_n of ``M_n`` points made of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -290,6 +291,51 @@ def recorded_generations(n_generations: int, record_every: int) -> np.ndarray:
     return gens
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_init(init, reduce):
+    """Jitted, vmapped ``init`` and jitted ``reduce`` (cached per function object)."""
+    return jax.jit(jax.vmap(init)), jax.jit(reduce)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding):
+    """The jitted chunk of generations, cached so that repeated runs of the same kernels
+    (benchmarks, sweeps, tests) reuse compilations. Everything that varies between runs of one
+    configuration (keys, inputs, horizon) is an argument, not a closure."""
+
+    def constrain(state):
+        if sharding is None:
+            return state
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), state)
+
+    @jax.jit
+    def chunk(state, gen, chain_keys, inputs, n_generations):
+        def one_generation(carry, _):
+            state, gen = carry  # gen = generation being produced (1-based)
+            x = jax.tree.map(lambda a: a[jnp.minimum(gen - 1, a.shape[0] - 1)], inputs)
+            keys = jax.vmap(jax.random.fold_in, (0, None))(chain_keys, gen)
+            active = gen <= n_generations
+            new_state, info = jax.vmap(step, (0, 0, None))(keys, state, x)
+            # Past the horizon (padding of the last record) keep the state unchanged.
+            new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
+            return (new_state, gen + 1), info
+
+        def one_record(carry, _):
+            gen0 = carry[1]
+            carry, infos = jax.lax.scan(one_generation, carry, None, length=record_every)
+            # The last record may be padded past the horizon: report the last real generation.
+            last_real = jnp.clip(n_generations - gen0, 0, record_every - 1)
+            last = jax.tree.map(lambda a: a[last_real], infos)
+            return carry, reduce(last)
+
+        (state, gen), trace = jax.lax.scan(
+            one_record, (constrain(state), gen), None, length=records_per_chunk
+        )
+        return (constrain(state), gen), trace
+
+    return chunk
+
+
 def run_generations(
     key: jax.Array,
     init: Callable[[jax.Array], tuple[Any, Any]],
@@ -341,42 +387,15 @@ def run_generations(
     chain_keys = shard_chains(chain_keys, sharding)
 
     t0 = time.perf_counter()
+    init_fn, reduce_fn = _compiled_init(init, reduce)
+    chunk = _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding)
     if chain_params is None:
-        state, info0 = jax.jit(jax.vmap(init))(chain_keys)
+        state, info0 = init_fn(chain_keys)
     else:
         chain_params = shard_chains(jax.tree.map(jnp.asarray, chain_params), sharding)
-        state, info0 = jax.jit(jax.vmap(init))(chain_keys, chain_params)
-    trace0 = jax.device_get(jax.jit(reduce)(info0))
-
-    def one_generation(carry, _):
-        state, gen = carry  # gen = generation being produced (1-based)
-        x = jax.tree.map(lambda a: a[jnp.minimum(gen - 1, a.shape[0] - 1)], inputs)
-        keys = jax.vmap(jax.random.fold_in, (0, None))(chain_keys, gen)
-        active = gen <= n_generations
-        new_state, info = jax.vmap(step, (0, 0, None))(keys, state, x)
-        # Past the horizon (padding of the last record) keep the state unchanged.
-        new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
-        return (new_state, gen + 1), info
-
-    def one_record(carry, _):
-        gen0 = carry[1]
-        carry, infos = jax.lax.scan(one_generation, carry, None, length=record_every)
-        # The last record may be padded past the horizon: report the last real generation.
-        last_real = jnp.clip(n_generations - gen0, 0, record_every - 1)
-        last = jax.tree.map(lambda a: a[last_real], infos)
-        return carry, reduce(last)
-
-    def constrain(state):
-        if sharding is None:
-            return state
-        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), state)
-
-    @jax.jit
-    def chunk(state, gen):
-        (state, gen), trace = jax.lax.scan(
-            one_record, (constrain(state), gen), None, length=records_per_chunk
-        )
-        return (constrain(state), gen), trace
+        state, info0 = init_fn(chain_keys, chain_params)
+    trace0 = jax.device_get(reduce_fn(info0))
+    horizon = jnp.asarray(n_generations, jnp.int32)
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -391,7 +410,9 @@ def run_generations(
     while done_records < n_records:
         if between_chunks is not None and done_records:
             state = between_chunks(state)
-        (state, next_gen), tr = chunk(state, jnp.asarray(gen, jnp.int32))
+        (state, next_gen), tr = chunk(
+            state, jnp.asarray(gen, jnp.int32), chain_keys, inputs, horizon
+        )
         tr = jax.device_get(tr)
         take = min(records_per_chunk, n_records - done_records)
         traces.append(jax.tree.map(lambda a, take=take: a[:take], tr))

@@ -150,13 +150,15 @@ def test_accumulate_policies_keep_sizes(mode):
 
 def test_compaction_preserves_metrics():
     policy = Policy()
-    counts = jnp.array([[0, 5, 0, 3, 0, 0, 2, 0], [1, 0, 0, 0, 0, 0, 9, 0]], jnp.int32)
-    p0 = jnp.full((2, 8), 1 / 8)
+    counts = jnp.zeros((2, 16), jnp.int32)
+    counts = counts.at[0, jnp.array([1, 3, 6])].set(jnp.array([5, 3, 2]))
+    counts = counts.at[1, jnp.array([0, 6])].set(jnp.array([1, 9]))
+    p0 = jnp.full((2, 16), 1 / 16)
     state = proc.DiscreteState(
         counts=counts,
         pool=jnp.zeros_like(counts),
         p0=p0,
-        index=jnp.tile(jnp.arange(8, dtype=jnp.int32), (2, 1)),
+        index=jnp.tile(jnp.arange(16, dtype=jnp.int32), (2, 1)),
         p0_dropped=jnp.zeros(2),
         absorbed_at=-jnp.ones(2, jnp.int32),
         absorbed_state=-jnp.ones(2, jnp.int32),
@@ -173,6 +175,8 @@ def test_compaction_preserves_metrics():
         for a, b in zip(full, comp, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(small.index[0]), [1, 3, 6, 0])
+    # Shrinking by less than a factor of 4 is not worth a recompilation.
+    assert proc.compact(small, policy).counts.shape == (2, 4)
 
 
 def test_metrics_never_nan_and_kl_infinite_once_state_dies():

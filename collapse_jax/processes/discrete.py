@@ -112,6 +112,7 @@ def _sample_model(key, n, p, method: str, max_size: int):
     return jnp.zeros(p.shape[0], jnp.int32).at[draws].add(valid.astype(jnp.int32))
 
 
+@functools.lru_cache(maxsize=64)
 def make_kernels(
     policy: Policy, method: str = "counts", max_size: int = 1, fresh_varies: bool = False
 ):
@@ -224,12 +225,14 @@ def compact(state: DiscreteState, policy: Policy, min_width: int = 2) -> Discret
     the largest number of live states of any chain; each chain's live states move to the front
     in their original order. Exact: dropped states are dead forever (zero count, zero pool and,
     when fresh data is mixed in, zero p0), and their p0-mass is kept in ``p0_dropped`` for the
-    metrics. Shrinking only to powers of two bounds the number of recompilations by log2 K.
+    metrics. Shrinking only to powers of two, by a factor of at least 4, bounds the number of
+    recompilations by log4 K.
     """
     alive = alive_mask(state, policy)
     k = state.counts.shape[-1]
     n_alive = int(jax.device_get(alive.sum(-1).max()))
     width = max(min_width, 1 << max(0, n_alive - 1).bit_length())
-    if width >= k:
+    # Each new width compiles the chunk again: shrink only by a factor of 4 or more.
+    if 4 * width > k:
         return state
     return _compact(state, alive, width)
