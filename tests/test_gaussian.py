@@ -56,9 +56,24 @@ def test_uniforms_open_interval_and_loop_keys_independent():
     u = np.asarray(proc.uniforms(key, 50000, jnp.float32))
     assert u.min() > 0 and u.max() < 1
     assert stats.kstest(u, "uniform").pvalue > 1e-3
-    # the rejection loop's keys give streams unrelated to the first proposal's
-    u2 = np.asarray(proc.uniforms(jax.random.fold_in(key, proc._LOOP_TAG), 50000, jnp.float32))
+    # the rejection loop's streams are unrelated to the first proposal's
+    u2 = np.asarray(proc.uniforms(key, 50000, jnp.float32, stream=1))
     assert abs(np.corrcoef(u, u2)[0, 1]) < 4 / np.sqrt(50000)
+    with jax.enable_x64(True):
+        u64 = np.asarray(proc.uniforms(jax.random.key(0), 20000, jnp.float64))
+    assert u64.dtype == np.float64 and u64.min() > 0 and u64.max() < 1
+    assert stats.kstest(u64, "uniform").pvalue > 1e-3
+    assert len(np.unique(u64)) == u64.size  # 52 random bits, not 23
+
+
+def test_unrolled_threefry_equals_jax():
+    from jax.extend.random import threefry_2x32
+
+    kd = jax.random.key_data(jax.random.key(42)).astype(jnp.uint32)
+    count = jnp.arange(64, dtype=jnp.uint32)
+    ref = np.asarray(threefry_2x32(kd, count))
+    y0, y1 = proc.threefry2x32(kd[0], kd[1], count[:32], count[32:])
+    assert np.array_equal(np.concatenate([np.asarray(y0), np.asarray(y1)]), ref)
 
 
 def test_bartlett_gives_wishart_moments():

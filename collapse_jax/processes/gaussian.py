@@ -277,27 +277,62 @@ class GaussianModel(NamedTuple):
 # Exact random draws
 
 
-#: fold_in tags of the rejection loop's keys: fold_in(key, c) is the Threefry block with
-#: counter (0, c), distinct from every block (j, j + n/2) that ``bits(key, n)`` uses for the
-#: first proposal as long as c != n/2; the tags count down from 2³² − 1.
-_LOOP_TAG = 2**32 - 1
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
-def uniforms(key: jax.Array, n: int, dtype) -> Float[Array, " n"]:
-    """``n`` uniforms on the open interval (0, 1) from ONE random-bits call.
+def _rotl(x, r: int):
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
 
-    Uniforms take the top mantissa bits of each word (23 for float32 from 32-bit words, 52 for
-    float64 from 64-bit words) plus half a unit in the last place, so 0 and 1 never occur.
-    One call instead of a key split per draw keeps the number of counter-based PRNG blocks per
-    generation minimal (the words count is rounded up to an even number: Threefry makes pairs).
+
+def threefry2x32(k0, k1, x0, x1):
+    """The Threefry-2x32 block function (20 rounds; Salmon et al. 2011), unrolled.
+
+    The same function as ``jax.random``'s ``threefry2x32_p``, written out so that XLA fuses it
+    with the arithmetic that consumes the words: JAX lowers Threefry on CPU as a rolled loop
+    (one small kernel per iteration), which dominates the cost of a cheap generation.
     """
-    m = n + (n % 2)
-    if jnp.dtype(dtype) == jnp.float64:
-        bits = jax.random.bits(key, (m,), jnp.uint64)[:n]
-        mant = jax.lax.shift_right_logical(bits, jnp.uint64(12)) | jnp.uint64(0x3FF0000000000000)
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0 = x0 + ks[0]
+    x1 = x1 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = _rotl(x1, r) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def random_words(key: jax.Array, n: int, stream=0) -> Int[Array, " n"]:
+    """``n`` random uint32 words: Threefry-2x32 keyed by ``key`` at counters (j, stream).
+
+    Different ``stream`` values give independent words (distinct counter blocks under the same
+    key); the step uses stream 0 for its draws and stream i + 1 for the i-th rejection round.
+    """
+    kd = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    k0, k1 = kd[0], kd[1]
+    for j in range(2, kd.shape[0]):  # other key implementations: fold extra words in
+        k0, k1 = (k1, k0 ^ kd[j]) if j % 2 else (k0 ^ kd[j], k1)
+    blocks = (n + 1) // 2
+    x0 = jnp.arange(blocks, dtype=jnp.uint32)
+    x1 = jnp.full((blocks,), stream, jnp.uint32)
+    y0, y1 = threefry2x32(k0, k1, x0, x1)
+    return jnp.concatenate([y0, y1])[:n]
+
+
+def uniforms(key: jax.Array, n: int, dtype, stream=0) -> Float[Array, " n"]:
+    """``n`` uniforms on the open interval (0, 1) from :func:`random_words`.
+
+    Uniforms take the top mantissa bits of each word (23 for float32 from one 32-bit word, 52
+    for float64 from two) plus half a unit in the last place, so 0 and 1 never occur.
+    """
+    if jnp.dtype(dtype) == jnp.float64 and jax.config.jax_enable_x64:
+        w = random_words(key, 2 * n, stream).astype(jnp.uint64)
+        bits = (w[:n] << np.uint64(32)) | w[n:]
+        mant = (bits >> np.uint64(12)) | np.uint64(0x3FF0000000000000)
         return jax.lax.bitcast_convert_type(mant, jnp.float64) - (1.0 - 2.0**-53)
-    bits = jax.random.bits(key, (m,), jnp.uint32)[:n]
-    mant = jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    w = random_words(key, n, stream)
+    mant = (w >> np.uint32(9)) | np.uint32(0x3F800000)
     u = jax.lax.bitcast_convert_type(mant, jnp.float32) - (1.0 - 2.0**-24)
     return u.astype(dtype)
 
@@ -327,14 +362,13 @@ def log_gamma_from_uniforms(
     Marsaglia & Tsang (2000) rejection sampling: with d = a − 1/3, c = 1/√(9d), x ~ N(0, 1),
     v = (1 + c x)³ and u ~ U(0, 1), accept d·v when v > 0 and log u < x²/2 + d − d v + d log v
     (the squeeze u < 1 − 0.0331 x⁴ skips the logarithms). ``u[0]``, ``u[1]`` drive the first
-    proposal (drawn from ``bits(key, ·)``); rejected lanes (rate ≈ 6e-5 at a = 500, ≈ 5% at
-    a = 1) draw again in a loop from keys ``fold_in(key, 2³² − 1 − i)``, which are derived only
-    when a lane is rejected. Shapes a < 1 use Gamma(a) = Gamma(a + 1) · U^{1/a} with ``u[2]`` (``boost``, static;
+    proposal (drawn from ``uniforms(key, ·)``, stream 0); rejected lanes (rate ≈ 6e-5 at a = 500,
+    ≈ 5% at a = 1) draw again in a loop from streams 1, 2, ... of the same key. Shapes a < 1 use Gamma(a) = Gamma(a + 1) · U^{1/a} with ``u[2]`` (``boost``, static;
     leave it on unless every a >= 1); the result is a logarithm so tiny shapes do not underflow.
 
     Written here rather than calling ``jax.random.gamma``/``loggamma``, which split keys inside
-    their rejection loop: drawing the first proposal from one random-bits call is several times
-    faster under vmap, and the distribution is exactly the same.
+    their rejection loop: drawing the first proposal together with the generation's other
+    words is several times faster under vmap, and the distribution is exactly the same.
     """
     a = jnp.asarray(a)
     dtype = a.dtype
@@ -348,8 +382,7 @@ def log_gamma_from_uniforms(
 
     def body(carry):
         ok, lv, i = carry
-        tag = jnp.uint32(_LOOP_TAG) - i.astype(jnp.uint32)
-        w = uniforms(jax.random.fold_in(key, tag), 2 * a.shape[0], dtype)
+        w = uniforms(key, 2 * a.shape[0], dtype, stream=(i + 1).astype(jnp.uint32))
         ok2, lv2 = _mt_propose(w[: a.shape[0]], w[a.shape[0] :], d, c)
         return ok | ok2, jnp.where(ok, lv, lv2), i + 1
 
