@@ -136,7 +136,8 @@ def make_kernels(
         schedule) and ``gamma`` its fresh fraction: per-chain values for vmapped sweeps."""
         k = p0.shape[0]
         samples = jnp.asarray(samples, jnp.int32)
-        counts = draw(key, jnp.where(samples > 0, samples, m0), p0)
+        # fold_in(key, 0): generation n >= 1 uses fold_in(key, n), never the raw chain key.
+        counts = draw(jax.random.fold_in(key, 0), jnp.where(samples > 0, samples, m0), p0)
         pool = counts if policy.mode == "accumulate-subsample" else jnp.zeros_like(counts)
         state = DiscreteState(
             counts=counts,
