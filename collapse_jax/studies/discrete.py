@@ -17,6 +17,7 @@ from collapse_jax.errors import ConfigError, check_choice, check_int
 from collapse_jax.generational import Policy, Schedule, chain_stats, run_generations
 from collapse_jax.processes import discrete as proc
 from collapse_jax.runs import RunDir, series
+from collapse_jax.studies import apply_flags
 from collapse_jax.theory import wright_fisher as wf
 
 NAME = "discrete"
@@ -111,12 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     """Apply the flags that were given onto ``base`` and validate."""
-    updates = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Config)
-        if getattr(args, f.name, None) is not None
-    }
-    return validate(dataclasses.replace(base, **updates))
+    return apply_flags(args, base, validate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collapse_jax.errors import ConfigError, check_choice, check_float, check_in
 from collapse_jax.generational import Policy, Schedule, run_generations
 from collapse_jax.processes import gaussian as proc
 from collapse_jax.runs import RunDir, read_arrays, series
+from collapse_jax.studies import apply_flags
 from collapse_jax.theory import gaussian as th
 
 NAME = "gaussian"
@@ -123,12 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     """Apply the flags that were given onto ``base`` and validate."""
-    updates = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Config)
-        if getattr(args, f.name, None) is not None
-    }
-    return validate(dataclasses.replace(base, **updates))
+    return apply_flags(args, base, validate)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from collapse_jax.generational import Policy, Schedule, chain_stats, run_generat
 from collapse_jax.metrics.gmm import w2_exact_batch, w2_sinkhorn
 from collapse_jax.processes import gmm as proc
 from collapse_jax.runs import RunDir, read_arrays, read_json, series
+from collapse_jax.studies import apply_flags
 
 NAME = "gmm"
 DESCRIPTION = "Gaussian mixture refitted by EM to its own samples (the paper's GMM experiment)"
@@ -238,12 +239,7 @@ def _int_list(text: str):
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     """Apply the flags that were given onto ``base`` and validate."""
-    updates = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Config)
-        if getattr(args, f.name, None) is not None
-    }
-    return validate(dataclasses.replace(base, **updates))
+    return apply_flags(args, base, validate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from collapse_jax.errors import ConfigError, check_choice, check_float, check_in
 from collapse_jax.generational import Policy, mix_training_data
 from collapse_jax.metrics import text as tm
 from collapse_jax.runs import RunDir, read_json, series, write_arrays, write_json
+from collapse_jax.studies import flag_updates
 
 NAME = "lm"
 DESCRIPTION = "OPT fine-tuned generation after generation on its own beam-search text"
@@ -257,11 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     """Apply the flags that were given onto ``base`` and validate."""
-    updates = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Config)
-        if getattr(args, f.name, None) is not None
-    }
+    updates = flag_updates(args, Config)
     if isinstance(updates.get("fresh_fractions"), str):
         try:
             updates["fresh_fractions"] = tuple(

@@ -51,6 +51,7 @@ from collapse_jax.generational import Policy, Schedule, chain_stats, mix_trainin
 from collapse_jax.models import classifier as clf
 from collapse_jax.models import vae
 from collapse_jax.runs import RunDir, read_arrays, read_json, series, write_arrays
+from collapse_jax.studies import apply_flags
 
 NAME = "vae"
 DESCRIPTION = "Convolutional VAEs trained recursively on their own decoded MNIST digits"
@@ -209,12 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     """Apply the flags that were given onto ``base`` and validate."""
-    updates = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Config)
-        if getattr(args, f.name, None) is not None
-    }
-    return validate(dataclasses.replace(base, **updates))
+    return apply_flags(args, base, validate)
 
 
 # --------------------------------------------------------------------------------------------
