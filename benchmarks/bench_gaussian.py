@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.generational import chain_sharding, run_generations, shard_chains
+from collapse_jax.generational import chain_sharding, per_device, run_generations, shard_chains
 from collapse_jax.processes import gaussian as proc
 
 
@@ -59,14 +59,16 @@ def ours_steady(d: int, m: int, chains: int, gens: int, repeats: int, record_eve
     d0 = proc.make_d0("normal", d)
     p = proc.make_process(d0, np.full(gens, m), record_every=record_every)
     inputs = jax.tree.map(jnp.asarray, p.inputs)
-    keys = shard_chains(jax.random.split(jax.random.key(0), chains), chain_sharding(chains))
+    sharding = chain_sharding(chains)
+    keys = shard_chains(jax.random.split(jax.random.key(0), chains), sharding)
+    vstep = per_device(jax.vmap(p.step, (0, 0, None)), sharding, n_replicated=1)
     reduce = functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
 
     def one_record(carry, r):
         def one_generation(state, g):
             x = jax.tree.map(lambda a: a[g - 1], inputs)
             k = jax.vmap(jax.random.fold_in, (0, None))(carry[1], g)
-            return jax.vmap(p.step, (0, 0, None))(k, state, x)
+            return vstep(k, state, x)
 
         gs = r * record_every + 1 + jnp.arange(record_every)
         state, infos = jax.lax.scan(one_generation, carry[0], gs)
@@ -164,11 +166,8 @@ def main() -> None:
     print(f"{'d':>3} {'implementation':<44} {'chain-gen/s':>12} {'ours / peer':>12}")
     for d in (1, 10):
         g = gens if d == 1 else gens // 5  # d = 10: steady state over fewer generations
-        # d = 10 runs on one device (an odd chain count disables sharding): with the chain
-        # axis sharded over 2 host devices it stalls in an XLA CPU all-reduce on this machine.
-        c = chains if d == 1 else chains - 1
-        ours = ours_steady(d, m, c, g, args.repeats)
-        e2e = ours_end_to_end(d, m, c, g)
+        ours = ours_steady(d, m, chains, g, args.repeats)
+        e2e = ours_end_to_end(d, m, chains, g)
         samp = numpy_samples(d, m, chains, sample_gens[d], max(1, args.repeats - 1))
         suff = numpy_sufficient(d, m, chains, gens if d == 1 else gens // 10, args.repeats)
         print(f"{d:>3} {'ours: sufficient (steady state)':<44} {ours:>12.3g}")

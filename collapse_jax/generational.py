@@ -291,10 +291,35 @@ def recorded_generations(n_generations: int, record_every: int) -> np.ndarray:
     return gens
 
 
+def per_device(fn: Callable, sharding, n_replicated: int = 0) -> Callable:
+    """Run ``fn`` (already vmapped over a leading chain axis) on each device's own chains.
+
+    The chain kernels are embarrassingly parallel, so with a chain sharding they run under
+    ``jax.shard_map``: each device sees only its local block of chains and no collective is
+    ever emitted inside a kernel. Left to the automatic (GSPMD) partitioner instead, a vmapped
+    ``while_loop`` (rejection samplers) gets a cross-device all-reduce in its loop condition,
+    which stalls on multi-device CPU hosts and keeps every device looping until the slowest
+    lane of any device is done. The last ``n_replicated`` positional arguments are replicated
+    (per-generation inputs); all others and every output have the chain axis leading.
+    """
+    if sharding is None:
+        return fn
+    spec = sharding.spec
+
+    def wrapped(*args):
+        n_sharded = len(args) - n_replicated
+        in_specs = (spec,) * n_sharded + (jax.sharding.PartitionSpec(),) * n_replicated
+        return jax.shard_map(
+            fn, mesh=sharding.mesh, in_specs=in_specs, out_specs=spec, check_vma=False
+        )(*args)
+
+    return wrapped
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled_init(init, reduce):
+def _compiled_init(init, reduce, sharding=None):
     """Jitted, vmapped ``init`` and jitted ``reduce`` (cached per function object)."""
-    return jax.jit(jax.vmap(init)), jax.jit(reduce)
+    return jax.jit(per_device(jax.vmap(init), sharding)), jax.jit(reduce)
 
 
 @functools.lru_cache(maxsize=64)
@@ -308,6 +333,8 @@ def _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding):
             return state
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), state)
 
+    vstep = per_device(jax.vmap(step, (0, 0, None)), sharding, n_replicated=1)
+
     @jax.jit
     def chunk(state, gen, chain_keys, inputs, n_generations):
         def one_generation(carry, _):
@@ -315,7 +342,7 @@ def _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding):
             x = jax.tree.map(lambda a: a[jnp.minimum(gen - 1, a.shape[0] - 1)], inputs)
             keys = jax.vmap(jax.random.fold_in, (0, None))(chain_keys, gen)
             active = gen <= n_generations
-            new_state, info = jax.vmap(step, (0, 0, None))(keys, state, x)
+            new_state, info = vstep(keys, state, x)
             # Past the horizon (padding of the last record) keep the state unchanged.
             new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
             return (new_state, gen + 1), info
@@ -387,7 +414,7 @@ def run_generations(
     chain_keys = shard_chains(chain_keys, sharding)
 
     t0 = time.perf_counter()
-    init_fn, reduce_fn = _compiled_init(init, reduce)
+    init_fn, reduce_fn = _compiled_init(init, reduce, sharding)
     chunk = _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding)
     if chain_params is None:
         state, info0 = init_fn(chain_keys)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from collapse_jax.linalg import nuclear_norm
+
 
 class MetricSpec(NamedTuple):
     """Constants of D0 that the metrics need (host-side, float64)."""
@@ -142,7 +144,7 @@ def gaussian_metrics(mean, chol, log_scale, spec: MetricSpec, collapsed) -> Gaus
     else:
         lchol = chol * jnp.exp(log_scale)[None, :]
         r = jnp.asarray(spec.sqrt_cov, dtype) @ lchol
-        nuc = jnp.sum(jnp.linalg.svd(r, compute_uv=False))
+        nuc = nuclear_norm(r)
         w2 = mse + tr + spec.trace - 2 * nuc
     w2 = jnp.maximum(w2, 0.0)
     return GaussianMetrics(w2, mse, tr, log_tr, log_det, std, jnp.asarray(collapsed, bool))

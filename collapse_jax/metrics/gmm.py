@@ -19,6 +19,8 @@ import numpy as np
 from jax.scipy.special import logsumexp, xlogy
 from jaxtyping import Array, Float
 
+from collapse_jax.linalg import cholesky, solve_lower
+
 
 class GMM(NamedTuple):
     """A Gaussian mixture p(x) = Σ_k π_k N(x; μ_k, Σ_k) with full covariance matrices."""
@@ -37,7 +39,7 @@ def precision_cholesky(chol: Float[Array, "K d d"]) -> Float[Array, "K d d"]:
     """``P_k = L_k^{-T}`` so that Σ_k^{-1} = P_k P_kᵀ (scikit-learn's ``precisions_cholesky_``)."""
     d = chol.shape[-1]
     eye = jnp.eye(d, dtype=chol.dtype)
-    inv_l = jax.vmap(lambda c: jax.scipy.linalg.solve_triangular(c, eye, lower=True))(chol)
+    inv_l = solve_lower(chol, eye)
     return jnp.swapaxes(inv_l, -1, -2)
 
 
@@ -66,7 +68,7 @@ def component_log_densities(
 
 def log_prob(gmm: GMM, x: Float[Array, "N d"]) -> Float[Array, " N"]:
     """log p(x_n) = logsumexp_k(log π_k + log N(x_n; μ_k, Σ_k))."""
-    chol = jnp.linalg.cholesky(gmm.covs)
+    chol = cholesky(gmm.covs)
     logp = component_log_densities_t(x.T, gmm.means, precision_cholesky(chol))
     return logsumexp(logp + jnp.log(gmm.weights)[:, None], axis=0)
 
@@ -80,9 +82,9 @@ def gaussian_overlap_log(
     """log ∫ N(x; a_k, A_k) N(x; b_j, B_j) dx = log N(a_k; b_j, A_k + B_j) for all pairs."""
     d = mean_a.shape[-1]
     s = cov_a[:, None, :, :] + cov_b[None, :, :, :]  # K J d d
-    chol = jnp.linalg.cholesky(s)
+    chol = cholesky(s)
     diff = mean_a[:, None, :] - mean_b[None, :, :]  # K J d
-    z = jax.scipy.linalg.solve_triangular(chol, diff[..., None], lower=True)[..., 0]
+    z = solve_lower(chol, diff[..., None])[..., 0]
     return -0.5 * (d * math.log(2 * math.pi) + _log_det_chol(chol) + jnp.sum(z * z, -1))
 
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from collapse_jax import linalg
 from collapse_jax.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.generational import Policy, chain_stats, split_batch
 from collapse_jax.metrics.gaussian import (
@@ -481,7 +482,7 @@ def update_chol(model: GaussianModel, lower, log_diag, log_div) -> tuple[Any, An
 
 def _lower_stats_from_scatter(scatter):
     """Cholesky of a scatter matrix as (strict lower, log diagonal)."""
-    k = jnp.linalg.cholesky(scatter)
+    k = linalg.cholesky(scatter)
     return jnp.tril(k, -1), jnp.log(jnp.diagonal(k))
 
 
@@ -611,7 +612,7 @@ def make_process(
     def fit(stats: PooledStats, state: GaussianState) -> GaussianState:
         """Fit N(mean, scatter / D(count)); a failed factorisation freezes the chain."""
         cov = stats.scatter / divisor(stats.count, estimator)
-        chol = jnp.linalg.cholesky(cov) if d > 1 else jnp.sqrt(cov)
+        chol = linalg.cholesky(cov) if d > 1 else jnp.sqrt(cov)
         model, bad = model_from_chol(stats.mean, chol)
         bad = bad | state.collapsed
         keep = lambda new, old: jnp.where(bad, old, new)  # noqa: E731
@@ -753,11 +754,18 @@ def make_process(
     later_step = replace_step if simple else general_step
 
     def step(key, state: GaussianState, x) -> tuple[GaussianState, GaussianInfo]:
-        # Generation 1 is fitted to the D0 samples drawn in init. A select (not a cond) between
-        # that cheap fit and the ordinary step keeps the scan body one fused computation.
-        later = later_step(key, state, x)
-        first = fit(state.first, state)
-        new = jax.tree.map(lambda a, b: jnp.where(x["first"], a, b), first, later)
+        # Generation 1 is fitted to the D0 samples drawn in init. In 1-D a select (not a cond)
+        # between that cheap fit and the ordinary step keeps the scan body one fused
+        # computation; for d > 1 the fit factors a d × d matrix, so it runs under a cond on the
+        # (unbatched) generation input and costs nothing in later generations.
+        if d == 1:
+            later = later_step(key, state, x)
+            first = fit(state.first, state)
+            new = jax.tree.map(lambda a, b: jnp.where(x["first"], a, b), first, later)
+        else:
+            new = jax.lax.cond(
+                x["first"], lambda: fit(state.first, state), lambda: later_step(key, state, x)
+            )
         # Steps past the horizon (padding of the runner's last record) leave the chain as it is,
         # so the last recorded metrics describe generation G itself.
         past = state.generation >= n_gen

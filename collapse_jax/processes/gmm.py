@@ -33,6 +33,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Bool, Float, Int
 
+from collapse_jax import linalg
 from collapse_jax.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.generational import Policy, split_batch
 from collapse_jax.metrics.gmm import (
@@ -95,11 +96,11 @@ def safe_cholesky(
     of 1e-6 × (mean variance + 1), then replaced by ``fallback`` (or a scaled identity)."""
     d = covs.shape[-1]
     eye = jnp.eye(d, dtype=covs.dtype)
-    chol = jnp.linalg.cholesky(covs)
+    chol = linalg.cholesky(covs)
     bad = jnp.any(~jnp.isfinite(chol), axis=(-2, -1))
     scale = jnp.abs(jnp.trace(covs, axis1=-2, axis2=-1)) / d + 1.0
     jitter = (1e-6 * scale)[:, None, None] * eye[None]
-    chol2 = jnp.linalg.cholesky(covs + jitter)
+    chol2 = linalg.cholesky(covs + jitter)
     chol = jnp.where(bad[:, None, None], chol2, chol)
     bad = jnp.any(~jnp.isfinite(chol), axis=(-2, -1))
     if fallback is None:
