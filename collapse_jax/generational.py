@@ -291,6 +291,13 @@ def recorded_generations(n_generations: int, record_every: int) -> np.ndarray:
     return gens
 
 
+def record_flags(n_generations: int, record_every: int) -> np.ndarray:
+    """``flags[i]`` says whether generation ``i + 1`` is recorded (aligned with per-generation
+    ``inputs``): a kernel can compute expensive metrics under ``lax.cond`` on it."""
+    gens = np.arange(1, n_generations + 1)
+    return (gens % record_every == 0) | (gens == n_generations)
+
+
 def per_device(fn: Callable, sharding, n_replicated: int = 0) -> Callable:
     """Run ``fn`` (already vmapped over a leading chain axis) on each device's own chains.
 

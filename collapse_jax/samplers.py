@@ -288,15 +288,20 @@ def _binomial_step(params, state):
     return (jnp.where(is_btrs, kb, x), j + jnp.uint32(1), u, f), finished
 
 
-@_lanewise
-def _binomial_lanes(k0: Array, k1: Array, lane: Array, n: Array, p: Array) -> Array:
-    """Binomial(n, p) per lane; all arguments (L,): seed words, distinct counters, n, p.
+_FIRST_ROUNDS = 4  # BTRS candidates per lane in the fused first pass (all accepted w.p. > 0.99)
+_FIRST_INV_STEPS = 24  # chop-down steps in the fused first pass (P(X > 24) < 1e-4 at mean 10)
+_NARROW_LEVELS = 3  # tree levels (from the root) sampled without packing: few lanes, mostly busy
+_BLOCK = 4096  # lanes sampled per block: work is proportional to the non-trivial lanes only
 
-    Lanes with ``n * min(p, 1-p) >= 10`` use BTRS (Hörmann, "The generation of binomial random
-    variates", J. Stat. Comput. Simul. 46, 1993: transformed rejection with squeeze; acceptance
-    0.74 at mean 10-20, 0.85 at mean 500). Lanes with a smaller mean use inversion by chop-down
-    search from 0 (Kachitvichyanukul & Schmeiser 1988, "BINV"; expected ``n p + 1`` steps).
-    ``p > 1/2`` is drawn as ``n - X`` with ``X ~ Binomial(n, 1 - p)``.
+
+def _binomial_block(k0, k1, lane, n, p):
+    """Binomial(n, p) for one block of lanes (all (B,)): a fused first pass, then a fallback.
+
+    The first pass evaluates ``_FIRST_ROUNDS`` BTRS candidates and ``_FIRST_INV_STEPS`` chop-down
+    steps on every lane in one elementwise kernel (no loop: at these sizes a loop iteration costs
+    more than the arithmetic); the few lanes not finished by then continue in :func:`_solve`
+    from exactly where they stopped (candidate ``_FIRST_ROUNDS``, the same chop-down position),
+    so each lane's result is the same as running the loop from the start.
     """
     dtype = p.dtype
     n = jnp.maximum(n, 0)
@@ -307,19 +312,58 @@ def _binomial_lanes(k0: Array, k1: Array, lane: Array, n: Array, p: Array) -> Ar
     trivial = (n == 0) | (q <= 0.0)
     is_btrs = (nf * q >= _BTRS_MIN_MEAN) & ~trivial
     nb = jnp.where(is_btrs, nf, 100.0)
-    mode = jnp.floor((nb + 1.0) * jnp.where(is_btrs, q, 0.25))
+    qb = jnp.where(is_btrs, q, 0.25)
+    mode = jnp.floor((nb + 1.0) * qb)
     fc_mode = _fc(mode) + _fc(nb - mode)
-    u0, _ = _uniform_pair((k0, k1), lane, jnp.uint32(1), dtype)
-    f0 = jnp.exp(nf * jnp.log1p(-q))  # f(0) = (1 - q)^n, >= 1e-6 on inversion lanes
-    x, _, _, _ = _solve(
-        _binomial_step,
-        (k0, k1, lane, nf, q, fc_mode, is_btrs),
-        (jnp.zeros_like(nf), jnp.zeros(n.shape, jnp.uint32), u0, f0),
-        trivial,
-        _stage_sizes(n.shape[0]),
-    )
+    u, _ = _uniform_pair((k0, k1), lane, jnp.uint32(1), dtype)
+    f = jnp.exp(nf * jnp.log1p(-q))  # f(0) = (1 - q)^n, >= 1e-6 on inversion lanes
+
+    state = (jnp.zeros_like(nf), jnp.zeros(n.shape, jnp.uint32), u, f)
+    done = trivial
+    sizes = _stage_sizes(n.shape[0])
+    x, _, _, _ = _solve(_binomial_step, (k0, k1, lane, nf, q, fc_mode, is_btrs), state, done, sizes)
     x = jnp.where(trivial, 0, x.astype(jnp.int32))
     return jnp.where(flip, n - x, x)
+
+
+_binomial_lanes = _lanewise(_binomial_block)
+
+
+@_lanewise
+def _binomial_packed(k0: Array, k1: Array, lane: Array, n: Array, p: Array) -> Array:
+    """Binomial(n, p) per lane; all arguments (L,): seed words, distinct counters, n, p.
+
+    Lanes with ``n * min(p, 1-p) >= 10`` use BTRS (Hörmann, "The generation of binomial random
+    variates", J. Stat. Comput. Simul. 46, 1993: transformed rejection with squeeze; acceptance
+    0.74 at mean 10-20, 0.85 at mean 500). Lanes with a smaller mean use inversion by chop-down
+    search from 0 (Kachitvichyanukul & Schmeiser 1988, "BINV"; expected ``n p + 1`` steps).
+    ``p > 1/2`` is drawn as ``n - X`` with ``X ~ Binomial(n, 1 - p)``.
+
+    Work is proportional to the non-trivial lanes: those (``n > 0``, ``0 < p < 1``) are packed
+    to the front by a prefix sum and sampled in blocks of ``_BLOCK`` lanes by a loop that runs
+    ``ceil(#non-trivial / _BLOCK)`` times, so the dead nodes of a multinomial tree (no items or
+    no mass on one side) cost a few integer operations each. A lane's draw depends only on its
+    own seed words, counter and parameters, never on the block it lands in.
+    """
+    length = n.shape[0]
+    p = jnp.clip(p, 0.0, 1.0)
+    default = jnp.where((p >= 1.0) & (n > 0), n, 0)  # trivial lanes: n = 0, p = 0 or p = 1
+    active = (n > 0) & (p > 0.0) & (p < 1.0)
+    block = min(length, _BLOCK)
+    idx = jnp.concatenate([_compact_indices(active, length), jnp.full((block,), length, jnp.int32)])
+    n_blocks = (jnp.sum(active.astype(jnp.int32)) + block - 1) // block
+
+    def one_block(i, out):
+        sel = jax.lax.dynamic_slice(idx, (i * block,), (block,))
+
+        def take(a):
+            return jnp.take(a, sel, mode="clip")
+
+        nn = jnp.where(sel < length, take(n), 0)  # padding lanes: n = 0, trivial
+        x = _binomial_block(take(k0), take(k1), take(lane), nn, take(p))
+        return out.at[sel].set(x, mode="drop")
+
+    return jax.lax.fori_loop(0, n_blocks, one_block, default)
 
 
 def _prep_prob(p, n_shape=()) -> Array:
@@ -389,17 +433,53 @@ def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int
         return jnp.reshape(n, (1,))
     levels = max(1, math.ceil(math.log2(k_states)))
     width = 2**levels
+    half = width // 2
     w = jnp.pad(jnp.maximum(p, 0.0), (0, width - k_states))
     sums = _tree_sums(w, levels)
-    counts = jnp.reshape(n, (1,))
+    probs = []
     for lev in range(levels):
         child = sums[lev + 1].reshape(-1, 2)
         tot = child[:, 0] + child[:, 1]
         prob = jnp.where(tot > 0, child[:, 0] / jnp.where(tot > 0, tot, 1.0), 0.0)
-        # Heap numbering keeps the counters of every node distinct.
+        probs.append(prob)
+    # Heap numbering (node i of level l has counter 2**l + i) keeps every node's counter distinct.
+    k0, k1 = _key_words(key)
+
+    def run_levels(counts, first, last, lanes, sampler):
+        """Levels first..last-1 in one scan (one copy of the sampler in the program): the nodes
+        of level l sit in the first 2**l slots of ``counts``; slots past them hold no items."""
+        iota = jax.lax.iota(jnp.uint32, lanes)
+        probs = jnp.stack([p_[:lanes] for p_ in padded[first:last]])
+        bases = jnp.asarray([2**lev for lev in range(first, last)], jnp.uint32)
+
+        def level(counts, xs):
+            prob, base = xs
+            c = counts[:lanes]
+            lane = iota + base
+            left = sampler(
+                jnp.broadcast_to(k0, lane.shape), jnp.broadcast_to(k1, lane.shape), lane, c, prob
+            )
+            new = jnp.stack([left, c - left], axis=1).reshape(-1)
+            return jnp.pad(new, (0, width - 2 * lanes)), None
+
+        counts, _ = jax.lax.scan(level, counts, (probs, bases))
+        return counts
+
+    padded = [jnp.pad(pr, (0, half - pr.shape[0])) for pr in probs]
+    counts = jnp.zeros((width,), jnp.int32).at[0].set(n)
+    # The first levels have few nodes, nearly all of them busy: sampled level by level with
+    # exactly 2**l lanes (a scan would pad them to a common width).
+    narrow = min(levels, _NARROW_LEVELS)
+    for lev in range(narrow):
+        c = counts[: 2**lev]
         lane = jax.lax.iota(jnp.uint32, 2**lev) + jnp.uint32(2**lev)
-        left = _binomial_lanes(*_lane_seeds(key, lane), lane, counts, prob)
-        counts = jnp.stack([left, counts - left], axis=1).reshape(-1)
+        left = _binomial_lanes(
+            jnp.broadcast_to(k0, lane.shape), jnp.broadcast_to(k1, lane.shape), lane, c, probs[lev]
+        )
+        new = jnp.stack([left, c - left], axis=1).reshape(-1)
+        counts = jnp.pad(new, (0, width - new.shape[0]))
+    if levels > narrow:
+        counts = run_levels(counts, narrow, levels, half, _binomial_packed)
     return counts[:k_states]
 
 

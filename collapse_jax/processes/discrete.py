@@ -119,7 +119,9 @@ def make_kernels(
     """Build ``init(key, p0, m0)`` and ``step(key, state, inputs)`` for one chain.
 
     ``inputs`` per generation: ``{"generation": n, "size": M_n}`` where ``M_n`` is the size of the
-    batch drawn at generation n (it fits generation n + 1). ``max_size`` bounds every batch size
+    batch drawn at generation n (it fits generation n + 1), and optionally ``"record"`` (see
+    :func:`collapse_jax.generational.record_flags`): when given, the metrics (K logarithms per
+    chain) are computed only on recorded generations, under a ``lax.cond``. ``max_size`` bounds every batch size
     (needed by the ``samples`` method, whose draws have static shape). ``fresh_varies`` says
     that chains may carry their own fresh fraction (a vmapped sweep over it).
     """
@@ -158,9 +160,22 @@ def make_kernels(
         k_model, k_prev, k_orig, k_sub = jax.random.split(key, 4)
         total = state.counts.sum()
         p = state.counts.astype(state.p0.dtype) / jnp.maximum(total, 1).astype(state.p0.dtype)
-        metrics = discrete_metrics(p, state.p0, state.p0_dropped)
 
-        newly = (state.absorbed_at < 0) & (metrics.absorbed > 0)
+        def metrics_now():
+            return discrete_metrics(p, state.p0, state.p0_dropped)
+
+        if "record" in inputs:
+            metrics = jax.lax.cond(
+                inputs["record"],
+                metrics_now,
+                lambda: jax.tree.map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(metrics_now)
+                ),
+            )
+        else:
+            metrics = metrics_now()
+
+        newly = (state.absorbed_at < 0) & (jnp.sum(state.counts > 0) == 1)
         absorbed_at = jnp.where(newly, gen, state.absorbed_at)
         absorbed_state = jnp.where(newly, state.index[jnp.argmax(p)], state.absorbed_state)
 
@@ -191,6 +206,10 @@ def make_kernels(
         return new_state, DiscreteInfo(metrics)
 
     return init, step
+
+
+SHRINK = 2  # compact the state axis when it can shrink by at least this factor
+COMPACT_EVERY = 50  # generations per chunk of the runner when compacting (a compaction check each)
 
 
 def alive_mask(state: DiscreteState, policy: Policy) -> Int[Array, "... K"]:
@@ -233,7 +252,7 @@ def compact(state: DiscreteState, policy: Policy, min_width: int = 2) -> Discret
     k = state.counts.shape[-1]
     n_alive = int(jax.device_get(alive.sum(-1).max()))
     width = max(min_width, 1 << max(0, n_alive - 1).bit_length())
-    # Each new width compiles the chunk again: shrink only by a factor of 4 or more.
-    if 4 * width > k:
+    # Each new width compiles the chunk again: shrink only by a factor of SHRINK or more.
+    if SHRINK * width > k:
         return state
     return _compact(state, alive, width)

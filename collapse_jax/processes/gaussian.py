@@ -45,7 +45,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from collapse_jax import linalg
 from collapse_jax.errors import ConfigError, check_choice, check_float, check_int
-from collapse_jax.generational import Policy, chain_stats, split_batch
+from collapse_jax.generational import Policy, chain_stats, record_flags, split_batch
 from collapse_jax.metrics.gaussian import (
     GaussianMetrics,
     MetricSpec,
@@ -593,7 +593,7 @@ def make_process(
     spec = d0_metric_spec(d0)
     boost = int(sizes.min()) - d < 2  # some χ² has < 2 degrees of freedom (Gamma shape < 1)
     gens = np.arange(1, n_gen + 1)
-    record = (gens % record_every == 0) | (gens == n_gen)
+    record = record_flags(n_gen, record_every)
     inputs = {
         "size": sizes.astype(np.int32),
         "first": gens == 1,

@@ -14,7 +14,13 @@ import numpy as np
 
 from collapse_jax import report as rep
 from collapse_jax.errors import ConfigError, check_choice, check_int
-from collapse_jax.generational import Policy, Schedule, chain_stats, run_generations
+from collapse_jax.generational import (
+    Policy,
+    Schedule,
+    chain_stats,
+    record_flags,
+    run_generations,
+)
 from collapse_jax.processes import discrete as proc
 from collapse_jax.runs import RunDir, series
 from collapse_jax.studies import apply_flags
@@ -199,10 +205,15 @@ def simulate(
         step,
         n_values * chains,
         config.generations,
-        {"generation": np.arange(1, config.generations + 1), "size": next_sizes},
+        {
+            "generation": np.arange(1, config.generations + 1),
+            "size": next_sizes,
+            "record": record_flags(config.generations, config.record_every),
+        },
         record_every=config.record_every,
         reduce=_group_reduce(n_values, chains),
         between_chunks=(lambda s: proc.compact(s, policy)) if config.compact else None,
+        chunk_generations=proc.COMPACT_EVERY if config.compact else None,
         progress=progress,
         desc="discrete",
         chain_params=(
