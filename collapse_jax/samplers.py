@@ -17,6 +17,9 @@ Why hand-written rather than ``jax.random.binomial`` / ``jax.random.multinomial`
   loop iteration, skips the loop entirely when no lane needs it (``n = 0``, ``p`` in {0, 1}), and
   the multinomial splits the state axis as a balanced binary tree (``ceil(log2 K)`` sequential
   levels instead of ``K`` sequential conditional binomials).
+* **Only live work.** In the wide levels of the tree most nodes hold no items once states die;
+  their lanes are packed away by a prefix sum before any random number is drawn, so the cost
+  follows the number of live states, as NumPy's loop does.
 
 Exactness: every sampler is exact in distribution up to floating-point rounding. With float32
 the binomial location ``n p`` is resolved to float32 precision, so for ``n > 2**24`` enable x64
@@ -288,20 +291,19 @@ def _binomial_step(params, state):
     return (jnp.where(is_btrs, kb, x), j + jnp.uint32(1), u, f), finished
 
 
-_FIRST_ROUNDS = 4  # BTRS candidates per lane in the fused first pass (all accepted w.p. > 0.99)
-_FIRST_INV_STEPS = 24  # chop-down steps in the fused first pass (P(X > 24) < 1e-4 at mean 10)
 _NARROW_LEVELS = 3  # tree levels (from the root) sampled without packing: few lanes, mostly busy
 _BLOCK = 4096  # lanes sampled per block: work is proportional to the non-trivial lanes only
 
 
 def _binomial_block(k0, k1, lane, n, p):
-    """Binomial(n, p) for one block of lanes (all (B,)): a fused first pass, then a fallback.
+    """Binomial(n, p) per lane (all arguments (B,)), every lane stepped by :func:`_solve`.
 
-    The first pass evaluates ``_FIRST_ROUNDS`` BTRS candidates and ``_FIRST_INV_STEPS`` chop-down
-    steps on every lane in one elementwise kernel (no loop: at these sizes a loop iteration costs
-    more than the arithmetic); the few lanes not finished by then continue in :func:`_solve`
-    from exactly where they stopped (candidate ``_FIRST_ROUNDS``, the same chop-down position),
-    so each lane's result is the same as running the loop from the start.
+    Lanes with ``n * min(p, 1-p) >= 10`` use BTRS (Hörmann, "The generation of binomial random
+    variates", J. Stat. Comput. Simul. 46, 1993: transformed rejection with squeeze; acceptance
+    0.74 at mean 10-20, 0.85 at mean 500). Lanes with a smaller mean use inversion by chop-down
+    search from 0 (Kachitvichyanukul & Schmeiser 1988, "BINV"; expected ``n p + 1`` steps).
+    ``p > 1/2`` is drawn as ``n - X`` with ``X ~ Binomial(n, 1 - p)``. A lane's draw depends
+    only on its seed words, counter and parameters.
     """
     dtype = p.dtype
     n = jnp.maximum(n, 0)
@@ -319,9 +321,8 @@ def _binomial_block(k0, k1, lane, n, p):
     f = jnp.exp(nf * jnp.log1p(-q))  # f(0) = (1 - q)^n, >= 1e-6 on inversion lanes
 
     state = (jnp.zeros_like(nf), jnp.zeros(n.shape, jnp.uint32), u, f)
-    done = trivial
-    sizes = _stage_sizes(n.shape[0])
-    x, _, _, _ = _solve(_binomial_step, (k0, k1, lane, nf, q, fc_mode, is_btrs), state, done, sizes)
+    params = (k0, k1, lane, nf, q, fc_mode, is_btrs)
+    x, _, _, _ = _solve(_binomial_step, params, state, trivial, _stage_sizes(n.shape[0]))
     x = jnp.where(trivial, 0, x.astype(jnp.int32))
     return jnp.where(flip, n - x, x)
 
@@ -331,13 +332,7 @@ _binomial_lanes = _lanewise(_binomial_block)
 
 @_lanewise
 def _binomial_packed(k0: Array, k1: Array, lane: Array, n: Array, p: Array) -> Array:
-    """Binomial(n, p) per lane; all arguments (L,): seed words, distinct counters, n, p.
-
-    Lanes with ``n * min(p, 1-p) >= 10`` use BTRS (Hörmann, "The generation of binomial random
-    variates", J. Stat. Comput. Simul. 46, 1993: transformed rejection with squeeze; acceptance
-    0.74 at mean 10-20, 0.85 at mean 500). Lanes with a smaller mean use inversion by chop-down
-    search from 0 (Kachitvichyanukul & Schmeiser 1988, "BINV"; expected ``n p + 1`` steps).
-    ``p > 1/2`` is drawn as ``n - X`` with ``X ~ Binomial(n, 1 - p)``.
+    """Binomial(n, p) per lane (all arguments (L,)), the same draws as :func:`_binomial_lanes`.
 
     Work is proportional to the non-trivial lanes: those (``n > 0``, ``0 < p < 1``) are packed
     to the front by a prefix sum and sampled in blocks of ``_BLOCK`` lanes by a loop that runs
@@ -468,7 +463,8 @@ def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int
     padded = [jnp.pad(pr, (0, half - pr.shape[0])) for pr in probs]
     counts = jnp.zeros((width,), jnp.int32).at[0].set(n)
     # The first levels have few nodes, nearly all of them busy: sampled level by level with
-    # exactly 2**l lanes (a scan would pad them to a common width).
+    # exactly 2**l lanes (a scan would pad them to a common width). The wider levels, where
+    # most nodes are empty once states die, run in one scan through the packed sampler.
     narrow = min(levels, _NARROW_LEVELS)
     for lev in range(narrow):
         c = counts[: 2**lev]
