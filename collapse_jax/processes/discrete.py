@@ -245,8 +245,8 @@ def compact(state: DiscreteState, policy: Policy, min_width: int = 2) -> Discret
     the largest number of live states of any chain; each chain's live states move to the front
     in their original order. Exact: dropped states are dead forever (zero count, zero pool and,
     when fresh data is mixed in, zero p0), and their p0-mass is kept in ``p0_dropped`` for the
-    metrics. Shrinking only to powers of two, by a factor of at least 4, bounds the number of
-    recompilations by log4 K.
+    metrics. Shrinking only to powers of two, by a factor of at least ``SHRINK``, bounds the
+    number of recompilations by log2 K (each width compiles the chunk once).
     """
     alive = alive_mask(state, policy)
     k = state.counts.shape[-1]
