@@ -121,9 +121,9 @@ def make_kernels(
     ``inputs`` per generation: ``{"generation": n, "size": M_n}`` where ``M_n`` is the size of the
     batch drawn at generation n (it fits generation n + 1), and optionally ``"record"`` (see
     :func:`collapse_jax.generational.record_flags`): when given, the metrics (K logarithms per
-    chain) are computed only on recorded generations, under a ``lax.cond``. ``max_size`` bounds every batch size
-    (needed by the ``samples`` method, whose draws have static shape). ``fresh_varies`` says
-    that chains may carry their own fresh fraction (a vmapped sweep over it).
+    chain) are computed only on recorded generations, under a ``lax.cond``. ``max_size`` bounds
+    every batch size (needed by the ``samples`` method, whose draws have static shape).
+    ``fresh_varies`` says that chains may carry their own fresh fraction (a vmapped sweep).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
