@@ -440,42 +440,35 @@ def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int
     # Heap numbering (node i of level l has counter 2**l + i) keeps every node's counter distinct.
     k0, k1 = _key_words(key)
 
-    def run_levels(counts, first, last, lanes, sampler):
-        """Levels first..last-1 in one scan (one copy of the sampler in the program): the nodes
-        of level l sit in the first 2**l slots of ``counts``; slots past them hold no items."""
-        iota = jax.lax.iota(jnp.uint32, lanes)
-        probs = jnp.stack([p_[:lanes] for p_ in padded[first:last]])
-        bases = jnp.asarray([2**lev for lev in range(first, last)], jnp.uint32)
+    def split(counts, prob, base, lanes, sampler):
+        """Send Binomial(c_i, prob_i) items of the first ``lanes`` nodes left, the rest right;
+        returns the children (node i -> 2i, 2i + 1) padded to the full width."""
+        c = counts[:lanes]
+        lane = jax.lax.iota(jnp.uint32, lanes) + base
+        seeds = (jnp.broadcast_to(k0, lane.shape), jnp.broadcast_to(k1, lane.shape))
+        left = sampler(*seeds, lane, c, prob)
+        new = jnp.stack([left, c - left], axis=1).reshape(-1)
+        return jnp.pad(new, (0, width - 2 * lanes))
 
-        def level(counts, xs):
-            prob, base = xs
-            c = counts[:lanes]
-            lane = iota + base
-            left = sampler(
-                jnp.broadcast_to(k0, lane.shape), jnp.broadcast_to(k1, lane.shape), lane, c, prob
-            )
-            new = jnp.stack([left, c - left], axis=1).reshape(-1)
-            return jnp.pad(new, (0, width - 2 * lanes)), None
-
-        counts, _ = jax.lax.scan(level, counts, (probs, bases))
-        return counts
-
-    padded = [jnp.pad(pr, (0, half - pr.shape[0])) for pr in probs]
     counts = jnp.zeros((width,), jnp.int32).at[0].set(n)
     # The first levels have few nodes, nearly all of them busy: sampled level by level with
     # exactly 2**l lanes (a scan would pad them to a common width). The wider levels, where
-    # most nodes are empty once states die, run in one scan through the packed sampler.
+    # most nodes are empty once states die, run in one scan (one copy of the sampler in the
+    # program) through the packed sampler; there the nodes of level l sit in the first 2**l
+    # slots and the slots past them hold no items.
     narrow = min(levels, _NARROW_LEVELS)
     for lev in range(narrow):
-        c = counts[: 2**lev]
-        lane = jax.lax.iota(jnp.uint32, 2**lev) + jnp.uint32(2**lev)
-        left = _binomial_lanes(
-            jnp.broadcast_to(k0, lane.shape), jnp.broadcast_to(k1, lane.shape), lane, c, probs[lev]
-        )
-        new = jnp.stack([left, c - left], axis=1).reshape(-1)
-        counts = jnp.pad(new, (0, width - new.shape[0]))
+        counts = split(counts, probs[lev], jnp.uint32(2**lev), 2**lev, _binomial_lanes)
     if levels > narrow:
-        counts = run_levels(counts, narrow, levels, half, _binomial_packed)
+        wide = (
+            jnp.stack([jnp.pad(pr, (0, half - pr.shape[0])) for pr in probs[narrow:]]),
+            jnp.asarray([2**lev for lev in range(narrow, levels)], jnp.uint32),
+        )
+
+        def level(counts, xs):
+            return split(counts, *xs, half, _binomial_packed), None
+
+        counts, _ = jax.lax.scan(level, counts, wide)
     return counts[:k_states]
 
 
