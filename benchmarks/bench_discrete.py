@@ -17,7 +17,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import numpy as np
 
-from collapse_jax.studies import discrete as study
+from collapse_jax.families.discrete import study as study
 
 
 def numpy_loop(k: int, m: int, chains: int, generations: int, seed: int = 0) -> float:

@@ -3,12 +3,12 @@
 Workload (the project's acceptance workload): 10,000 chains, M = 1000 samples per generation,
 1000 generations, replace policy, unbiased estimator, in d = 1 and d = 10.
 
-* ours: :func:`collapse_jax.processes.gaussian.make_process` with the ``sufficient`` sampler
+* ours: :func:`collapse_jax.families.gaussian.kernel.make_process` with the ``sufficient`` sampler
   (mean ~ N(μ, Σ/M), scatter ~ Wishart(M − 1, Σ) by the Bartlett decomposition), its one-chain
   ``step`` vmapped over chains and scanned over generations exactly as the shared runner does
   (per-chain keys ``fold_in(chain_key, generation)``, metrics on recorded generations only,
   recorded every 100 generations; d = 10 over 200 generations). Figures are steady-state (compilation excluded, best of
-  ``--repeats``); the end-to-end time of :func:`collapse_jax.generational.run_generations`
+  ``--repeats``); the end-to-end time of :func:`collapse_jax.core.loop.run_generations`
   (compilation, chunking and progress included) is printed too.
 * NumPy sample-level loop (what a researcher writes): draw M points per chain, fit mean and
   covariance (``ddof = 1``). Its cost per generation does not change over a run, so it is timed
@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.generational import chain_sharding, per_device, run_generations, shard_chains
-from collapse_jax.processes import gaussian as proc
+from collapse_jax.core.loop import chain_sharding, per_device, run_generations, shard_chains
+from collapse_jax.families.gaussian import kernel as proc
 
 
 def _best(fn, repeats: int) -> float:

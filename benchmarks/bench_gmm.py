@@ -27,8 +27,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from collapse_jax.processes import gmm as proc
-from collapse_jax.studies import gmm as study
+from collapse_jax.families.gmm import kernel as proc
+from collapse_jax.families.gmm import study as study
 
 TOL = 1e-5
 REG = 1e-6

@@ -37,7 +37,7 @@ def _hf_config(quick: bool):
             max_position_embeddings=256,
             dropout=0.0,
         )
-    from collapse_jax.paths import data_dir
+    from collapse_jax.core.paths import data_dir
 
     config_file = None
     try:
@@ -65,9 +65,9 @@ def main() -> None:
     import torch
     import transformers
 
-    from collapse_jax import decoding
-    from collapse_jax.models.opt import OPTForCausalLM
-    from collapse_jax.models.opt_weights import load_pretrained
+    from collapse_jax.families.lm import decoding
+    from collapse_jax.families.lm.opt import OPTForCausalLM
+    from collapse_jax.families.lm.opt_weights import load_pretrained
 
     quick = args.quick
     n_prompts = args.prompts or (2 if quick else 4)

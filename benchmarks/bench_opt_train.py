@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from collapse_jax import training as T
-    from collapse_jax.models.opt import OPTConfig, num_params
-    from collapse_jax.models.opt_weights import load_pretrained
+    from collapse_jax.core import training as T
+    from collapse_jax.families.lm.opt import OPTConfig, num_params
+    from collapse_jax.families.lm.opt_weights import load_pretrained
 
     if args.quick:
         hf_kwargs = dict(

@@ -1,4 +1,4 @@
-"""Benchmark: Wright–Fisher multinomial resampling, collapse_jax.samplers vs NumPy.
+"""Benchmark: Wright–Fisher multinomial resampling, collapse_jax.numerics.samplers vs NumPy.
 
 Workload (the project's acceptance workload): K = 50 states, M = 1000 samples, 4096 chains,
 counts start uniform (p0 = 1/K); each generation draws ``counts ~ Multinomial(M, counts / M)``
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import samplers
+from collapse_jax.numerics import samplers
 
 
 def _best(fn, repeats: int) -> float:

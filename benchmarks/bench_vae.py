@@ -1,7 +1,7 @@
 """Training-step throughput (images/s) of the Flax VAE vs the same architecture in PyTorch.
 
 Both run in this process on the same random batch: our jitted, sharded Optax step
-(``collapse_jax.models.vae``) and an eager PyTorch step (``torch.set_num_threads(2)``) with the
+(``collapse_jax.families.vae.model``) and an eager PyTorch step (``torch.set_num_threads(2)``) with the
 paper's architecture, loss (summed BCE + KL) and ``Adam(lr=1e-3, weight_decay=1e-5)``. Rounds
 alternate between the two and the best round of each is reported, so that load from other
 processes on the machine affects both alike.
@@ -22,7 +22,7 @@ import numpy as np
 def bench_jax(widths, batch, steps, rounds_x):
     import jax
 
-    from collapse_jax.models import vae
+    from collapse_jax.families.vae import model as vae
 
     cfg = vae.VAEConfig(channels1=widths[0], channels2=widths[1])
     model, opt = vae.make_model(cfg), vae.make_optimizer(cfg)

@@ -12,15 +12,15 @@ import tomllib
 import typing
 from pathlib import Path
 
-from collapse_jax.errors import ConfigError
+from collapse_jax.core.errors import ConfigError
 
 #: Study name -> module implementing the study protocol (see ARCHITECTURE.md).
 STUDIES = {
-    "discrete": "collapse_jax.studies.discrete",
-    "gaussian": "collapse_jax.studies.gaussian",
-    "gmm": "collapse_jax.studies.gmm",
-    "vae": "collapse_jax.studies.vae",
-    "lm": "collapse_jax.studies.lm",
+    "discrete": "collapse_jax.families.discrete.study",
+    "gaussian": "collapse_jax.families.gaussian.study",
+    "gmm": "collapse_jax.families.gmm.study",
+    "vae": "collapse_jax.families.vae.study",
+    "lm": "collapse_jax.families.lm.study",
 }
 
 #: Studies run by `collapse-jax demo`, in order (each with its module's demo_config()).
@@ -137,8 +137,8 @@ def run_sweep(module, config, field: str, values: list, out: Path, progress=None
     vmapped computation when shapes allow (returning None otherwise); other sweeps loop, each
     value's chains still vmapped and sharded as usual.
     """
-    from collapse_jax import report as rep
-    from collapse_jax.runs import write_json, write_text
+    from collapse_jax.core import report as rep
+    from collapse_jax.core.runs import write_json, write_text
 
     summaries = {}
     vmapped = None
@@ -247,7 +247,7 @@ def cmd_demo(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.only.split(",") if args.only else list(DEMO)
-    from collapse_jax.runs import write_text
+    from collapse_jax.core.runs import write_text
 
     sections = ["# collapse_jax demo", ""]
     for name in names:
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "list":
             return cmd_list()
         if cmd == "lm":
-            from collapse_jax import lm_cli
+            from collapse_jax.families.lm import cli as lm_cli
 
             return lm_cli.main(rest)
         raise ConfigError(f"unknown command {cmd!r}; {usage}")

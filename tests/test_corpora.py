@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collapse_jax import corpora
-from collapse_jax.errors import ConfigError
-from collapse_jax.synthetic_language import make_tokenizer
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm import corpora
+from collapse_jax.families.lm.synthetic_language import make_tokenizer
 
 
 def _write(dirpath: Path, **splits):

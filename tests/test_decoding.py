@@ -18,10 +18,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from collapse_jax import decoding  # noqa: E402
-from collapse_jax.errors import ConfigError  # noqa: E402
-from collapse_jax.models.opt import OPTForCausalLM  # noqa: E402
-from collapse_jax.models.opt_weights import load_pretrained  # noqa: E402
+from collapse_jax.core.errors import ConfigError  # noqa: E402
+from collapse_jax.families.lm import decoding  # noqa: E402
+from collapse_jax.families.lm.opt import OPTForCausalLM  # noqa: E402
+from collapse_jax.families.lm.opt_weights import load_pretrained  # noqa: E402
 
 PAD, BOS, EOS = 1, 2, 3
 MAX_NEW = 16

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from collapse_jax.generational import Policy, run_generations
-from collapse_jax.metrics.discrete import discrete_metrics
-from collapse_jax.processes import discrete as proc
-from collapse_jax.studies import discrete as study
-from collapse_jax.theory import wright_fisher as wf
+from collapse_jax.core.loop import run_generations
+from collapse_jax.core.policies import Policy
+from collapse_jax.families.discrete import kernel as proc
+from collapse_jax.families.discrete import study as study
+from collapse_jax.families.discrete import theory as wf
+from collapse_jax.families.discrete.metrics import discrete_metrics
 
 Z = 4.0  # agreement within Z standard errors
 

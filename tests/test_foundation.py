@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 
 from collapse_jax import cli
-from collapse_jax.errors import ConfigError
-from collapse_jax.generational import (
-    Policy,
-    Schedule,
-    chain_stats,
-    mix_training_data,
-    recorded_generations,
-    run_generations,
-    split_batch,
-)
-from collapse_jax.runs import read_arrays, read_json, write_arrays, write_json
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.core.loop import chain_stats, recorded_generations, run_generations
+from collapse_jax.core.policies import Policy, Schedule, mix_training_data, split_batch
+from collapse_jax.core.runs import read_arrays, read_json, write_arrays, write_json
 
 
 def test_policy_parse_and_split():

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from collapse_jax.generational import Policy, run_generations
-from collapse_jax.metrics import gaussian as met
-from collapse_jax.processes import gaussian as proc
-from collapse_jax.theory import gaussian as th
+from collapse_jax.core.loop import run_generations
+from collapse_jax.core.policies import Policy
+from collapse_jax.families.gaussian import kernel as proc
+from collapse_jax.families.gaussian import metrics as met
+from collapse_jax.families.gaussian import theory as th
 
 Z = 4.0  # tolerance in Monte Carlo standard errors
 

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax.errors import ConfigError
-from collapse_jax.generational import run_generations
-from collapse_jax.processes import gaussian as proc
-from collapse_jax.studies import gaussian as study
-from collapse_jax.theory import gaussian as th
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.core.loop import run_generations
+from collapse_jax.families.gaussian import kernel as proc
+from collapse_jax.families.gaussian import study as study
+from collapse_jax.families.gaussian import theory as th
 
 
 def collapse_run(chains=512, generations=2000, m=10):

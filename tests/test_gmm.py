@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 
-from collapse_jax.errors import ConfigError
-from collapse_jax.metrics import gmm as metrics
-from collapse_jax.metrics.gmm import GMM
-from collapse_jax.processes import gmm as proc
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.gmm import kernel as proc
+from collapse_jax.families.gmm import metrics as metrics
+from collapse_jax.families.gmm.metrics import GMM
 
 # Per-point log-likelihood agreement with scikit-learn demanded by the issue is 1e-3; float32
 # EM lands within ~1e-5 of float64 scikit-learn on these cases, so we check the stricter 1e-4.

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax.errors import ConfigError
-from collapse_jax.processes import gmm as proc
-from collapse_jax.studies import gmm as study
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.gmm import kernel as proc
+from collapse_jax.families.gmm import study as study
 
 TINY = study.Config(
     samples=40,

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import linalg
-from collapse_jax.generational import Policy
-from collapse_jax.processes import gaussian as gproc
-from collapse_jax.processes import gmm as mproc
-from collapse_jax.studies import gmm as gmm_study
+from collapse_jax.core.policies import Policy
+from collapse_jax.families.gaussian import kernel as gproc
+from collapse_jax.families.gmm import kernel as mproc
+from collapse_jax.families.gmm import study as gmm_study
+from collapse_jax.numerics import linalg
 
 DIMS = [1, 2, 3, 7, 10, 17, 24]  # 17 and 24 take the fori_loop path (> 16)
 

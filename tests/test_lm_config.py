@@ -7,11 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import synthetic_language as sl
-from collapse_jax.errors import ConfigError
-from collapse_jax.models.opt import OPTConfig, param_shapes
-from collapse_jax.models.opt_weights import save_pretrained
-from collapse_jax.studies import lm
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm import study as lm
+from collapse_jax.families.lm import synthetic_language as sl
+from collapse_jax.families.lm.opt import OPTConfig, param_shapes
+from collapse_jax.families.lm.opt_weights import save_pretrained
 
 SMALL = lm.Config(
     model="micro",

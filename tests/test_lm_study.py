@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from collapse_jax import checkpointing, lm_cli
-from collapse_jax import synthetic_language as sl
-from collapse_jax.runs import read_arrays
-from collapse_jax.studies import lm
+from collapse_jax.core import checkpointing
+from collapse_jax.core.runs import read_arrays
+from collapse_jax.families.lm import cli as lm_cli
+from collapse_jax.families.lm import study as lm
+from collapse_jax.families.lm import synthetic_language as sl
 
 TINY = lm.Config(
     model="micro",

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from collapse_jax import lm_cli
-from collapse_jax.paths import data_file
+from collapse_jax.core.paths import data_file
+from collapse_jax.families.lm import cli as lm_cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax.errors import ConfigError
-from collapse_jax.models.opt import (
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm.opt import (
     OPTConfig,
     OPTForCausalLM,
     init_cache,
@@ -18,7 +18,7 @@ from collapse_jax.models.opt import (
     model_logits,
     reorder_cache,
 )
-from collapse_jax.models.opt_weights import (
+from collapse_jax.families.lm.opt_weights import (
     hf_state_dict_to_params,
     load_pretrained,
     params_to_hf_state_dict,

@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from collapse_jax import training as T
-from collapse_jax.errors import ConfigError
-from collapse_jax.models.opt import OPTConfig, init_params, model_logits
+from collapse_jax.core import training as T
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm.opt import OPTConfig, init_params, model_logits
 
 TINY = OPTConfig(
     vocab_size=101,

@@ -1,4 +1,4 @@
-"""Exactness tests for collapse_jax.samplers against scipy.stats (fixed keys, small sizes).
+"""Exactness tests for collapse_jax.numerics.samplers against scipy.stats (fixed keys, small sizes).
 
 Goodness of fit uses Pearson's chi-square on cells with expected count >= 5 (the rest pooled
 into one cell) and fails at significance 1e-4; moment checks use |mean - theory| < 4 stderr.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats as st
 
-from collapse_jax import samplers
+from collapse_jax.numerics import samplers
 
 ALPHA = 1e-4
 

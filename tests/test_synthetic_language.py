@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import synthetic_language as sl
-from collapse_jax.errors import ConfigError
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm import synthetic_language as sl
 
 TINY = sl.SourceConfig(vocab_size=3, n_states=2, seed=3)
 

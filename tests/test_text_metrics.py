@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from collapse_jax.errors import ConfigError
-from collapse_jax.metrics import text
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm import text_metrics as text
 
 
 def _brute_repeated(seq, n):

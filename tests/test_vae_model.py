@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import data as mnist
-from collapse_jax.checkpointing import Checkpointer, arrays_to_tree, tree_to_arrays
-from collapse_jax.errors import ConfigError
-from collapse_jax.models import vae
+from collapse_jax.core.checkpointing import Checkpointer, arrays_to_tree, tree_to_arrays
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.vae import data as mnist
+from collapse_jax.families.vae import model as vae
 
 
 def _images(n, seed=0):

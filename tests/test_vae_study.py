@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from collapse_jax import cli
-from collapse_jax.errors import ConfigError
-from collapse_jax.runs import read_arrays, read_json
-from collapse_jax.studies import vae as study
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.core.runs import read_arrays, read_json
+from collapse_jax.families.vae import study as study
 
 TINY = study.Config(
     generations=3,

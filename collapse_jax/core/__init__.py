@@ -1,0 +1,1 @@
+"""The shared core: the generational loop, data policies, runs, reports, checkpoints, training."""

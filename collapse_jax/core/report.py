@@ -1,0 +1,141 @@
+"""Report building blocks shared by every study: theory-vs-Monte-Carlo tables, curve plots with
+error bands, Markdown assembly. Plots are drawn from saved arrays only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from collapse_jax.core.runs import save_figure
+
+#: A Monte Carlo value agrees with theory when it is within this many standard errors.
+Z_AGREE = 4.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of a theory-vs-Monte-Carlo table."""
+
+    claim: str
+    theory: float
+    mc: float
+    stderr: float
+    rel_tol: float = 0.0  # allowed relative model error (approximations), on top of Z_AGREE·stderr
+
+    @property
+    def z(self) -> float:
+        if self.stderr > 0:
+            return (self.mc - self.theory) / self.stderr
+        return 0.0 if self.mc == self.theory else math.inf
+
+    @property
+    def agrees(self) -> bool:
+        if not (math.isfinite(self.mc) and math.isfinite(self.theory)):
+            return False
+        return abs(self.mc - self.theory) <= Z_AGREE * self.stderr + self.rel_tol * abs(self.theory)
+
+    def as_dict(self) -> dict:
+        return {
+            "claim": self.claim,
+            "theory": self.theory,
+            "monte_carlo": self.mc,
+            "stderr": self.stderr,
+            "z": self.z,
+            "rel_tol": self.rel_tol,
+            "agrees": self.agrees,
+        }
+
+
+def fmt(x: float) -> str:
+    """Compact number formatting for tables."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    ax = abs(x)
+    if ax != 0 and (ax >= 1e5 or ax < 1e-3):
+        return f"{x:.4e}"
+    return f"{x:.5g}"
+
+
+def checks_table(checks: Sequence[Check]) -> str:
+    """Markdown table: claim | theory | Monte Carlo ± stderr | agrees?"""
+    lines = [
+        "| claim | theory | Monte Carlo ± stderr | agrees? |",
+        "|---|---|---|---|",
+    ]
+    for c in checks:
+        tol = f"{Z_AGREE:g}σ" + (f" + {c.rel_tol:.0%}" if c.rel_tol else "")
+        verdict = "yes" if c.agrees else "**no**"
+        lines.append(
+            f"| {c.claim} | {fmt(c.theory)} | {fmt(c.mc)} ± {fmt(c.stderr)} "
+            f"| {verdict} (z = {c.z:+.2f}, tol {tol}) |"
+        )
+    return "\n".join(lines)
+
+
+def band(ax, x, mean, stderr, label=None, color=None, z: float = 2.0, **kw):
+    """Plot a mean curve with a ±z·stderr band."""
+    x, mean, stderr = (np.asarray(a, dtype=np.float64) for a in (x, mean, stderr))
+    (line,) = ax.plot(x, mean, label=label, color=color, **kw)
+    ok = np.isfinite(mean) & np.isfinite(stderr)
+    ax.fill_between(
+        x[ok], (mean - z * stderr)[ok], (mean + z * stderr)[ok], color=line.get_color(), alpha=0.25
+    )
+    return line
+
+
+def curves_figure(
+    path: str | Path,
+    panels: Sequence[dict],
+    ncols: int = 2,
+    title: str | None = None,
+) -> Path:
+    """A grid of panels. Each panel: ``{"title", "x", "series": [{"mean", "stderr", "label"}],
+    "theory": [{"y", "label"}], "logy": bool, "logx": bool, "ylabel": str}``."""
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        x = np.asarray(panel["x"], dtype=np.float64)
+        for s in panel.get("series", []):
+            band(ax, s.get("x", x), s["mean"], s["stderr"], label=s.get("label"))
+        for t in panel.get("theory", []):
+            ax.plot(
+                t.get("x", x),
+                t["y"],
+                "k--" if not t.get("style") else t["style"],
+                lw=1.2,
+                label=t.get("label", "theory"),
+            )
+        if panel.get("logy"):
+            ax.set_yscale("log")
+        if panel.get("logx"):
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_title(panel.get("title", ""), fontsize=10)
+        ax.set_xlabel(panel.get("xlabel", "generation"))
+        if panel.get("ylabel"):
+            ax.set_ylabel(panel["ylabel"])
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def figure_md(name: str, caption: str) -> str:
+    """Markdown for an embedded figure in the same run directory."""
+    return f"![{caption}]({name})\n\n*{caption}*\n"

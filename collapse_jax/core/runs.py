@@ -1,0 +1,153 @@
+"""Run directories: config.json, metric arrays, summary.json, all written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from collapse_jax.core.errors import ConfigError
+
+
+def _to_jsonable(obj: Any) -> Any:
+    """Convert dataclasses, NumPy/JAX arrays and scalars into JSON-compatible values.
+
+    Non-finite floats become the strings ``"inf"``, ``"-inf"`` or ``"nan"`` so the file stays
+    valid JSON (``json`` would otherwise write the non-standard ``Infinity``).
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__array__") and not isinstance(obj, str | bytes):
+        arr = np.asarray(obj)
+        if arr.ndim == 0:
+            return _to_jsonable(arr.item())
+        return [_to_jsonable(v) for v in arr.tolist()]
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return "nan"
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, np.generic):
+        return _to_jsonable(obj.item())
+    return obj
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path in the same directory; rename it onto ``path`` only on success.
+
+    A crash part-way leaves the old file (or nothing) in place, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_to_jsonable(obj), indent=2) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read JSON, raising :class:`ConfigError` naming the file when it is missing or corrupt."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"corrupt JSON in {path}: {e}") from None
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write a text file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_arrays(path: str | os.PathLike, **arrays) -> Path:
+    """Atomically write NumPy arrays to an ``.npz`` file."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return Path(path)
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` file written by :func:`write_arrays`; clear error if missing or corrupt."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: {path}") from None
+    except Exception as e:  # zipfile.BadZipFile, ValueError, EOFError, ...
+        raise ConfigError(f"corrupt array file {path}: {e}") from None
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Atomically save a matplotlib figure as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def series(generation, mean, stderr) -> dict[str, list]:
+    """The summary.json form of a per-generation metric."""
+    return {
+        "generation": _to_jsonable(np.asarray(generation)),
+        "mean": _to_jsonable(np.asarray(mean)),
+        "stderr": _to_jsonable(np.asarray(stderr)),
+    }
+
+
+class RunDir:
+    """A run directory: ``config.json``, ``metrics.npz``, ``summary.json``, figures, ``report.md``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: Any, study: str) -> Path:
+        return write_json(self.file("config.json"), {"study": study, "config": config})
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        return write_json(self.file("summary.json"), summary)
+
+    def write_metrics(self, name: str = "metrics.npz", **arrays) -> Path:
+        return write_arrays(self.file(name), **arrays)
+
+    def write_report(self, text: str) -> Path:
+        return write_text(self.file("report.md"), text)

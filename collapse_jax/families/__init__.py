@@ -1,0 +1,1 @@
+"""Model families: each folder holds its kernel or model, metrics, closed forms and study."""

@@ -1,0 +1,1 @@
+"""The discrete family: a K-state distribution refitted from M samples (Wright–Fisher)."""

@@ -1,0 +1,258 @@
+"""The discrete resampling process: a K-state distribution fitted exactly (F(p) = p) from M
+samples, generation after generation (the neutral Wright–Fisher model with population M).
+
+One chain's kernels are pure functions of (key, state, inputs); the shared runner
+:func:`collapse_jax.core.loop.run_generations` vmaps them over chains and scans generations.
+The state axis may be *compacted* between chunks: states that can never come back are dropped
+and summarised by the p0-mass they carried (see :func:`compact`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from collapse_jax.core.errors import ConfigError, check_float, check_int, check_probability_vector
+from collapse_jax.core.policies import Policy, split_batch
+from collapse_jax.families.discrete.metrics import DiscreteMetrics, discrete_metrics
+from collapse_jax.numerics import samplers
+
+METHODS = ("counts", "samples")
+
+
+class DiscreteState(NamedTuple):
+    """One chain after generation n: the training set T_n that fits generation n + 1."""
+
+    counts: Int[Array, " K"]  # counts of T_n per state
+    pool: Int[Array, " K"]  # accumulated pool (accumulate-subsample); zeros otherwise
+    p0: Float[Array, " K"]  # original probabilities of the states in this (compacted) axis
+    index: Int[Array, " K"]  # original state id of each slot
+    p0_dropped: Float[Array, ""]  # p0-mass of states dropped by compaction (all dead)
+    absorbed_at: Int[Array, ""]  # first generation whose model is a delta, -1 if none yet
+    absorbed_state: Int[Array, ""]  # original id of that delta's state, -1 if none yet
+    samples: Int[Array, ""]  # this chain's constant batch size M, or 0 to follow the schedule
+    gamma: Float[Array, ""]  # this chain's fresh fraction (used when the policy has beta = 0)
+
+
+class DiscreteInfo(NamedTuple):
+    """What one generation reports."""
+
+    metrics: DiscreteMetrics
+
+
+def initial_distribution(spec: str | np.ndarray, states: int | None = None) -> np.ndarray:
+    """Parse an initial distribution p0.
+
+    ``spec`` is ``uniform``, ``zipf:S`` (p_i ∝ i^-S), ``dirichlet:A`` (symmetric; drawn with
+    NumPy seed 0 unless ``dirichlet:A:SEED``), a comma-separated vector ``0.5,0.3,0.2``, a path to a
+    ``.npy`` file, or an array. ``states`` (K) is required for the parametric families and
+    checked against explicit vectors.
+    """
+    if isinstance(spec, np.ndarray | list | tuple):
+        p = np.asarray(spec, dtype=np.float64)
+    else:
+        spec = str(spec).strip()
+        head, _, rest = spec.partition(":")
+        if spec == "uniform" or head in ("zipf", "dirichlet"):
+            if states is None:
+                raise ConfigError(f"p0 {spec!r} needs the number of states")
+            k = check_int("states", states, 2)
+            if spec == "uniform":
+                p = np.full(k, 1.0 / k)
+            elif head == "zipf":
+                s = check_float("zipf exponent", rest or "1.0", 0.0)
+                p = np.arange(1, k + 1, dtype=np.float64) ** -s
+                p /= p.sum()
+            else:
+                a_str, _, seed_str = rest.partition(":")
+                a = check_float("dirichlet concentration", a_str or "1.0", 0.0, open_min=True)
+                seed = check_int("dirichlet seed", int(seed_str), 0) if seed_str else 0
+                p = np.random.default_rng(seed).dirichlet(np.full(k, a))
+        elif spec.endswith(".npy"):
+            path = Path(spec)
+            if not path.exists():
+                raise ConfigError(f"p0 file not found: {path}")
+            try:
+                p = np.load(path, allow_pickle=False).astype(np.float64)
+            except Exception as e:
+                raise ConfigError(f"cannot read p0 file {path}: {e}") from None
+        else:
+            try:
+                p = np.array([float(v) for v in spec.split(",")], dtype=np.float64)
+            except ValueError:
+                raise ConfigError(
+                    f"cannot parse p0 {spec!r}; use uniform, zipf:S, dirichlet:A, a vector "
+                    "like 0.5,0.3,0.2, or a .npy file"
+                ) from None
+    p = check_probability_vector("p0", p)
+    if p.shape[0] < 2:
+        raise ConfigError(f"p0 must have at least 2 states (K >= 2), got K = {p.shape[0]}")
+    if states is not None and p.shape[0] != states:
+        raise ConfigError(f"p0 has {p.shape[0]} entries but states = {states}")
+    return p
+
+
+def _sample_model(key, n, p, method: str, max_size: int):
+    """Counts of ``n`` draws from ``p``: directly (``counts``) or draw-and-recount (``samples``)."""
+    if method == "counts":
+        return samplers.multinomial(key, n, p)
+    # The paper's literal procedure: M categorical draws by inverse CDF, then recount.
+    cdf = jnp.cumsum(p)
+    u = jax.random.uniform(key, (max_size,), dtype=cdf.dtype) * cdf[-1]
+    draws = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), p.shape[0] - 1)
+    # Never pick a zero-probability state (guards the u == cdf boundary in floating point).
+    draws = jnp.where(p[draws] > 0, draws, jnp.argmax(p))
+    valid = jnp.arange(max_size) < n
+    return jnp.zeros(p.shape[0], jnp.int32).at[draws].add(valid.astype(jnp.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def make_kernels(
+    policy: Policy, method: str = "counts", max_size: int = 1, fresh_varies: bool = False
+):
+    """Build ``init(key, p0, m0)`` and ``step(key, state, inputs)`` for one chain.
+
+    ``inputs`` per generation: ``{"generation": n, "size": M_n}`` where ``M_n`` is the size of the
+    batch drawn at generation n (it fits generation n + 1), and optionally ``"record"`` (see
+    :func:`collapse_jax.core.loop.record_flags`): when given, the metrics (K logarithms per
+    chain) are computed only on recorded generations, under a ``lax.cond``. ``max_size`` bounds
+    every batch size (needed by the ``samples`` method, whose draws have static shape).
+    ``fresh_varies`` says that chains may carry their own fresh fraction (a vmapped sweep).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+    def draw(key, n, p):
+        return _sample_model(key, n, p, method, max_size)
+
+    def init(
+        key, p0: Float[Array, " K"], m0, samples=0, gamma=policy.gamma
+    ) -> tuple[DiscreteState, DiscreteInfo]:
+        """Generation 0 of one chain. ``samples`` > 0 fixes this chain's M (overriding the
+        schedule) and ``gamma`` its fresh fraction: per-chain values for vmapped sweeps."""
+        k = p0.shape[0]
+        samples = jnp.asarray(samples, jnp.int32)
+        # fold_in(key, 0): generation n >= 1 uses fold_in(key, n), never the raw chain key.
+        counts = draw(jax.random.fold_in(key, 0), jnp.where(samples > 0, samples, m0), p0)
+        pool = counts if policy.mode == "accumulate-subsample" else jnp.zeros_like(counts)
+        state = DiscreteState(
+            counts=counts,
+            pool=pool,
+            p0=p0,
+            index=jnp.arange(k, dtype=jnp.int32),
+            p0_dropped=jnp.zeros((), p0.dtype),
+            absorbed_at=jnp.where(jnp.sum(p0 > 0) == 1, 0, -1).astype(jnp.int32),
+            absorbed_state=jnp.where(jnp.sum(p0 > 0) == 1, jnp.argmax(p0), -1).astype(jnp.int32),
+            samples=samples,
+            gamma=jnp.asarray(gamma, p0.dtype),
+        )
+        return state, DiscreteInfo(discrete_metrics(p0, p0))
+
+    def step(key, state: DiscreteState, inputs) -> tuple[DiscreteState, DiscreteInfo]:
+        gen = inputs["generation"]
+        size = jnp.where(state.samples > 0, state.samples, inputs["size"])
+        k_model, k_prev, k_orig, k_sub = jax.random.split(key, 4)
+        total = state.counts.sum()
+        p = state.counts.astype(state.p0.dtype) / jnp.maximum(total, 1).astype(state.p0.dtype)
+
+        def metrics_now():
+            return discrete_metrics(p, state.p0, state.p0_dropped)
+
+        if "record" in inputs:
+            metrics = jax.lax.cond(
+                inputs["record"],
+                metrics_now,
+                lambda: jax.tree.map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(metrics_now)
+                ),
+            )
+        else:
+            metrics = metrics_now()
+
+        newly = (state.absorbed_at < 0) & (jnp.sum(state.counts > 0) == 1)
+        absorbed_at = jnp.where(newly, gen, state.absorbed_at)
+        absorbed_state = jnp.where(newly, state.index[jnp.argmax(p)], state.absorbed_state)
+
+        if policy.beta > 0:
+            n_model, n_prev, n_orig = split_batch(size, policy)
+        else:  # gamma may differ per chain (vmapped sweeps); same rounding as split_batch
+            n_orig = jnp.round(size * state.gamma).astype(size.dtype)
+            n_model, n_prev = size - n_orig, 0
+        batch = draw(k_model, n_model, p)
+        if policy.beta > 0:
+            batch = batch + samplers.multivariate_hypergeometric(
+                k_prev, jnp.minimum(n_prev, total), state.counts
+            )
+        if policy.gamma > 0 or fresh_varies:
+            # Fresh D0 data; dropped states never have p0 > 0 when gamma > 0 (see `alive_mask`).
+            batch = batch + draw(k_orig, n_orig, state.p0)
+
+        if policy.mode == "accumulate":
+            counts, pool = state.counts + batch, state.pool
+        elif policy.mode == "accumulate-subsample":
+            pool = state.pool + batch
+            counts = samplers.multivariate_hypergeometric(k_sub, size, pool)
+        else:
+            counts, pool = batch, state.pool
+        new_state = state._replace(
+            counts=counts, pool=pool, absorbed_at=absorbed_at, absorbed_state=absorbed_state
+        )
+        return new_state, DiscreteInfo(metrics)
+
+    return init, step
+
+
+SHRINK = 2  # compact the state axis when it can shrink by at least this factor
+COMPACT_EVERY = 50  # generations per chunk of the runner when compacting (a compaction check each)
+
+
+def alive_mask(state: DiscreteState, policy: Policy) -> Int[Array, "... K"]:
+    """States that can still have positive probability at some later generation."""
+    alive = (state.counts > 0) | (state.pool > 0)
+    fresh = (state.gamma > 0)[..., None] if policy.beta == 0 else policy.gamma > 0
+    alive = alive | (fresh & (state.p0 > 0))
+    return alive
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _compact(state: DiscreteState, alive, width: int) -> DiscreteState:
+    order = jnp.argsort(~alive, axis=-1, stable=True)  # alive states first, order kept
+
+    def take(a):
+        return jnp.take_along_axis(a, order, axis=-1)[..., :width]
+
+    p0_sorted = jnp.take_along_axis(state.p0, order, axis=-1)
+    dropped = p0_sorted[..., width:].sum(-1)
+    return state._replace(
+        counts=take(state.counts),
+        pool=take(state.pool),
+        p0=p0_sorted[..., :width],
+        index=take(state.index),
+        p0_dropped=state.p0_dropped + dropped,
+    )
+
+
+def compact(state: DiscreteState, policy: Policy, min_width: int = 2) -> DiscreteState:
+    """Drop dead states from a batch of chains (leading axis = chains).
+
+    The state axis is shrunk to the smallest power of two (at least ``min_width``) that holds
+    the largest number of live states of any chain; each chain's live states move to the front
+    in their original order. Exact: dropped states are dead forever (zero count, zero pool and,
+    when fresh data is mixed in, zero p0), and their p0-mass is kept in ``p0_dropped`` for the
+    metrics. Shrinking only to powers of two, by a factor of at least ``SHRINK``, bounds the
+    number of recompilations by log2 K (each width compiles the chunk once).
+    """
+    alive = alive_mask(state, policy)
+    k = state.counts.shape[-1]
+    n_alive = int(jax.device_get(alive.sum(-1).max()))
+    width = max(min_width, 1 << max(0, n_alive - 1).bit_length())
+    # Each new width compiles the chunk again: shrink only by a factor of SHRINK or more.
+    if SHRINK * width > k:
+        return state
+    return _compact(state, alive, width)

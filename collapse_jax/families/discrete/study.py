@@ -1,0 +1,574 @@
+"""The discrete study: thousands of resampling chains, theory and simulation side by side."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from collapse_jax.core import report as rep
+from collapse_jax.core.errors import ConfigError, check_choice, check_int
+from collapse_jax.core.flags import apply_flags
+from collapse_jax.core.loop import chain_stats, record_flags, run_generations
+from collapse_jax.core.policies import Policy, Schedule
+from collapse_jax.core.runs import RunDir, series
+from collapse_jax.families.discrete import kernel as proc
+from collapse_jax.families.discrete import theory as wf
+
+NAME = "discrete"
+DESCRIPTION = "K-state distribution refitted from M samples each generation (Wright–Fisher)"
+
+METRICS = (
+    "entropy",
+    "support_size",
+    "heterozygosity",
+    "total_variation",
+    "kl_model_p0",
+    "kl_p0_model",
+    "tail_mass_kept",
+    "absorbed",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The discrete study. Defaults: the benchmark workload of the paper's discrete model."""
+
+    states: int = 50  # K, number of states (ignored when p0 is an explicit vector or file)
+    p0: str = "uniform"  # uniform | zipf:S | dirichlet:A | comma-separated vector | path.npy
+    samples: int = 1000  # M, samples per generation (M_0 of a schedule)
+    chains: int = 4096  # independent chains run at once
+    generations: int = 1000  # fitted generations after generation 0 (= p0)
+    method: str = "counts"  # counts (multinomial of the counts) | samples (draw M, recount)
+    policy: str = "replace"  # replace | accumulate | accumulate-subsample | mix:ALPHA,BETA,GAMMA
+    fresh_fraction: float = 0.0  # gamma: fraction of every new batch drawn fresh from p0
+    schedule: str = "constant"  # constant | linear[:SLOPE] | poly:A | list:M0,M1,... | file.npy
+    record_every: int = 1  # keep metrics of every k-th generation (and the last)
+    seed: int = 0  # PRNG seed; same seed, same results
+    compact: bool = True  # drop dead states between scan chunks (exact; faster late in a run)
+
+
+def validate(config: Config) -> Config:
+    """Check every field; raise ConfigError naming the bad value."""
+    check_int("chains", config.chains, 1)
+    check_int("generations", config.generations, 1)
+    check_int("samples", config.samples, 1)
+    check_int("record_every", config.record_every, 1)
+    check_int("seed", config.seed, 0)
+    check_choice("method", config.method, proc.METHODS)
+    p0 = _p0(config)
+    policy = Policy.parse(config.policy, config.fresh_fraction)
+    sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
+    if policy.mode == "accumulate" and sizes.sum() > 2**31 - 1:
+        raise ConfigError(f"accumulate pools {sizes.sum()} samples, beyond int32 counts")
+    del p0
+    return config
+
+
+def _p0(config: Config) -> np.ndarray:
+    spec = config.p0
+    parametric = spec == "uniform" or spec.split(":")[0] in ("zipf", "dirichlet")
+    if parametric:
+        check_int("states", config.states, 2)
+        return proc.initial_distribution(spec, config.states)
+    return proc.initial_distribution(spec)
+
+
+def demo_config() -> Config:
+    """A short study for `collapse-jax demo` (under a minute on 2 CPU cores, mostly compiling)."""
+    return Config(
+        states=20, p0="zipf:1.1", samples=100, chains=1024, generations=800, record_every=2
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags; unset flags leave the config (default or file) unchanged."""
+    a = parser.add_argument
+    a("--states", type=int, default=None, help="K, number of states")
+    a("--samples", type=int, default=None, help="M, samples per generation (M_0 of a schedule)")
+    a("--chains", type=int, default=None, help="number of independent chains")
+    a("--generations", type=int, default=None, help="number of fitted generations")
+    a("--p0", default=None, help="uniform | zipf:S | dirichlet:A | 0.5,0.3,0.2 | path.npy")
+    a("--method", default=None, help="counts | samples")
+    a("--policy", default=None, help="replace | accumulate | accumulate-subsample | mix:A,B,G")
+    a("--fresh-fraction", type=float, default=None, help="gamma: fraction of fresh p0 data")
+    a("--schedule", default=None, help="constant | linear[:SLOPE] | poly:A | list:M0,M1,...")
+    a("--record-every", type=int, default=None, help="record every k-th generation")
+    a("--seed", type=int, default=None, help="PRNG seed")
+    a(
+        "--no-compact",
+        dest="compact",
+        action="store_const",
+        const=False,
+        default=None,
+        help="keep dead states in the arrays (slower; for checking compaction)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, base: Config) -> Config:
+    """Apply the flags that were given onto ``base`` and validate."""
+    return apply_flags(args, base, validate)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Simulation(NamedTuple):
+    """One configuration's simulated arrays (chain-reduced trace plus per-chain outcomes)."""
+
+    trace: dict[str, np.ndarray]
+    absorbed_at: np.ndarray
+    absorbed_state: np.ndarray
+    generations: np.ndarray
+    sizes: np.ndarray
+    seconds: float
+
+
+#: Parameters a sweep can vary inside ONE vmapped computation (each chain carries its value).
+VMAPPED_SWEEPS = ("samples", "fresh_fraction")
+
+
+def sweep_is_vmappable(config: Config, field: str) -> bool:
+    """Whether a sweep over ``field`` keeps every shape and static setting fixed."""
+    policy = Policy.parse(config.policy, config.fresh_fraction)
+    if field == "samples":
+        return Schedule.parse(config.schedule).kind == "constant"
+    if field == "fresh_fraction":
+        return policy.mode != "mix"
+    return False
+
+
+@functools.lru_cache(maxsize=32)
+def _chain_init(init, m0: int):
+    """Generation 0 of one chain from its parameters (M override, fresh fraction, p0); cached
+    so that repeated runs reuse the runner's compilations."""
+
+    def chain_init(key, params):
+        samples, gamma, p0 = params
+        return init(key, p0, m0, samples, gamma)
+
+    return chain_init
+
+
+@functools.lru_cache(maxsize=32)
+def _group_reduce(n_values: int, chains: int):
+    """Mean / stderr / finite fraction over each value's block of chains."""
+
+    def reduce(info):
+        return jax.tree.map(
+            lambda leaf: chain_stats(leaf.reshape(n_values, chains), axis=1), info.metrics
+        )
+
+    return reduce
+
+
+def simulate(
+    config: Config, progress: bool | None = None, sweep: tuple[str, list] | None = None
+) -> list[Simulation]:
+    """Run the chains of ``config`` — or of every value of a vmappable ``sweep`` at once, each
+    value getting ``config.chains`` chains of one vmapped, sharded batch. One Simulation per value.
+    """
+    p0 = _p0(config)
+    policy = Policy.parse(config.policy, config.fresh_fraction)
+    sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
+    next_sizes = np.concatenate([sizes[1:], sizes[-1:]])  # batch drawn at generation n (n >= 1)
+    field, values = sweep if sweep is not None else (None, [None])
+    n_values, chains = len(values), config.chains
+    samples = np.zeros(n_values, np.int32)
+    gamma = np.full(n_values, policy.gamma, np.float32)
+    if field == "samples":
+        samples = np.asarray(values, np.int32)
+    elif field == "fresh_fraction":
+        gamma = np.asarray(values, np.float32)
+    elif field is not None:
+        raise ConfigError(f"a vmapped sweep cannot vary {field!r}; use one of {VMAPPED_SWEEPS}")
+    max_size = int(max(sizes.max(), samples.max()))
+    init, step = proc.make_kernels(
+        policy, config.method, max_size=max_size, fresh_varies=field == "fresh_fraction"
+    )
+    m0 = int(sizes[0])
+
+    result = run_generations(
+        jax.random.key(config.seed),
+        _chain_init(init, m0),
+        step,
+        n_values * chains,
+        config.generations,
+        {
+            "generation": np.arange(1, config.generations + 1),
+            "size": next_sizes,
+            "record": record_flags(config.generations, config.record_every),
+        },
+        record_every=config.record_every,
+        reduce=_group_reduce(n_values, chains),
+        between_chunks=(lambda s: proc.compact(s, policy)) if config.compact else None,
+        chunk_generations=proc.COMPACT_EVERY if config.compact else None,
+        progress=progress,
+        desc="discrete",
+        chain_params=(
+            np.repeat(samples, chains),
+            np.repeat(gamma, chains),
+            np.broadcast_to(np.asarray(p0, np.float32), (n_values * chains, len(p0))),
+        ),
+    )
+    absorbed_at = np.asarray(result.state.absorbed_at).reshape(n_values, chains)
+    absorbed_state = np.asarray(result.state.absorbed_state).reshape(n_values, chains)
+    sims = []
+    for v in range(n_values):
+        trace = {}
+        for name in METRICS:
+            st = getattr(result.trace, name)
+            trace[f"{name}_mean"] = np.asarray(st.mean[:, v], np.float64)
+            trace[f"{name}_stderr"] = np.asarray(st.stderr[:, v], np.float64)
+            trace[f"{name}_finite_fraction"] = np.asarray(st.finite_fraction[:, v], np.float64)
+        value_sizes = np.full_like(sizes, samples[v]) if samples[v] > 0 else sizes
+        sims.append(
+            Simulation(
+                trace,
+                absorbed_at[v],
+                absorbed_state[v],
+                result.generations,
+                value_sizes,
+                result.seconds,
+            )
+        )
+    return sims
+
+
+def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) -> dict:
+    """Run the study and write config.json, metrics.npz, summary.json, figures and report.md."""
+    config = validate(config)
+    t0 = time.perf_counter()
+    (sim,) = simulate(config, progress)
+    return write_run(config, out_dir, sim, t0)
+
+
+def run_sweep(
+    config: Config, field: str, values: list, out_dir: str | Path, *, progress=None
+) -> list[dict] | None:
+    """Run a sweep as one vmapped computation when shapes allow (else return None), writing one
+    run directory per value, ``OUT/FIELD=VALUE``."""
+    config = validate(config)
+    if not sweep_is_vmappable(config, field):
+        return None
+    configs = [validate(dataclasses.replace(config, **{field: v})) for v in values]
+    t0 = time.perf_counter()
+    sims = simulate(config, progress, sweep=(field, values))
+    return [
+        write_run(cfg, Path(out_dir) / f"{field}={v}", sim, t0)
+        for cfg, v, sim in zip(configs, values, sims, strict=True)
+    ]
+
+
+def write_run(config: Config, out_dir, sim: Simulation, t0: float) -> dict:
+    """Write one configuration's run directory from its simulated arrays."""
+    run_dir = RunDir(out_dir)
+    run_dir.write_config(config, NAME)
+    p0 = _p0(config)
+    policy = Policy.parse(config.policy, config.fresh_fraction)
+    gens, sizes = sim.generations, sim.sizes
+    theory = theory_curves(config, p0, policy, sizes, gens)
+    run_dir.write_metrics(
+        "metrics.npz",
+        generation=gens,
+        sizes=sizes,
+        p0=p0,
+        absorbed_at=sim.absorbed_at,
+        absorbed_state=sim.absorbed_state,
+        **sim.trace,
+        **{f"theory_{k}": v for k, v in theory.items()},
+    )
+    summary = summarize(
+        config, p0, policy, sizes, gens, sim.trace, theory, sim.absorbed_at, sim.absorbed_state
+    )
+    summary["seconds"] = sim.seconds
+    summary["chain_generations_per_second"] = config.chains * config.generations / sim.seconds
+    run_dir.write_summary(summary)
+    figures = make_figures(run_dir.path)
+    write_report(run_dir, config, summary, figures, time.perf_counter() - t0)
+    return summary
+
+
+def theory_curves(config: Config, p0, policy: Policy, sizes, gens) -> dict[str, np.ndarray]:
+    """Closed forms evaluated at the recorded generations (only those that apply)."""
+    out: dict[str, np.ndarray] = {}
+    if not policy.accumulates:
+        out["heterozygosity"] = wf.expected_heterozygosity(p0, sizes, policy)[gens]
+        if policy.beta == 0 and sizes.max() <= 20000:
+            out["support_size"] = wf.expected_support(p0, sizes, policy)[gens]
+    if (
+        policy.mode == "replace"
+        and policy.gamma == 0
+        and Schedule.parse(config.schedule).kind == "constant"
+    ):
+        out["support_feller"] = wf.feller_survival_approximation(p0, config.samples, gens).sum(1)
+        out["support_upper_bound"] = wf.heterozygosity_survival_bound(p0, config.samples, gens).sum(
+            1
+        )
+    return out
+
+
+def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absorbed_state) -> dict:
+    """summary.json: the required keys plus every metric series and the theory checks."""
+    absorbed = absorbed_at >= 0
+    n_abs = int(absorbed.sum())
+    freq = np.bincount(absorbed_state[absorbed], minlength=len(p0)) / max(n_abs, 1)
+    times = absorbed_at[absorbed].astype(np.float64)
+    t_mean = float(times.mean()) if n_abs else float("nan")
+    t_se = float(times.std(ddof=1) / np.sqrt(n_abs)) if n_abs > 1 else float("nan")
+
+    summary: dict = {
+        "study": NAME,
+        "p0": p0.tolist(),
+        "states": len(p0),
+        "policy": policy.describe(),
+        "schedule": Schedule.parse(config.schedule).describe(),
+        "sizes_first_last": [int(sizes[0]), int(sizes[-1])],
+        "chains": config.chains,
+        "generations": config.generations,
+        "absorbed_fraction": n_abs / len(absorbed_at),
+        "absorbed_state_freq": freq.tolist(),
+        "absorption_time_mean": t_mean,
+        "absorption_time_stderr": t_se,
+    }
+    for name in METRICS:
+        summary[name] = series(gens, trace[f"{name}_mean"], trace[f"{name}_stderr"])
+    summary["kl_p0_model"]["finite_fraction"] = trace["kl_p0_model_finite_fraction"].tolist()
+    summary["absorbed_fraction_by_generation"] = series(
+        gens, trace["absorbed_mean"], trace["absorbed_stderr"]
+    )
+    summary["theory"] = {k: v.tolist() for k, v in theory.items()}
+    summary["checks"] = [
+        c.as_dict()
+        for c in checks(config, p0, policy, gens, trace, theory, absorbed_at, absorbed_state)
+    ]
+    return summary
+
+
+def checks(config, p0, policy, gens, trace, theory, absorbed_at, absorbed_state) -> list[rep.Check]:
+    """Theory-vs-Monte-Carlo rows for the report."""
+    rows: list[rep.Check] = []
+    picks = _check_points(gens, theory.get("heterozygosity"))
+    k = len(p0)
+    for name, lo, hi, label in (
+        ("heterozygosity", 0.0, 1.0, "E[H_n]"),
+        ("support_size", 1.0, float(k), "E[support_n] (exact marginal chains)"),
+    ):
+        if name not in theory:
+            continue
+        for i in picks:
+            th = float(theory[name][i])
+            rows.append(
+                rep.Check(
+                    f"{label}, n = {gens[i]}",
+                    th,
+                    float(trace[f"{name}_mean"][i]),
+                    _stderr(trace[f"{name}_stderr"][i], th, lo, hi, config.chains),
+                )
+            )
+    absorbed = absorbed_at >= 0
+    # Absorption probabilities need (nearly) every chain absorbed: among >= 99% absorbed chains the
+    # unabsorbed few cannot move the frequencies by a standard error. Times need all of them.
+    if policy.mode == "replace" and policy.gamma == 0 and absorbed.mean() >= 0.99:
+        n = absorbed.sum()
+        freq = np.bincount(absorbed_state[absorbed], minlength=len(p0)) / n
+        among = "" if absorbed.all() else f" (among the {absorbed.mean():.1%} absorbed chains)"
+        order = np.argsort(-p0)
+        for i in order[: min(3, len(p0))]:
+            se = np.sqrt(p0[i] * (1 - p0[i]) / n)
+            rows.append(
+                rep.Check(
+                    f"P(absorbed at state {i}) = p0({i}){among}",
+                    float(p0[i]),
+                    float(freq[i]),
+                    float(se),
+                )
+            )
+        if absorbed.all() and Schedule.parse(config.schedule).kind == "constant":
+            times = absorbed_at.astype(np.float64)
+            se = float(times.std(ddof=1) / np.sqrt(n))
+            rows.append(
+                rep.Check(
+                    "mean absorption time ≈ −2M Σ(1−p)ln(1−p) (diffusion; 5% model error allowed)",
+                    wf.diffusion_absorption_time(p0, config.samples),
+                    float(times.mean()),
+                    se,
+                    rel_tol=0.05,
+                )
+            )
+            if len(p0) == 2 and config.samples <= 2000:
+                rows.append(
+                    rep.Check(
+                        "mean absorption time (exact Markov chain, K = 2)",
+                        wf.exact_two_state_absorption_time(p0[0], config.samples),
+                        float(times.mean()),
+                        se,
+                    )
+                )
+    return rows
+
+
+def _check_points(gens, het) -> list[int]:
+    """Recorded generations where a closed form is informative: n = 1 and where E[H_n] has
+    fallen to about 1/2 and 1/5 of H_0 (late generations are dominated by rare chains)."""
+    picks = {1} if len(gens) > 1 else set()
+    if het is not None and het[0] > 0:
+        for frac in (0.5, 0.2):
+            below = np.nonzero(het <= frac * het[0])[0]
+            if below.size:
+                picks.add(int(below[0]))
+    else:
+        picks.add(len(gens) // 2)
+    return sorted(i for i in picks if 0 < i < len(gens))
+
+
+def _stderr(se: float, mean: float, lo: float, hi: float, n: int) -> float:
+    """The Monte Carlo standard error, or, when every chain gave the same value (se = 0), the
+    Bhatia–Davis bound sqrt((hi − μ)(μ − lo) / n) on it for a quantity confined to [lo, hi]."""
+    se = float(se)
+    if se > 0:
+        return se
+    return float(np.sqrt(max((hi - mean) * (mean - lo), 0.0) / n))
+
+
+def make_figures(path: Path) -> list[tuple[str, str]]:
+    """Draw every figure from the saved arrays; return (file, caption) pairs."""
+    from collapse_jax.core.runs import read_arrays, read_json
+
+    a = read_arrays(path / "metrics.npz")
+    summary = read_json(path / "summary.json")
+    g = a["generation"]
+    figs = []
+
+    def s(name, label=None):
+        return {
+            "mean": a[f"{name}_mean"],
+            "stderr": a[f"{name}_stderr"],
+            "label": label or "Monte Carlo",
+        }
+
+    het_theory = (
+        [{"y": a["theory_heterozygosity"], "label": "exact E[H_n]"}]
+        if "theory_heterozygosity" in a
+        else []
+    )
+    sup_theory = []
+    if "theory_support_size" in a:
+        sup_theory.append({"y": a["theory_support_size"], "label": "exact (marginal chains)"})
+    if "theory_support_feller" in a:
+        sup_theory.append(
+            {
+                "y": a["theory_support_feller"],
+                "label": "Feller approx. Σ 1−e^{−2Mp/n}",
+                "style": "g:",
+            }
+        )
+        sup_theory.append(
+            {"y": a["theory_support_upper_bound"], "label": "upper bound", "style": "r-."}
+        )
+    rep.curves_figure(
+        path / "theory.png",
+        [
+            {
+                "title": "heterozygosity 1 − Σp²",
+                "x": g,
+                "series": [s("heterozygosity")],
+                "theory": het_theory,
+                "logy": True,
+            },
+            {
+                "title": "support size (states alive)",
+                "x": g,
+                "series": [s("support_size")],
+                "theory": sup_theory,
+                "logy": True,
+            },
+        ],
+    )
+    figs.append(
+        (
+            "theory.png",
+            "Heterozygosity and support size: Monte Carlo (±2 stderr band) against the closed forms.",
+        )
+    )
+    rep.curves_figure(
+        path / "metrics.png",
+        [
+            {"title": "entropy H(p_n) [nats]", "x": g, "series": [s("entropy")]},
+            {"title": "total variation to p0", "x": g, "series": [s("total_variation")]},
+            {"title": "KL(p_n ‖ p0)", "x": g, "series": [s("kl_model_p0")]},
+            {
+                "title": "KL(p0 ‖ p_n) over chains where finite",
+                "x": g,
+                "series": [s("kl_p0_model")],
+            },
+            {
+                "title": "p0-mass of states still alive (tail mass kept)",
+                "x": g,
+                "series": [s("tail_mass_kept")],
+            },
+            {"title": "fraction of chains absorbed", "x": g, "series": [s("absorbed")]},
+        ],
+        ncols=3,
+    )
+    figs.append(("metrics.png", "Per-generation metrics, mean over chains with ±2 stderr bands."))
+
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    p0 = np.asarray(summary["p0"])
+    freq = np.asarray(summary["absorbed_state_freq"])
+    idx = np.arange(len(p0))
+    ax1.bar(idx - 0.2, p0, 0.4, label="p0 (theory)")
+    ax1.bar(idx + 0.2, freq, 0.4, label="absorbed here (MC)")
+    ax1.set_xlabel("state")
+    ax1.set_title(
+        f"absorbing state ({summary['absorbed_fraction']:.1%} of chains absorbed)", fontsize=10
+    )
+    ax1.legend(fontsize=8)
+    t = a["absorbed_at"][a["absorbed_at"] >= 0]
+    if t.size:
+        ax2.hist(t, bins=50, color="C2")
+    ax2.set_xlabel("absorption generation")
+    ax2.set_title("absorption time distribution", fontsize=10)
+    rep.save_figure(fig, path / "absorption.png")
+    figs.append(("absorption.png", "Where and when chains are absorbed."))
+    return figs
+
+
+def write_report(run_dir: RunDir, config: Config, summary: dict, figures, seconds: float) -> None:
+    rows = [
+        rep.Check(
+            **{k: c[k] for k in ("claim", "theory", "stderr", "rel_tol")}, mc=c["monte_carlo"]
+        )
+        for c in summary["checks"]
+    ]
+    lines = [
+        "# Discrete resampling study",
+        "",
+        f"K = {summary['states']} states, p0 = `{config.p0}`, M = {config.samples} "
+        f"({summary['schedule']}), {config.chains} chains × {config.generations} generations, "
+        f"method `{config.method}`, policy {summary['policy']}, seed {config.seed}.",
+        f"Simulation: {summary['seconds']:.2f} s ({summary['chain_generations_per_second']:.3g} "
+        f"chain-generations/s); report written in {seconds:.1f} s.",
+        "",
+        f"Absorbed chains: {summary['absorbed_fraction']:.2%}; mean absorption generation "
+        f"{rep.fmt(summary['absorption_time_mean'])} ± {rep.fmt(summary['absorption_time_stderr'])} "
+        "(over absorbed chains).",
+        "",
+        "## Theory against Monte Carlo",
+        "",
+        rep.checks_table(rows) if rows else "No closed form applies to this policy.",
+        "",
+        "## Figures",
+        "",
+    ]
+    for name, caption in figures:
+        lines.append(rep.figure_md(name, caption))
+    run_dir.write_report("\n".join(lines))

@@ -1,0 +1,1 @@
+"""The Gaussian-mixture family: recursive EM fits."""

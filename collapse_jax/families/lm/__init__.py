@@ -1,0 +1,1 @@
+"""The language-model family: OPT, decoding, corpora and the recursive fine-tuning study."""

@@ -1,0 +1,1 @@
+"""The VAE family: Flax VAEs on MNIST trained on their predecessors' samples."""
