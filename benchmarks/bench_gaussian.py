@@ -3,7 +3,7 @@
 Workload (the project's acceptance workload): 10,000 chains, M = 1000 samples per generation,
 1000 generations, replace policy, unbiased estimator, in d = 1 and d = 10.
 
-* ours: :func:`collapse_jax.families.gaussian.kernel.make_process` with the ``sufficient`` sampler
+* ours: :func:`collapse_jax.families.gaussian.kernel.make_family` with the ``sufficient`` sampler
   (mean ~ N(μ, Σ/M), scatter ~ Wishart(M − 1, Σ) by the Bartlett decomposition), its one-chain
   ``step`` vmapped over chains and scanned over generations exactly as the shared runner does
   (per-chain keys ``fold_in(chain_key, generation)``, metrics on recorded generations only,
@@ -36,10 +36,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.core.loop import chain_sharding, per_device, run_generations, shard_chains
+from collapse_jax.core.loop import chain_sharding, run_generations, scan_generations
+from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 
 
@@ -56,46 +56,41 @@ def ours_steady(d: int, m: int, chains: int, gens: int, repeats: int, record_eve
     """Steady-state chain-generations/s of the sufficient sampler (compile excluded)."""
     record_every = min(record_every, gens)  # at least one record: a scan of length 0 runs nothing
     gens = gens - gens % record_every
-    d0 = proc.make_d0("normal", d)
-    p = proc.make_process(d0, np.full(gens, m), record_every=record_every)
-    inputs = jax.tree.map(jnp.asarray, p.inputs)
+    d0 = gd0.make_d0("normal", d)
+    family = _family(d0, m, gens)
     sharding = chain_sharding(chains)
-    keys = shard_chains(jax.random.split(jax.random.key(0), chains), sharding)
-    vstep = per_device(jax.vmap(p.step, (0, 0, None)), sharding, n_replicated=1)
-    reduce = functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
-
-    def one_record(carry, r):
-        def one_generation(state, g):
-            x = jax.tree.map(lambda a: a[g - 1], inputs)
-            k = jax.vmap(jax.random.fold_in, (0, None))(carry[1], g)
-            return vstep(k, state, x)
-
-        gs = r * record_every + 1 + jnp.arange(record_every)
-        state, infos = jax.lax.scan(one_generation, carry[0], gs)
-        return (state, carry[1]), reduce(jax.tree.map(lambda a: a[-1], infos))
 
     @jax.jit
-    def run(state, keys):
-        return jax.lax.scan(one_record, (state, keys), jnp.arange(gens // record_every))
+    def run(key):
+        return scan_generations(
+            family,
+            key,
+            None,
+            np.full(gens + 1, m),
+            n_chains=chains,
+            record_every=record_every,
+            sharding=sharding,
+        )
 
-    state0, _ = jax.jit(jax.vmap(p.init))(keys)
-    jax.block_until_ready(run(state0, keys))
-    seconds = _best(lambda: jax.block_until_ready(run(state0, keys)), repeats)
+    key = jax.random.key(0)
+    jax.block_until_ready(run(key))
+    seconds = _best(lambda: jax.block_until_ready(run(key)), repeats)
     return chains * gens / seconds
 
 
+def _family(d0, m: int, gens: int):
+    reduce = functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
+    return proc.make_family(d0, np.full(gens, m))._replace(reduce=reduce)
+
+
 def ours_end_to_end(d: int, m: int, chains: int, gens: int, record_every: int = 100) -> float:
-    d0 = proc.make_d0("normal", d)
-    p = proc.make_process(d0, np.full(gens, m), record_every=record_every)
+    d0 = gd0.make_d0("normal", d)
     r = run_generations(
+        _family(d0, m, gens),
         jax.random.key(1),
-        p.init,
-        p.step,
         chains,
-        gens,
-        p.inputs,
+        np.full(gens + 1, m),
         record_every=record_every,
-        reduce=functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace))),
         progress=False,
     )
     return chains * gens / r.seconds

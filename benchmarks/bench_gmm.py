@@ -27,6 +27,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
+from collapse_jax.core.loop import scan_generations
 from collapse_jax.families.gmm import kernel as proc
 from collapse_jax.families.gmm import study as study
 
@@ -129,28 +130,20 @@ def recursion(chains: int, generations: int, sk_recursions: int, sk_generations:
 
     cfg = study.validate(dataclasses.replace(base, generations=generations))
     c0 = time.process_time()
-    trace, _, _, t_long, _, _ = study.simulate(cfg, progress=False)
+    trace, _, _, t_long, *_ = study.simulate(cfg, progress=False)
     c_long = time.process_time() - c0
 
     # Steady state: the same kernels in one jitted vmap + scan, timed on a second call.
     d0, _, sizes, spec = study.setup(cfg)
-    init, step = proc.make_kernels(spec, d0)
-    keys = jax.random.split(jax.random.key(1), chains)
-    sizes_j = jnp.asarray(sizes[1:], jnp.int32)
+    family = proc.make_family(spec, d0)._replace(reduce=lambda info: info.component_std)
 
     @jax.jit
-    def run_all(keys):
-        state, _ = jax.vmap(init)(keys)
+    def run_all(key):
+        return scan_generations(family, key, None, sizes, n_chains=chains)[1]
 
-        def body(state, g):
-            k = jax.vmap(jax.random.fold_in, (0, None))(keys, g)
-            state, info = jax.vmap(step, (0, 0, None))(k, state, {"size": sizes_j[g]})
-            return state, info.component_std
-
-        return jax.lax.scan(body, state, jnp.arange(generations))[1]
-
-    jax.block_until_ready(run_all(keys))
-    _, t_ours, c_ours = _timed(run_all, keys)
+    key = jax.random.key(1)
+    jax.block_until_ready(run_all(key))
+    _, t_ours, c_ours = _timed(run_all, key)
 
     t, c = time.perf_counter(), time.process_time()
     finals = sklearn_recursion(sk_recursions, sk_generations)

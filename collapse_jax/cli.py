@@ -3,196 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import os
 import sys
 import time
 import tomllib
-import typing
 from pathlib import Path
 
 from collapse_jax.core.errors import ConfigError
-
-#: Study name -> module implementing the study protocol (see ARCHITECTURE.md).
-STUDIES = {
-    "discrete": "collapse_jax.families.discrete.study",
-    "gaussian": "collapse_jax.families.gaussian.study",
-    "gmm": "collapse_jax.families.gmm.study",
-    "vae": "collapse_jax.families.vae.study",
-    "lm": "collapse_jax.families.lm.study",
-}
+from collapse_jax.core.experiments import (
+    default_out,
+    experiment_dirs,
+    parse_sweep,
+    resolve_target,
+)
+from collapse_jax.families import STUDIES, load_study
 
 #: Studies run by `collapse-jax demo`, in order (each with its module's demo_config()).
 DEMO = ("discrete", "gaussian", "gmm")
-
-
-def load_study(name: str):
-    """Import a study module by name; a clear error for unknown names."""
-    if name not in STUDIES:
-        raise ConfigError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
-    return importlib.import_module(STUDIES[name])
-
-
-def experiment_dirs() -> list[Path]:
-    """Where experiment configs are looked up by name."""
-    dirs = []
-    if os.environ.get("COLLAPSE_JAX_EXPERIMENTS"):
-        dirs.append(Path(os.environ["COLLAPSE_JAX_EXPERIMENTS"]))
-    dirs.append(Path.cwd() / "experiments")
-    dirs.append(Path(__file__).resolve().parents[1] / "experiments")
-    seen, out = set(), []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in seen:
-            seen.add(d.resolve())
-            out.append(d)
-    return out
-
-
-def find_experiment(name: str) -> Path | None:
-    path = Path(name)
-    if path.suffix == ".toml":
-        if not path.exists():
-            raise ConfigError(f"experiment file not found: {path}")
-        return path
-    for d in experiment_dirs():
-        candidate = d / f"{name}.toml"
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def load_experiment(path: Path):
-    """Read an experiment TOML: ``study``, ``description`` and a ``[config]`` table."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"corrupt experiment file {path}: {e}") from None
-    if "study" not in data:
-        raise ConfigError(f"experiment file {path} has no 'study' key")
-    module = load_study(data["study"])
-    table = data.get("config", {})
-    fields = {f.name for f in dataclasses.fields(module.Config)}
-    unknown = sorted(set(table) - fields)
-    if unknown:
-        raise ConfigError(
-            f"experiment {path.name}: unknown config key(s) {', '.join(unknown)} for study "
-            f"{data['study']!r}"
-        )
-    try:
-        config = module.Config(**table)
-    except TypeError as e:
-        raise ConfigError(f"experiment {path.name}: {e}") from None
-    return module, config, data.get("description", "")
-
-
-def resolve_target(target: str):
-    """A study name (its default config) or an experiment (name or .toml path)."""
-    path = find_experiment(target) if target not in STUDIES else None
-    if path is not None:
-        module, config, _ = load_experiment(path)
-        return module, config
-    if target in STUDIES:
-        module = load_study(target)
-        return module, module.Config()
-    raise ConfigError(
-        f"unknown study or experiment {target!r}; `collapse-jax list` shows what exists"
-    )
-
-
-def default_out(name: str) -> Path:
-    return Path("runs") / f"{Path(name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _field_type(config_cls, name: str):
-    hints = typing.get_type_hints(config_cls)
-    return hints.get(name)
-
-
-def parse_sweep(spec: str, config) -> tuple[str, list]:
-    """``NAME=v1,v2,...`` on a numeric config field -> (field, typed values)."""
-    name, sep, values = spec.partition("=")
-    field = name.strip().lstrip("-").replace("-", "_")
-    if not sep or not values:
-        raise ConfigError(f"--sweep {spec!r} must look like NAME=v1,v2,...")
-    names = {f.name for f in dataclasses.fields(config)}
-    if field not in names:
-        raise ConfigError(f"--sweep: unknown parameter {name!r}")
-    typ = _field_type(type(config), field)
-    if typ not in (int, float):
-        raise ConfigError(f"--sweep: parameter {name!r} is not numeric")
-    try:
-        out = [typ(float(v)) if typ is int else typ(v) for v in values.split(",")]
-    except ValueError:
-        raise ConfigError(f"--sweep: cannot parse values {values!r} for {name!r}") from None
-    if typ is int and any(float(v) != int(float(v)) for v in values.split(",")):
-        raise ConfigError(f"--sweep: {name!r} takes integers, got {values!r}")
-    return field, out
-
-
-def run_sweep(module, config, field: str, values: list, out: Path, progress=None) -> dict:
-    """Run one study per value (each into OUT/FIELD=VALUE) and overlay their curves.
-
-    A study may provide ``run_sweep(config, field, values, out)`` that runs every value in one
-    vmapped computation when shapes allow (returning None otherwise); other sweeps loop, each
-    value's chains still vmapped and sharded as usual.
-    """
-    from collapse_jax.core import report as rep
-    from collapse_jax.core.runs import write_json, write_text
-
-    summaries = {}
-    vmapped = None
-    if hasattr(module, "run_sweep"):
-        vmapped = module.run_sweep(config, field, values, out, progress=progress)
-    if vmapped is not None:
-        summaries = dict(zip(values, vmapped, strict=True))
-    else:
-        for v in values:
-            cfg = module.validate(dataclasses.replace(config, **{field: v}))
-            summaries[v] = module.run(cfg, out / f"{field}={v}", progress=progress)
-    common = None
-    for s in summaries.values():
-        keys = {
-            k
-            for k, val in s.items()
-            if isinstance(val, dict) and {"generation", "mean", "stderr"} <= set(val)
-        }
-        common = keys if common is None else common & keys
-    common = sorted(common or [])
-    panels = []
-    for key in common:
-        series = []
-        for v, s in summaries.items():
-            ser = s[key]
-            series.append(
-                {
-                    "x": ser["generation"],
-                    "mean": _floats(ser["mean"]),
-                    "stderr": _floats(ser["stderr"]),
-                    "label": f"{field} = {v}",
-                }
-            )
-        panels.append({"title": key, "x": series[0]["x"], "series": series})
-    how = "one vmapped computation" if vmapped is not None else "one run per value"
-    lines = [f"# Sweep over {field}", "", f"Study `{module.NAME}`, values {values} ({how}).", ""]
-    if panels:
-        rep.curves_figure(out / "sweep.png", panels, ncols=3)
-        lines.append(rep.figure_md("sweep.png", f"Metrics for each {field} (±2 stderr bands)."))
-    for v in values:
-        lines.append(f"- [{field} = {v}]({field}={v}/report.md)")
-    write_text(out / "report.md", "\n".join(lines) + "\n")
-    result = {"sweep": field, "values": values, "runs": {str(v): f"{field}={v}" for v in values}}
-    write_json(out / "summary.json", result)
-    return result
-
-
-def _floats(values):
-    out = []
-    for v in values:
-        if isinstance(v, str):
-            v = float(v)
-        out.append(v)
-    return out
 
 
 def cmd_list() -> int:
@@ -232,6 +59,8 @@ def cmd_run(argv: list[str]) -> int:
     config = module.config_from_args(args, base)
     out = Path(args.out) if args.out else default_out(target)
     if args.sweep:
+        from collapse_jax.core.report import run_sweep  # matplotlib: only when sweeping
+
         field, values = parse_sweep(args.sweep, config)
         run_sweep(module, config, field, values, out, progress=args.progress)
     else:

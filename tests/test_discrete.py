@@ -23,19 +23,16 @@ def per_chain(
     policy = policy or Policy()
     p0 = np.asarray(p0)
     sizes = np.full(generations, m) if sizes is None else np.asarray(sizes)
-    init, step = proc.make_kernels(policy, method, max_size=int(sizes.max()))
+    family = proc.make_family(policy, method, max_size=int(sizes.max()))
     res = run_generations(
+        family._replace(
+            reduce=lambda info: info.metrics,
+            between_chunks=family.between_chunks if compact else None,
+        ),
         jax.random.key(seed),
-        lambda k: init(k, jnp.asarray(p0, jnp.float32), int(sizes[0])),
-        step,
         chains,
-        generations,
-        {
-            "generation": np.arange(1, generations + 1),
-            "size": np.concatenate([sizes[1:], sizes[-1:]]),
-        },
-        reduce=lambda info: info.metrics,
-        between_chunks=(lambda s: proc.compact(s, policy)) if compact else None,
+        np.concatenate([sizes, sizes[-1:]]),
+        proc.discrete_params(p0, chains),
         chunk_generations=50,
         progress=False,
     )
@@ -163,10 +160,8 @@ def test_compaction_preserves_metrics():
         p0_dropped=jnp.zeros(2),
         absorbed_at=-jnp.ones(2, jnp.int32),
         absorbed_state=-jnp.ones(2, jnp.int32),
-        samples=jnp.zeros(2, jnp.int32),
-        gamma=jnp.zeros(2),
     )
-    small = proc.compact(state, policy)
+    small = proc.compact(state, 0.0, policy)
     assert small.counts.shape == (2, 4)
     for c in range(2):
         full = discrete_metrics(counts[c] / counts[c].sum(), p0[c])
@@ -177,7 +172,7 @@ def test_compaction_preserves_metrics():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(small.index[0]), [1, 3, 6, 0])
     # Shrinking by less than a factor of 4 is not worth a recompilation.
-    assert proc.compact(small, policy).counts.shape == (2, 4)
+    assert proc.compact(small, 0.0, policy).counts.shape == (2, 4)
 
 
 def test_metrics_never_nan_and_kl_infinite_once_state_dies():

@@ -9,7 +9,7 @@ import pytest
 
 from collapse_jax import cli
 from collapse_jax.core.errors import ConfigError
-from collapse_jax.core.loop import chain_stats, recorded_generations, run_generations
+from collapse_jax.core.loop import Family, chain_stats, recorded_generations, run_generations
 from collapse_jax.core.policies import Policy, Schedule, mix_training_data, split_batch
 from collapse_jax.core.runs import read_arrays, read_json, write_arrays, write_json
 
@@ -58,23 +58,29 @@ def test_chain_stats_excludes_non_finite():
 
 
 def _random_walk():
-    def init(key):
+    def init(key, scale, gen):
         return jnp.zeros(()), {"x": jnp.zeros(())}
 
-    def step(key, x, inputs):
-        x = x + jax.random.normal(key) * inputs["scale"]
+    def step(key, x, scale, gen):
+        x = x + jax.random.normal(key) * scale
         return x, {"x": x}
 
-    return init, step
+    return Family(init, step)
 
 
 @pytest.mark.parametrize("record_every", [1, 3, 7])
 def test_runner_recording_is_thinning_only(record_every):
-    init, step = _random_walk()
-    kw = dict(inputs={"scale": jnp.ones(20)}, progress=False)
-    full = run_generations(jax.random.key(0), init, step, 16, 20, **kw)
+    family = _random_walk()
+    kw = dict(params=jnp.ones(16), progress=False)
+    full = run_generations(family, jax.random.key(0), 16, np.ones(21), **kw)
     thin = run_generations(
-        jax.random.key(0), init, step, 16, 20, record_every=record_every, chunk_generations=6, **kw
+        family,
+        jax.random.key(0),
+        16,
+        np.ones(21),
+        record_every=record_every,
+        chunk_generations=6,
+        **kw,
     )
     gens = recorded_generations(20, record_every)
     np.testing.assert_array_equal(thin.generations, gens)
@@ -85,9 +91,8 @@ def test_runner_recording_is_thinning_only(record_every):
 
 
 def test_runner_shards_chains_over_host_devices():
-    init, step = _random_walk()
     res = run_generations(
-        jax.random.key(0), init, step, 16, 4, {"scale": jnp.ones(4)}, progress=False
+        _random_walk(), jax.random.key(0), 16, np.ones(5), jnp.ones(16), progress=False
     )
     if len(jax.devices()) > 1:
         assert len(res.state.sharding.device_set) == len(jax.devices())

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from collapse_jax.core.loop import run_generations
+from collapse_jax.core.loop import GenInput, run_generations
 from collapse_jax.core.policies import Policy
+from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 from collapse_jax.families.gaussian import metrics as met
 from collapse_jax.families.gaussian import theory as th
+from collapse_jax.numerics import random as rnd
 
 Z = 4.0  # tolerance in Monte Carlo standard errors
 
@@ -23,15 +25,14 @@ def agree(mc, se, theory):
 
 
 def simulate(d0, sizes, chains, *, sampler="sufficient", estimator="unbiased", policy=None, seed=0):
-    p = proc.make_process(d0, sizes, sampler=sampler, estimator=estimator, policy=policy)
+    family = proc.make_family(d0, sizes, sampler=sampler, estimator=estimator, policy=policy)
     r = run_generations(
+        family._replace(
+            reduce=functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
+        ),
         jax.random.key(seed),
-        p.init,
-        p.step,
         chains,
-        len(sizes),
-        p.inputs,
-        reduce=functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace))),
+        np.concatenate([sizes, sizes[-1:]]),
         progress=False,
     )
     return r.trace
@@ -43,7 +44,7 @@ def simulate(d0, sizes, chains, *, sampler="sufficient", estimator="unbiased", p
 def test_log_gamma_is_exact():
     shapes = np.array([0.05, 0.7, 1.0, 4.5, 499.5])
     keys = jax.random.split(jax.random.key(11), 20000)
-    lx = np.asarray(jax.vmap(lambda k: proc.log_gamma(k, jnp.asarray(shapes)))(keys))
+    lx = np.asarray(jax.vmap(lambda k: rnd.log_gamma(k, jnp.asarray(shapes)))(keys))
     for j, a in enumerate(shapes):
         col = lx[:, j].astype(np.float64)
         p = stats.kstest(col, lambda t, a=a: stats.gamma(a).cdf(np.exp(t))).pvalue
@@ -54,14 +55,14 @@ def test_log_gamma_is_exact():
 
 def test_uniforms_open_interval_and_loop_keys_independent():
     key = jax.random.key(0)
-    u = np.asarray(proc.uniforms(key, 50000, jnp.float32))
+    u = np.asarray(rnd.uniforms(key, 50000, jnp.float32))
     assert u.min() > 0 and u.max() < 1
     assert stats.kstest(u, "uniform").pvalue > 1e-3
     # the rejection loop's streams are unrelated to the first proposal's
-    u2 = np.asarray(proc.uniforms(key, 50000, jnp.float32, stream=1))
+    u2 = np.asarray(rnd.uniforms(key, 50000, jnp.float32, stream=1))
     assert abs(np.corrcoef(u, u2)[0, 1]) < 4 / np.sqrt(50000)
     with jax.enable_x64(True):
-        u64 = np.asarray(proc.uniforms(jax.random.key(0), 20000, jnp.float64))
+        u64 = np.asarray(rnd.uniforms(jax.random.key(0), 20000, jnp.float64))
     assert u64.dtype == np.float64 and u64.min() > 0 and u64.max() < 1
     assert stats.kstest(u64, "uniform").pvalue > 1e-3
     assert len(np.unique(u64)) == u64.size  # 52 random bits, not 23
@@ -73,7 +74,7 @@ def test_unrolled_threefry_equals_jax():
     kd = jax.random.key_data(jax.random.key(42)).astype(jnp.uint32)
     count = jnp.arange(64, dtype=jnp.uint32)
     ref = np.asarray(threefry_2x32(kd, count))
-    y0, y1 = proc.threefry2x32(kd[0], kd[1], count[:32], count[32:])
+    y0, y1 = rnd.threefry2x32(kd[0], kd[1], count[:32], count[32:])
     assert np.array_equal(np.concatenate([np.asarray(y0), np.asarray(y1)]), ref)
 
 
@@ -101,12 +102,12 @@ def test_singular_bartlett_has_zero_columns():
 @functools.cache
 def one_generation(sampler, estimator, m=6, n=20000, seed=0):
     """Fit generation 2 from a fixed N(μ, Σ) (generation 1 taken as given) for n chains."""
-    d0 = proc.make_d0("normal", 2, mean=[1.0, -2.0], cov=[[2.0, 0.6], [0.6, 0.5]])
-    p = proc.make_process(d0, [m, m], sampler=sampler, estimator=estimator)
-    state, _ = p.init(jax.random.key(0))
-    x = jax.tree.map(lambda v: jnp.asarray(v[1]), p.inputs)
+    d0 = gd0.make_d0("normal", 2, mean=[1.0, -2.0], cov=[[2.0, 0.6], [0.6, 0.5]])
+    family = proc.make_family(d0, [m, m], sampler=sampler, estimator=estimator)
+    state, _ = family.init(jax.random.key(0), None, GenInput(0, m, True))
+    x = GenInput(jnp.int32(2), jnp.int32(m), jnp.bool_(True))
     keys = jax.random.split(jax.random.key(seed), n)
-    new, info = jax.vmap(p.step, (0, None, None))(keys, state, x)
+    new, info = jax.vmap(family.step, (0, None, None, None))(keys, state, None, x)
     lchol = np.asarray(new.chol) * np.exp(np.asarray(new.log_scale))[:, None, :]
     cov = np.einsum("nij,nkj->nik", lchol, lchol)
     return np.asarray(new.mean), cov, info, d0
@@ -155,7 +156,7 @@ def test_samplers_agree_in_distribution():
 @pytest.mark.parametrize(("sampler", "estimator"), [("samples", "unbiased"), ("sufficient", "mle")])
 def test_theorem_3_1_closed_forms_1d(sampler, estimator):
     sizes = np.full(12, 8)
-    d0 = proc.make_d0("normal", 1, 1.5)
+    d0 = gd0.make_d0("normal", 1, 1.5)
     tr = simulate(d0, sizes, 4000, sampler=sampler, estimator=estimator, seed=0)
     s0 = 1.5
     mse, v = th.moments(sizes, s0**2, Policy(), estimator)
@@ -182,7 +183,7 @@ def test_theorem_3_1_closed_forms_1d(sampler, estimator):
 
 def test_multivariate_trace_and_log_det_with_schedule():
     sizes = np.array([6, 7, 9, 12, 16, 20])
-    d0 = proc.make_d0(
+    d0 = gd0.make_d0(
         "normal", 3, mean=[0.0, 1.0, 2.0], cov=[[1.0, 0.3, 0], [0.3, 2, 0.5], [0, 0.5, 1]]
     )
     tr = simulate(d0, sizes, 4000, seed=4)
@@ -200,7 +201,7 @@ def test_multivariate_trace_and_log_det_with_schedule():
 )
 def test_policies_follow_exact_moment_recursion_for_non_gaussian_d0(family, policy):
     sizes = np.full(10, 12)
-    d0 = proc.make_d0(family, 1, 2.0)
+    d0 = gd0.make_d0(family, 1, 2.0)
     tr = simulate(d0, sizes, 4000, policy=policy, seed=5)
     mse, v = th.moments(sizes, d0.trace, policy)
     for n in (1, 5, 10):
@@ -211,7 +212,7 @@ def test_policies_follow_exact_moment_recursion_for_non_gaussian_d0(family, poli
 
 def test_samples_sampler_reuse_and_subsample_policies_run():
     sizes = np.full(8, 10)
-    d0 = proc.make_d0("mixture", 2)
+    d0 = gd0.make_d0("mixture", 2)
     for policy in (Policy("mix", 0.5, 0.3, 0.2), Policy("accumulate-subsample")):
         tr = simulate(d0, sizes, 256, sampler="samples", policy=policy, seed=6)
         for name in ("w2_sq", "mean_sq_error", "trace_cov", "log_det_cov"):
@@ -267,7 +268,7 @@ def test_w2_1d_matches_quantile_quadrature_for_every_d0(tmp_path):
     path = tmp_path / "d.npy"
     np.save(path, data)
     for spec in ("normal", "uniform", "student-t", "mixture", str(path)):
-        d0 = proc.make_d0(spec, 1, 1.3)
+        d0 = gd0.make_d0(spec, 1, 1.3)
         if d0.family == "data":
             xs = np.sort(data)
             q = lambda u, xs=xs: xs[np.minimum((u * xs.size).astype(int), xs.size - 1)]  # noqa: E731
@@ -278,7 +279,7 @@ def test_w2_1d_matches_quantile_quadrature_for_every_d0(tmp_path):
         elif d0.family == "student-t":
             q = stats.t(5, scale=1.3 * np.sqrt(3 / 5)).ppf
         else:  # invert the mixture CDF on a fine grid
-            a, b = proc.MIXTURE_OFFSET * 1.3, proc.MIXTURE_SD * 1.3
+            a, b = gd0.MIXTURE_OFFSET * 1.3, gd0.MIXTURE_SD * 1.3
             grid = np.linspace(-12, 12, 400_001)
             cdf = 0.5 * (stats.norm.cdf(grid, -a, b) + stats.norm.cdf(grid, a, b))
             q = lambda u, grid=grid, cdf=cdf: np.interp(u, cdf, grid)  # noqa: E731

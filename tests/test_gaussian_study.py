@@ -10,24 +10,24 @@ import pytest
 
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.loop import run_generations
+from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 from collapse_jax.families.gaussian import study as study
 from collapse_jax.families.gaussian import theory as th
 
 
 def collapse_run(chains=512, generations=2000, m=10):
-    d0 = proc.make_d0("normal", 1, 2.0)
+    d0 = gd0.make_d0("normal", 1, 2.0)
     sizes = np.full(generations, m)
-    p = proc.make_process(d0, sizes, record_every=50)
+    family = proc.make_family(d0, sizes)
     r = run_generations(
+        family._replace(
+            reduce=functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
+        ),
         jax.random.key(0),
-        p.init,
-        p.step,
         chains,
-        generations,
-        p.inputs,
+        np.concatenate([sizes, sizes[-1:]]),
         record_every=50,
-        reduce=functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace))),
         progress=False,
     )
     return r, sizes
@@ -122,20 +122,17 @@ def test_run_end_to_end(tmp_path):
 
 
 def test_last_record_is_generation_g_when_record_every_does_not_divide_g():
-    d0 = proc.make_d0("normal", 1)
+    d0 = gd0.make_d0("normal", 1)
     sizes = np.full(10, 6)
     out = []
     for every in (4, 1):
-        p = proc.make_process(d0, sizes, record_every=every)
+        family = proc.make_family(d0, sizes)
         r = run_generations(
+            family._replace(reduce=functools.partial(proc.reduce_info, log_trace0=0.0)),
             jax.random.key(3),
-            p.init,
-            p.step,
             16,
-            10,
-            p.inputs,
+            np.concatenate([sizes, sizes[-1:]]),
             record_every=every,
-            reduce=functools.partial(proc.reduce_info, log_trace0=0.0),
             progress=False,
         )
         assert r.generations[-1] == 10

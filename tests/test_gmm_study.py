@@ -4,10 +4,13 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from collapse_jax.core.errors import ConfigError
+from collapse_jax.core.loop import GenInput
+from collapse_jax.core.policies import split_batch
 from collapse_jax.families.gmm import kernel as proc
 from collapse_jax.families.gmm import study as study
 
@@ -87,9 +90,11 @@ def test_run_end_to_end(tmp_path):
     # The generation-0 snapshot is T_0 of recursion 0 exactly (the runner's key for chain 0).
     config = study.validate(config)
     d0, _, _, spec = study.setup(config)
-    init, _ = proc.make_kernels(spec, d0)
-    state0, _ = jax.jit(init)(jax.random.split(jax.random.key(config.seed), config.chains)[0])
-    np.testing.assert_array_equal(arrays["snapshot_points"][0], np.asarray(state0.x))
+    family = proc.make_family(spec, d0)
+    chain_key = jax.random.split(jax.random.key(config.seed), config.chains)[0]
+    gen0 = GenInput(jnp.int32(0), jnp.int32(spec.m0), jnp.bool_(True))
+    state0, _ = jax.jit(family.init)(jax.random.fold_in(chain_key, 0), None, gen0)
+    np.testing.assert_array_equal(arrays["snapshot_points"][0], np.asarray(state0.data.x))
 
 
 @pytest.mark.parametrize(
@@ -108,29 +113,29 @@ def test_policy_composition(tmp_path, changes):
         )
     )
     d0, policy, sizes, spec = study.setup(config)
-    init, step = proc.make_kernels(spec, d0)
-    step = jax.jit(step)
-    state, _ = jax.jit(init)(jax.random.key(0))
+    family = proc.make_family(spec, d0)
+    step = jax.jit(family.step)
+    state, _ = jax.jit(family.init)(jax.random.key(0), None, GenInput(0, int(sizes[0]), True))
     d0_rows = {tuple(r) for r in np.asarray(d0.points, np.float32)}
     for n in range(1, 4):
         prev = state
-        state, info = step(jax.random.key(n), state, {"size": sizes[n]})
+        state, info = step(jax.random.key(n), state, None, GenInput(n, int(sizes[n]), True))
         for leaf in (info.l2_distance, info.component_std, info.heldout_loglik, state.gmm.covs):
             assert np.all(np.isfinite(np.asarray(leaf)))
         m = int(sizes[n])
         batch = np.asarray(info.batch[:m])
         if policy.mode == "accumulate":
-            c = int(state.count)
-            assert c == int(sizes[: n + 1].sum()) and float(state.w.sum()) == c
-            np.testing.assert_array_equal(np.asarray(state.x[c - m : c]), batch)
+            c = int(state.data.count)
+            assert c == int(sizes[: n + 1].sum()) and float(state.data.w.sum()) == c
+            np.testing.assert_array_equal(np.asarray(state.data.x[c - m : c]), batch)
         else:
-            n_model, n_prev, n_orig = (int(v) for v in proc.split_batch(m, policy))
-            prev_rows = {tuple(r) for r in np.asarray(prev.x)[np.asarray(prev.w) > 0]}
+            n_model, n_prev, n_orig = (int(v) for v in split_batch(m, policy))
+            prev_rows = {tuple(r) for r in np.asarray(prev.data.x)[np.asarray(prev.data.w) > 0]}
             assert all(tuple(r) in prev_rows for r in batch[n_model : n_model + n_prev])
             assert all(tuple(r) in d0_rows for r in batch[n_model + n_prev :])
             assert n_orig == m - n_model - n_prev > 0
-            np.testing.assert_array_equal(np.asarray(state.x[:m]), batch)
-            assert float(state.w.sum()) == m
+            np.testing.assert_array_equal(np.asarray(state.data.x[:m]), batch)
+            assert float(state.data.w.sum()) == m
 
 
 def test_config_errors(tmp_path):

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from collapse_jax.core.loop import GenInput
 from collapse_jax.core.policies import Policy
+from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as gproc
 from collapse_jax.families.gmm import kernel as mproc
 from collapse_jax.families.gmm import study as gmm_study
@@ -92,25 +94,27 @@ def _lowered_text(fn, *args) -> str:
     [("sufficient", "replace"), ("samples", "replace"), ("sufficient", "accumulate")],
 )
 def test_gaussian_chain_kernels_have_no_lapack_call(sampler, policy):
-    d0 = gproc.make_d0("normal", 4)
-    p = gproc.make_process(
-        d0, np.full(5, 20), sampler=sampler, policy=Policy.parse(policy), record_every=1
-    )
+    d0 = gd0.make_d0("normal", 4)
+    family = gproc.make_family(d0, np.full(5, 20), sampler=sampler, policy=Policy.parse(policy))
     keys = jax.random.split(jax.random.key(0), 8)
-    state, _ = jax.eval_shape(jax.vmap(p.init), keys)
-    x = jax.tree.map(lambda a: jnp.asarray(a)[0], p.inputs)
-    text = _lowered_text(jax.vmap(p.step, (0, 0, None)), keys, state, x)
+    x0 = GenInput(jnp.int32(0), jnp.int32(20), jnp.bool_(True))
+    vinit = jax.vmap(family.init, (0, None, None))
+    state, _ = jax.eval_shape(vinit, keys, None, x0)
+    x = GenInput(jnp.int32(1), jnp.int32(20), jnp.bool_(True))
+    text = _lowered_text(jax.vmap(family.step, (0, 0, None, None)), keys, state, None, x)
     assert "lapack" not in text
-    assert "lapack" not in _lowered_text(jax.vmap(p.init), keys)
+    assert "lapack" not in _lowered_text(vinit, keys, None, x0)
 
 
 def test_gmm_chain_kernels_have_no_lapack_call():
     config = gmm_study.Config(chains=8, generations=3, samples=50, components=2)
     d0, _, sizes, spec = gmm_study.setup(config)
-    init, step = mproc.make_kernels(spec, d0)
+    family = mproc.make_family(spec, d0)
     keys = jax.random.split(jax.random.key(0), 8)
-    state, _ = jax.eval_shape(jax.vmap(init), keys)
-    text = _lowered_text(jax.vmap(step, (0, 0, None)), keys, state, {"size": jnp.asarray(sizes[1])})
+    x0 = GenInput(jnp.int32(0), jnp.int32(sizes[0]), jnp.bool_(True))
+    state, _ = jax.eval_shape(jax.vmap(family.init, (0, None, None)), keys, None, x0)
+    x = GenInput(jnp.int32(1), jnp.int32(sizes[1]), jnp.bool_(True))
+    text = _lowered_text(jax.vmap(family.step, (0, 0, None, None)), keys, state, None, x)
     assert "lapack" not in text
 
 

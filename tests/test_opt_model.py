@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -30,7 +31,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # float32 agreement required with the reference implementation.
-TOL = 1e-4
+#: Our float32 logits may differ from a float64 evaluation of the same Hugging Face model by at
+#: most this multiple of transformers' own float32 error against it: both ports round in
+#: float32 with different summation orders, so the bound scales with the model's logits (an
+#: absolute tolerance passes or fails with the machine's matmul kernels).
+ROUNDING_FACTOR = 4.0
 
 TINY = dict(
     vocab_size=101,
@@ -81,6 +86,17 @@ def max_real_diff(a, b, mask):
     return float(np.abs(np.asarray(a) - np.asarray(b))[mask == 1].max())
 
 
+def assert_matches_transformers(ours, model, ids, mask):
+    """Our logits against transformers' float32 and float64 evaluations of the same weights."""
+    ref32 = torch_logits(model, ids, mask)
+    ref64 = torch_logits(copy.deepcopy(model).double(), ids, mask)
+    own_error = max_real_diff(ref32, ref64, mask)
+    assert max_real_diff(ours, ref64, mask) <= ROUNDING_FACTOR * own_error, (
+        max_real_diff(ours, ref64, mask),
+        own_error,
+    )
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -100,7 +116,7 @@ def test_logits_match_transformers(tmp_path, overrides):
     ids, mask = padded_batch(config.vocab_size)
     ours = model_logits(config, params, jnp.asarray(ids), jnp.asarray(mask))
     assert ours.dtype == jnp.float32
-    assert max_real_diff(ours, torch_logits(ref, ids, mask), mask) <= TOL
+    assert_matches_transformers(ours, ref, ids, mask)
 
 
 def test_sharded_checkpoint_is_sharded(tmp_path):
@@ -118,7 +134,7 @@ def test_opt125m_config_matches_transformers(tmp_path, shared_data):
     assert config == OPTConfig.from_hf(config_dir)
     ids, mask = padded_batch(config.vocab_size, batch=3, length=7)
     ours = model_logits(config, params, jnp.asarray(ids), jnp.asarray(mask))
-    assert max_real_diff(ours, torch_logits(ref, ids, mask), mask) <= TOL
+    assert_matches_transformers(ours, ref, ids, mask)
 
 
 @pytest.mark.parametrize("overrides", [TINY, OPT350_STYLE], ids=["tiny", "350m-style"])
@@ -169,7 +185,7 @@ def test_save_load_round_trip_bit_exact_and_opens_in_transformers(tmp_path):
     ref = transformers.OPTForCausalLM.from_pretrained(str(tmp_path)).eval()
     ids, mask = padded_batch(config.vocab_size)
     ours = model_logits(config, params, jnp.asarray(ids), jnp.asarray(mask))
-    assert max_real_diff(ours, torch_logits(ref, ids, mask), mask) <= TOL
+    assert_matches_transformers(ours, ref, ids, mask)
 
 
 def test_flax_msgpack_checkpoint(tmp_path):
@@ -201,7 +217,7 @@ def test_flax_msgpack_checkpoint(tmp_path):
     config, params = load_pretrained(flax_dir)
     ids, mask = padded_batch(config.vocab_size)
     ours = model_logits(config, params, jnp.asarray(ids), jnp.asarray(mask))
-    assert max_real_diff(ours, torch_logits(ref, ids, mask), mask) <= TOL
+    assert_matches_transformers(ours, ref, ids, mask)
 
 
 def test_state_dict_errors_name_the_key(tmp_path):

@@ -90,3 +90,23 @@ def check_finite_array(name: str, x) -> np.ndarray:
             f"{name} has a non-finite value {x[tuple(idx)]} at index {tuple(int(i) for i in idx)}"
         )
     return x
+
+
+def load_array(name: str, path, ndim: tuple[int, ...] = (1, 2)) -> np.ndarray:
+    """A numeric ``.npy`` array as float64, finite, with ``ndim`` in ``ndim``; every failure
+    (missing, unreadable, not numeric, wrong rank, NaN/inf) is a ConfigError naming the file."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{name} file not found: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ConfigError(f"cannot read {name} file {path}: {e}") from None
+    if not np.issubdtype(arr.dtype, np.number) or arr.ndim not in ndim:
+        raise ConfigError(
+            f"{name} file {path} must hold a numeric array with {' or '.join(map(str, ndim))} "
+            f"dimensions, got dtype {arr.dtype} and shape {arr.shape}"
+        )
+    return check_finite_array(f"{name} file {path}", arr.astype(np.float64))

@@ -1,11 +1,93 @@
-"""Config flags: apply the command-line flags that were given onto a frozen study config."""
+"""Config flags, generated from the frozen study configs: one ``--field-name`` flag per field,
+typed from its annotation, documented by the field's comment, and applied onto a base config
+(defaults or an experiment file) only when given."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import io
+import json
+import tokenize
+import typing
 from collections.abc import Callable
 from typing import Any
+
+from collapse_jax.core.errors import ConfigError
+
+
+@functools.cache
+def field_comments(config_cls) -> dict[str, str]:
+    """Each field's comment in the class source (the comment that follows its definition)."""
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    comments: dict[str, str] = {}
+    current = None
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    line_start = True
+    for tok in tokens:
+        if tok.type in (tokenize.NEWLINE, tokenize.NL):
+            line_start = True
+            continue
+        if tok.type in (tokenize.INDENT, tokenize.DEDENT):
+            continue
+        if line_start and tok.type == tokenize.NAME and tok.string in names:
+            current = tok.string
+        elif tok.type == tokenize.COMMENT and current and current not in comments:
+            comments[current] = tok.string.lstrip("#").strip()
+        line_start = False
+    return comments
+
+
+def _sequence(text: str):
+    """A tuple flag: JSON (``[[0, 0], [3, 0]]``) or comma-separated numbers (``0,50,200``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = [json.loads(v) for v in text.split(",")] if text.strip() else []
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(
+                f"expected JSON or comma-separated numbers, got {text!r}"
+            ) from None
+    if not isinstance(value, list):
+        value = [value]
+    return as_tuple(value)
+
+
+def as_tuple(v):
+    """Nested lists (JSON, TOML) as nested tuples, so configs stay hashable."""
+    if isinstance(v, list | tuple):
+        return tuple(as_tuple(x) for x in v)
+    return v
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls, skip=()) -> None:
+    """One flag per field of ``config_cls`` (booleans get ``--x/--no-x``); unset flags are None
+    and leave the base config unchanged."""
+    hints = typing.get_type_hints(config_cls)
+    helps = field_comments(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        origin = typing.get_origin(typ) or typ
+        help_ = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_}
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif origin is tuple:
+            parser.add_argument(flag, type=_sequence, **kw)
+        elif typ in (int, float, str):
+            parser.add_argument(flag, type=typ, **kw)
+        else:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: no flag for type {typ!r}")
 
 
 def flag_updates(args: argparse.Namespace, config_cls) -> dict[str, Any]:
@@ -20,3 +102,15 @@ def flag_updates(args: argparse.Namespace, config_cls) -> dict[str, Any]:
 def apply_flags(args: argparse.Namespace, base, validate: Callable):
     """Apply the flags that were given onto ``base`` and validate the result."""
     return validate(dataclasses.replace(base, **flag_updates(args, type(base))))
+
+
+def config_with(base, settings: dict[str, Any], where: str):
+    """``base`` (a frozen config) with ``settings`` applied; a setting that is not a field is
+    refused with a ConfigError naming it, ``where`` it came from and the fields there are."""
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown config key(s) {', '.join(unknown)}; use {', '.join(sorted(fields))}"
+        )
+    return dataclasses.replace(base, **settings)

@@ -1,6 +1,28 @@
-"""The generational runner for vectorised families: chain statistics, sharding of the chain axis
-and the chunked ``lax.scan`` over generations (see :mod:`collapse_jax.core.policies` for the
-data policies and the numbering of generations and sample sizes).
+"""The one generational loop of the vectorised families: the kernel contract (:class:`Family`,
+:class:`GenInput`), the pure :func:`scan_generations` and the host driver
+:func:`run_generations` (chunks, sharding of the chain axis, compaction, progress).
+
+The contract. A family is a :class:`Family` of pure functions written for ONE chain:
+
+* ``init(key, params, gen) -> (state, info)`` builds generation 0: the state holds the data that
+  fits generation 1 (``gen.size`` = M_0 points of D0, or their sufficient statistics), ``info``
+  describes D0 itself;
+* ``step(key, state, params, gen) -> (state, info)`` is generation n = ``gen.generation``: fit
+  model n to the data in ``state``, report ``info`` (its metrics, the expensive ones only when
+  ``gen.record``), then make the data of generation n + 1 from ``gen.size`` = M_n samples of
+  model n by the family's data policy (:mod:`collapse_jax.core.policies`);
+* ``reduce(info) -> stats`` turns the info of all chains into what is recorded (default:
+  mean / stderr / finite fraction over chains);
+* ``between_chunks(state, params) -> state`` (optional, host side) may reshape the state between
+  chunks, e.g. drop dead states.
+
+The state convention: after ``init`` or ``step`` of generation n the state holds what generation
+n + 1 is fitted to (the training set, its pool, or exact sufficient statistics of it) and nothing
+the runner owns: no generation counter, no sizes, no sweep values. ``params`` is a pytree of one
+chain's numbers (vmapped with the chains: a sweep over a number is one computation); the runner
+supplies the generation number, M_n and the recording flag in :class:`GenInput`, and the key
+``fold_in(chain_key, n)`` (``n = 0`` for ``init``), so results do not depend on chunking or on
+``record_every``.
 """
 
 from __future__ import annotations
@@ -15,7 +37,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.core.errors import check_int
+from collapse_jax.core.errors import ConfigError, check_int
+
+
+class GenInput(NamedTuple):
+    """What the runner gives a kernel for generation n (never kept in the state)."""
+
+    generation: jax.Array  # int32: n, the model being fitted (0 in ``init``: D0)
+    size: jax.Array  # int32: M_n, the number of points drawn for generation n + 1's data
+    record: jax.Array  # bool: whether generation n is recorded (compute expensive metrics?)
+
+
+class Family(NamedTuple):
+    """A model family for the vectorised loop (see the module docstring for the contract)."""
+
+    init: Callable[..., tuple[Any, Any]]  # (key, params, gen) -> (state, info)
+    step: Callable[..., tuple[Any, Any]]  # (key, state, params, gen) -> (state, info)
+    reduce: Callable[[Any], Any] | None = None  # info over chains -> recorded stats
+    between_chunks: Callable[[Any, Any], Any] | None = None  # host: (state, params) -> state
+
 
 # --------------------------------------------------------------------------------------------
 # Chain statistics
@@ -82,34 +122,6 @@ def shard_chains(tree: Any, sharding) -> Any:
     return jax.device_put(tree, sharding)
 
 
-# --------------------------------------------------------------------------------------------
-# The scan runner for vectorised processes
-
-
-class ScanResult(NamedTuple):
-    """What :func:`run_generations` returns."""
-
-    state: Any  # final per-chain state (leading axis = chains)
-    generations: np.ndarray  # recorded generation numbers, starting with 0
-    trace: Any  # reduced info per recorded generation (leading axis = recorded generation)
-    seconds: float  # wall time of the generational loop (compilation included)
-
-
-def recorded_generations(n_generations: int, record_every: int) -> np.ndarray:
-    """Generations that are recorded: 0, k, 2k, ... and always the last one."""
-    gens = np.arange(0, n_generations + 1, record_every)
-    if gens[-1] != n_generations:
-        gens = np.append(gens, n_generations)
-    return gens
-
-
-def record_flags(n_generations: int, record_every: int) -> np.ndarray:
-    """``flags[i]`` says whether generation ``i + 1`` is recorded (aligned with per-generation
-    ``inputs``): a kernel can compute expensive metrics under ``lax.cond`` on it."""
-    gens = np.arange(1, n_generations + 1)
-    return (gens % record_every == 0) | (gens == n_generations)
-
-
 def per_device(fn: Callable, sharding, n_replicated: int = 0) -> Callable:
     """Run ``fn`` (already vmapped over a leading chain axis) on each device's own chains.
 
@@ -135,47 +147,170 @@ def per_device(fn: Callable, sharding, n_replicated: int = 0) -> Callable:
     return wrapped
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_init(init, reduce, sharding=None):
-    """Jitted, vmapped ``init`` and jitted ``reduce`` (cached per function object)."""
-    return jax.jit(per_device(jax.vmap(init), sharding)), jax.jit(reduce)
+# --------------------------------------------------------------------------------------------
+# The generational loop
+
+
+class ScanResult(NamedTuple):
+    """What :func:`run_generations` returns."""
+
+    state: Any  # final per-chain state (leading axis = chains)
+    generations: np.ndarray  # recorded generation numbers, starting with 0
+    trace: Any  # reduced info per recorded generation (leading axis = recorded generation)
+    seconds: float  # wall time of the generational loop (compilation included)
+
+
+def recorded_generations(n_generations: int, record_every: int) -> np.ndarray:
+    """Generations that are recorded: 0, k, 2k, ... and always the last one."""
+    gens = np.arange(0, n_generations + 1, record_every)
+    if gens[-1] != n_generations:
+        gens = np.append(gens, n_generations)
+    return gens
+
+
+def record_flags(n_generations: int, record_every: int) -> np.ndarray:
+    """``flags[n]`` says whether generation n (0..G) is recorded."""
+    gens = np.arange(n_generations + 1)
+    return (gens % record_every == 0) | (gens == n_generations)
+
+
+def gen_inputs(sizes, record_every: int) -> GenInput:
+    """The per-generation inputs 0..G of a run with sizes ``M_0 .. M_G``."""
+    sizes = np.asarray(sizes)
+    g = sizes.shape[0] - 1
+    return GenInput(
+        jnp.arange(g + 1, dtype=jnp.int32),
+        jnp.asarray(sizes, jnp.int32),
+        jnp.asarray(record_flags(g, record_every)),
+    )
+
+
+def _reduce_of(family: Family) -> Callable[[Any], Any]:
+    return family.reduce if family.reduce is not None else summarize_chains
+
+
+def _at(inputs: GenInput, n) -> GenInput:
+    return jax.tree.map(lambda a: a[n], inputs)
+
+
+def _vmapped(family: Family, sharding):
+    """``init`` and ``step`` vmapped over chains (keys, states, params; inputs shared), each
+    run per device under the chain sharding (:func:`per_device`)."""
+    vinit = jax.vmap(family.init, (0, 0, None))
+    vstep = jax.vmap(family.step, (0, 0, 0, None))
+    return per_device(vinit, sharding, n_replicated=1), per_device(vstep, sharding, n_replicated=1)
+
+
+def _records(family, vstep, state, gen, chain_keys, params, inputs, record_every, n_records):
+    """Advance ``n_records`` records of ``record_every`` generations from generation ``gen``,
+    keeping the reduced info of the last generation of each. Generations past the horizon G
+    (``inputs`` holds 0..G) leave the state as it is and the record reports generation G."""
+    n_generations = inputs.size.shape[0] - 1
+    reduce = _reduce_of(family)
+
+    def one_generation(carry, _):
+        state, gen = carry  # gen = generation being fitted (1-based)
+        x = _at(inputs, jnp.minimum(gen, n_generations))
+        keys = jax.vmap(jax.random.fold_in, (0, None))(chain_keys, gen)
+        new_state, info = vstep(keys, state, params, x)
+        active = gen <= n_generations
+        new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
+        return (new_state, gen + 1), info
+
+    def one_record(carry, _):
+        gen0 = carry[1]
+        carry, infos = jax.lax.scan(one_generation, carry, None, length=record_every)
+        last_real = jnp.clip(n_generations - gen0, 0, record_every - 1)
+        return carry, reduce(jax.tree.map(lambda a: a[last_real], infos))
+
+    return jax.lax.scan(one_record, (state, gen), None, length=n_records)
+
+
+def scan_generations(
+    family: Family,
+    key: jax.Array,
+    params: Any,
+    sizes,
+    *,
+    n_chains: int,
+    record_every: int = 1,
+    sharding=None,
+) -> tuple[Any, Any]:
+    """The whole loop as one pure function: ``n_chains`` chains for G = len(sizes) − 1
+    generations, jittable and differentiable where the kernels are (call it inside your own
+    ``jit``; ``n_chains`` and ``record_every`` are static).
+
+    Args:
+        family: the kernels (:class:`Family`).
+        key: the run's key; chain c uses ``split(key, n_chains)[c]``.
+        params: one pytree per chain (leading axis = chains), or ``None``.
+        sizes: M_0 .. M_G (int array of G + 1 entries; M_n is drawn at generation n).
+        n_chains: the number of chains.
+        record_every: keep generations 0, k, 2k, ... and G.
+        sharding: optional chain sharding (:func:`chain_sharding`): the kernels then run per
+            device under ``shard_map``, as in :func:`run_generations`.
+
+    Returns:
+        ``(state, trace)``: the final state of every chain and the reduced info of the recorded
+        generations (leading axis, see :func:`recorded_generations`).
+    """
+    inputs = gen_inputs(sizes, record_every) if not isinstance(sizes, GenInput) else sizes
+    n_generations = inputs.size.shape[0] - 1
+    chain_keys = jax.random.split(key, n_chains)
+    params = _chain_params(params, n_chains)
+    vinit, vstep = _vmapped(family, sharding)
+    state, info0 = vinit(_fold(chain_keys, 0), params, _at(inputs, 0))
+    n_records = -(-n_generations // record_every)
+    (state, _), trace = _records(
+        family, vstep, state, jnp.int32(1), chain_keys, params, inputs, record_every, n_records
+    )
+    trace0 = _reduce_of(family)(info0)
+    trace = jax.tree.map(lambda a0, a: jnp.concatenate([a0[None], a], 0), trace0, trace)
+    return state, trace
+
+
+def _fold(chain_keys, n):
+    return jax.vmap(jax.random.fold_in, (0, None))(chain_keys, n)
+
+
+def _chain_params(params, n_chains: int):
+    """Per-chain params; ``None`` becomes an empty array per chain (vmappable)."""
+    if params is None:
+        return jnp.zeros((n_chains, 0), jnp.int32)
+    return jax.tree.map(jnp.asarray, params)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding):
-    """The jitted chunk of generations, cached so that repeated runs of the same kernels
+def _compiled_init(family: Family, sharding=None):
+    """Jitted, vmapped ``init`` and jitted ``reduce`` (cached per family)."""
+    vinit, _ = _vmapped(family, sharding)
+    return jax.jit(vinit), jax.jit(_reduce_of(family))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(family: Family, record_every: int, records_per_chunk: int, sharding):
+    """The jitted chunk of generations, cached so that repeated runs of the same family
     (benchmarks, sweeps, tests) reuse compilations. Everything that varies between runs of one
-    configuration (keys, inputs, horizon) is an argument, not a closure."""
+    configuration (keys, params, inputs, horizon) is an argument, not a closure."""
+    _, vstep = _vmapped(family, sharding)
 
     def constrain(state):
         if sharding is None:
             return state
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), state)
 
-    vstep = per_device(jax.vmap(step, (0, 0, None)), sharding, n_replicated=1)
-
     @jax.jit
-    def chunk(state, gen, chain_keys, inputs, n_generations):
-        def one_generation(carry, _):
-            state, gen = carry  # gen = generation being produced (1-based)
-            x = jax.tree.map(lambda a: a[jnp.minimum(gen - 1, a.shape[0] - 1)], inputs)
-            keys = jax.vmap(jax.random.fold_in, (0, None))(chain_keys, gen)
-            active = gen <= n_generations
-            new_state, info = vstep(keys, state, x)
-            # Past the horizon (padding of the last record) keep the state unchanged.
-            new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
-            return (new_state, gen + 1), info
-
-        def one_record(carry, _):
-            gen0 = carry[1]
-            carry, infos = jax.lax.scan(one_generation, carry, None, length=record_every)
-            # The last record may be padded past the horizon: report the last real generation.
-            last_real = jnp.clip(n_generations - gen0, 0, record_every - 1)
-            last = jax.tree.map(lambda a: a[last_real], infos)
-            return carry, reduce(last)
-
-        (state, gen), trace = jax.lax.scan(
-            one_record, (constrain(state), gen), None, length=records_per_chunk
+    def chunk(state, gen, chain_keys, params, inputs):
+        (state, gen), trace = _records(
+            family,
+            vstep,
+            constrain(state),
+            gen,
+            chain_keys,
+            params,
+            inputs,
+            record_every,
+            records_per_chunk,
         )
         return (constrain(state), gen), trace
 
@@ -183,65 +318,50 @@ def _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding):
 
 
 def run_generations(
+    family: Family,
     key: jax.Array,
-    init: Callable[[jax.Array], tuple[Any, Any]],
-    step: Callable[[jax.Array, Any, Any], tuple[Any, Any]],
     n_chains: int,
-    n_generations: int,
-    inputs: Any = None,
+    sizes,
+    params: Any = None,
     *,
     record_every: int = 1,
     chunk_generations: int | None = None,
-    reduce: Callable[[Any], Any] = summarize_chains,
-    between_chunks: Callable[[Any], Any] | None = None,
     progress: bool | None = None,
     desc: str = "generations",
-    chain_params: Any = None,
 ) -> ScanResult:
-    """Run ``n_chains`` independent chains for ``n_generations`` generations.
+    """Run ``n_chains`` independent chains of ``family`` for G = len(sizes) − 1 generations.
 
-    ``init(key) -> (state, info)`` builds one chain at generation 0 (``info`` describes D0 itself)
-    and ``step(key, state, x) -> (state, info)`` advances one chain by one generation, where ``x``
-    is ``inputs`` indexed at the generation being produced minus one (so ``x = inputs[i]`` fits
-    generation ``i + 1``; e.g. ``inputs = {"size": M}``). Both are written for ONE chain; this
-    function vmaps them over chains, shards the chain axis over all devices, and ``lax.scan``s
-    over generations in jitted chunks (one progress-bar update per chunk).
+    The host driver around the same loop as :func:`scan_generations` (identical results for
+    the same arguments): it vmaps the one-chain kernels, shards the chain axis over all devices,
+    ``lax.scan``s generations in jitted chunks (one progress update per chunk), may reshape the
+    state between chunks (``family.between_chunks``; chunks are recompiled only when shapes
+    change), and keeps only every ``record_every``-th generation (and the last) after
+    ``family.reduce``, so 10^5 generations fit in memory.
 
-    Per-generation keys are ``fold_in(chain_key, generation)``, so results do not depend on the
-    chunking or on ``record_every``. Only every ``record_every``-th generation (and the last) is
-    kept, after ``reduce`` (default: mean / stderr / finite fraction over chains), so 10^5
-    generations fit in memory. ``between_chunks(state) -> state`` may reshape the state between
-    chunks (e.g. compact dead states); chunks are recompiled only when shapes change.
-
-    ``chain_params`` (optional, leading axis = chains) gives each chain its own numeric
-    parameters: ``init(key, params)`` is then called per chain and may store them in the state.
-    This is how a sweep over a numeric parameter runs as one vmapped, sharded computation.
+    ``sizes`` holds M_0 .. M_G (see :class:`GenInput`); ``params`` (leading axis = chains)
+    gives each chain its own numbers.
     """
     n_chains = check_int("chains", n_chains, 1)
-    n_generations = check_int("generations", n_generations, 1)
     record_every = check_int("record_every", record_every, 1)
-    if inputs is None:
-        inputs = {"generation": np.arange(n_generations)}
-    inputs = jax.tree.map(jnp.asarray, inputs)
+    sizes = np.asarray(sizes)
+    if sizes.ndim != 1 or sizes.shape[0] < 2:
+        raise ConfigError(f"sizes must list M_0 .. M_G for G >= 1 generations, got {sizes!r}")
+    n_generations = sizes.shape[0] - 1
+    inputs = gen_inputs(sizes, record_every)
     n_records = -(-n_generations // record_every)  # recorded points after generation 0
     if chunk_generations is None:
         chunk_generations = max(record_every, min(n_generations, 200))
     records_per_chunk = max(1, chunk_generations // record_every)
 
     sharding = chain_sharding(n_chains)
-    chain_keys = jax.random.split(key, n_chains)
-    chain_keys = shard_chains(chain_keys, sharding)
+    chain_keys = shard_chains(jax.random.split(key, n_chains), sharding)
+    params = shard_chains(_chain_params(params, n_chains), sharding)
 
     t0 = time.perf_counter()
-    init_fn, reduce_fn = _compiled_init(init, reduce, sharding)
-    chunk = _compiled_chunk(step, reduce, record_every, records_per_chunk, sharding)
-    if chain_params is None:
-        state, info0 = init_fn(chain_keys)
-    else:
-        chain_params = shard_chains(jax.tree.map(jnp.asarray, chain_params), sharding)
-        state, info0 = init_fn(chain_keys, chain_params)
+    init_fn, reduce_fn = _compiled_init(family, sharding)
+    chunk = _compiled_chunk(family, record_every, records_per_chunk, sharding)
+    state, info0 = init_fn(_fold(chain_keys, 0), params, _at(inputs, 0))
     trace0 = jax.device_get(reduce_fn(info0))
-    horizon = jnp.asarray(n_generations, jnp.int32)
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -254,10 +374,10 @@ def run_generations(
     gen = 1
     done_records = 0
     while done_records < n_records:
-        if between_chunks is not None and done_records:
-            state = between_chunks(state)
+        if family.between_chunks is not None and done_records:
+            state = family.between_chunks(state, params)
         (state, next_gen), tr = chunk(
-            state, jnp.asarray(gen, jnp.int32), chain_keys, inputs, horizon
+            state, jnp.asarray(gen, jnp.int32), chain_keys, params, inputs
         )
         tr = jax.device_get(tr)
         take = min(records_per_chunk, n_records - done_records)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.core.errors import ConfigError, check_float, check_int
+from collapse_jax.core.errors import ConfigError, check_float, check_int, load_array
 
 POLICY_MODES = ("replace", "mix", "accumulate", "accumulate-subsample")
 
@@ -124,6 +124,110 @@ def split_batch(size, policy: Policy) -> BatchSplit:
 
 
 # --------------------------------------------------------------------------------------------
+# The policies on a weighted point buffer (every family whose data are points)
+
+
+class PointBuffer(NamedTuple):
+    """One chain's data as fixed-shape buffers (weight 0 = padding, so schedules keep static
+    shapes). ``x``/``w`` is the training set T_n; accumulate keeps everything in ``x`` (sized
+    for all points ever drawn), accumulate-subsample keeps the pool P_n in ``pool_x``/``pool_w``
+    (empty otherwise); ``count`` is the number of points in the pool (accumulating policies),
+    else |T_n|."""
+
+    x: jax.Array  # (T, ...) training points
+    w: jax.Array  # (T,) 1 for points of T_n, 0 for padding
+    pool_x: jax.Array  # (P, ...) accumulate-subsample pool
+    pool_w: jax.Array  # (P,)
+    count: jax.Array  # int32
+
+
+def buffer_shapes(policy: Policy, max_batch: int, pool_capacity: int) -> tuple[int, int]:
+    """(T, P): rows of the training and pool buffers for batches of at most ``max_batch``
+    points; ``pool_capacity`` must hold every point an accumulating run ever draws."""
+    if policy.mode == "accumulate":
+        return pool_capacity, 0
+    if policy.mode == "accumulate-subsample":
+        return max_batch, pool_capacity
+    return max_batch, 0
+
+
+def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
+    if a.shape[0] == rows:
+        return a
+    return jnp.zeros((rows, *a.shape[1:]), a.dtype).at[: a.shape[0]].set(a)
+
+
+def initial_buffer(x0, w0, policy: Policy, max_batch: int, pool_capacity: int) -> PointBuffer:
+    """T_0 (and P_0 = T_0) from a batch ``x0`` of ``max_batch`` rows with weights ``w0``."""
+    t_rows, p_rows = buffer_shapes(policy, max_batch, pool_capacity)
+    count = jnp.sum(w0 > 0).astype(jnp.int32)
+    return PointBuffer(
+        _pad_rows(x0, t_rows),
+        _pad_rows(w0, t_rows),
+        _pad_rows(x0, p_rows) if p_rows else jnp.zeros((0, *x0.shape[1:]), x0.dtype),
+        _pad_rows(w0, p_rows) if p_rows else jnp.zeros((0,), w0.dtype),
+        count,
+    )
+
+
+def subsample(key: jax.Array, x: jax.Array, w: jax.Array, k: int) -> jax.Array:
+    """``k`` of the valid points (w > 0) of ``x`` uniformly without replacement (top-k of
+    uniform keys). With fewer than ``k`` valid points the trailing rows are padding; callers
+    use only as many rows as there are valid points."""
+    u = jax.random.uniform(key, w.shape)
+    _, idx = jax.lax.top_k(jnp.where(w > 0, u, -1.0), k)
+    return x[idx]
+
+
+def new_batch(
+    k_prev: jax.Array,
+    k_orig: jax.Array,
+    model_points: jax.Array,
+    draw_original: Callable[[jax.Array, int], jax.Array],
+    buffer: PointBuffer,
+    size,
+    policy: Policy,
+) -> tuple[jax.Array, jax.Array]:
+    """The batch B_n of ``size`` points (rows of ``model_points``, B = its length): the first
+    round(α M) rows are samples of the model, the next round(β M) points of T_{n-1} without
+    replacement, the next round(γ M) fresh D0 points (:func:`split_batch`); returns
+    (points, weights)."""
+    rows = model_points.shape[0]
+    n_model, n_prev, _ = split_batch(size, policy)
+    j = jnp.arange(rows)
+    batch = model_points
+    take = lambda m: m.reshape(m.shape + (1,) * (batch.ndim - 1))  # noqa: E731
+    if policy.beta > 0:
+        prev = subsample(k_prev, buffer.x, buffer.w, rows)
+        batch = jnp.where(take(j >= n_model), prev[jnp.clip(j - n_model, 0, rows - 1)], batch)
+    if policy.gamma > 0:
+        fresh = draw_original(k_orig, rows)
+        start = n_model + n_prev
+        batch = jnp.where(take(j >= start), fresh[jnp.clip(j - start, 0, rows - 1)], batch)
+    return batch, (j < size).astype(buffer.w.dtype)
+
+
+def next_buffer(
+    k_sub: jax.Array, buffer: PointBuffer, batch: jax.Array, batch_w: jax.Array, size, policy
+) -> PointBuffer:
+    """T_n from B_n by the policy: replace / mix: T_n = B_n; accumulate: T_n = T_{n-1} ∪ B_n;
+    accumulate-subsample: P_n = P_{n-1} ∪ B_n and T_n = M_n points of P_n uniformly without
+    replacement."""
+    size = jnp.asarray(size, jnp.int32)
+    start = (buffer.count,) + (0,) * (batch.ndim - 1)
+    if policy.mode == "accumulate":
+        x = jax.lax.dynamic_update_slice(buffer.x, batch, start)
+        w = jax.lax.dynamic_update_slice(buffer.w, batch_w, (buffer.count,))
+        return buffer._replace(x=x, w=w, count=buffer.count + size)
+    if policy.mode == "accumulate-subsample":
+        pool_x = jax.lax.dynamic_update_slice(buffer.pool_x, batch, start)
+        pool_w = jax.lax.dynamic_update_slice(buffer.pool_w, batch_w, (buffer.count,))
+        x = subsample(k_sub, pool_x, pool_w, batch.shape[0])
+        return PointBuffer(x, batch_w, pool_x, pool_w, buffer.count + size)
+    return buffer._replace(x=batch, w=batch_w, count=size)
+
+
+# --------------------------------------------------------------------------------------------
 # Sample-size schedules
 
 
@@ -157,8 +261,10 @@ class Schedule:
             return cls("list", values=values)
         path = Path(spec)
         if path.suffix in (".npy", ".txt") and path.exists():
-            arr = np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
-            arr = np.asarray(arr).ravel()
+            if path.suffix == ".npy":
+                arr = load_array("schedule", path, ndim=(1,))
+            else:
+                arr = np.loadtxt(path).ravel()
             if not np.all(np.isfinite(arr)) or not np.allclose(arr, np.round(arr)):
                 raise ConfigError(f"schedule file {path} must hold finite integers")
             return cls("list", values=tuple(int(v) for v in arr))
@@ -241,3 +347,13 @@ def mix_training_data(
         return pooled, pooled
     idx = rng.choice(len(pooled), min(size, len(pooled)), replace=False)
     return pooled[idx], pooled
+
+
+def check_loop_fields(config) -> tuple[Policy, Schedule]:
+    """Validate the fields every generational study shares (``samples``, ``chains``,
+    ``generations``, ``record_every``, ``seed``, ``policy``, ``fresh_fraction``, ``schedule``)
+    and return the parsed policy and schedule."""
+    for name in ("samples", "chains", "generations", "record_every"):
+        check_int(name, getattr(config, name), 1)
+    check_int("seed", config.seed, 0)
+    return Policy.parse(config.policy, config.fresh_fraction), Schedule.parse(config.schedule)

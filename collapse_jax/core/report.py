@@ -3,6 +3,7 @@ error bands, Markdown assembly. Plots are drawn from saved arrays only."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from collapse_jax.core.runs import save_figure
+from collapse_jax.core.runs import save_figure, write_json, write_text
 
 #: A Monte Carlo value agrees with theory when it is within this many standard errors.
 Z_AGREE = 4.0
@@ -139,3 +140,76 @@ def curves_figure(
 def figure_md(name: str, caption: str) -> str:
     """Markdown for an embedded figure in the same run directory."""
     return f"![{caption}]({name})\n\n*{caption}*\n"
+
+
+def figures_section(figures: Sequence[tuple[str, str]]) -> list[str]:
+    """The report's closing "Figures" section (none for an in-memory run)."""
+    if not figures:
+        return []
+    return ["## Figures", "", *(figure_md(name, caption) for name, caption in figures)]
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def run_sweep(module, config, field: str, values: list, out: Path, progress=None) -> dict:
+    """Run one study per value (each into OUT/FIELD=VALUE) and overlay their curves.
+
+    A study may provide ``run_sweep(config, field, values, out)`` that runs every value in one
+    vmapped computation when shapes allow (returning None otherwise); other sweeps loop, each
+    value's chains still vmapped and sharded as usual.
+    """
+    summaries = {}
+    vmapped = None
+    if hasattr(module, "run_sweep"):
+        vmapped = module.run_sweep(config, field, values, out, progress=progress)
+    if vmapped is not None:
+        summaries = dict(zip(values, vmapped, strict=True))
+    else:
+        for v in values:
+            cfg = module.validate(dataclasses.replace(config, **{field: v}))
+            summaries[v] = module.run(cfg, out / f"{field}={v}", progress=progress)
+    common = None
+    for s in summaries.values():
+        keys = {
+            k
+            for k, val in s.items()
+            if isinstance(val, dict) and {"generation", "mean", "stderr"} <= set(val)
+        }
+        common = keys if common is None else common & keys
+    common = sorted(common or [])
+    panels = []
+    for key in common:
+        series = []
+        for v, s in summaries.items():
+            ser = s[key]
+            series.append(
+                {
+                    "x": ser["generation"],
+                    "mean": _floats(ser["mean"]),
+                    "stderr": _floats(ser["stderr"]),
+                    "label": f"{field} = {v}",
+                }
+            )
+        panels.append({"title": key, "x": series[0]["x"], "series": series})
+    how = "one vmapped computation" if vmapped is not None else "one run per value"
+    lines = [f"# Sweep over {field}", "", f"Study `{module.NAME}`, values {values} ({how}).", ""]
+    if panels:
+        curves_figure(out / "sweep.png", panels, ncols=3)
+        lines.append(figure_md("sweep.png", f"Metrics for each {field} (±2 stderr bands)."))
+    for v in values:
+        lines.append(f"- [{field} = {v}]({field}={v}/report.md)")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    result = {"sweep": field, "values": values, "runs": {str(v): f"{field}={v}" for v in values}}
+    write_json(out / "summary.json", result)
+    return result
+
+
+def _floats(values):
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            v = float(v)
+        out.append(v)
+    return out

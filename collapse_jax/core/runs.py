@@ -131,23 +131,57 @@ def series(generation, mean, stderr) -> dict[str, list]:
 
 
 class RunDir:
-    """A run directory: ``config.json``, ``metrics.npz``, ``summary.json``, figures, ``report.md``."""
+    """A run directory: ``config.json``, ``metrics.npz``, ``summary.json``, figures, ``report.md``.
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+    ``RunDir(None)`` keeps everything in memory instead (the Python API's default): nothing is
+    written, figures are skipped, and the config, arrays, summary, report and final state are
+    attributes. A directory run keeps the same attributes beside its files.
+    """
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.config: dict | None = None
+        self.summary: Mapping[str, Any] | None = None
+        self.arrays: dict[str, np.ndarray] = {}
+        self.report: str | None = None
+        self.final_state: Any = None  # the last generation's per-chain state, when a study keeps it
+
+    @classmethod
+    def of(cls, target: RunDir | str | os.PathLike | None) -> RunDir:
+        """``target`` itself when it is a RunDir, else a RunDir at that path (None: in memory)."""
+        return target if isinstance(target, RunDir) else cls(target)
+
+    @classmethod
+    def start(cls, target: RunDir | str | os.PathLike | None, config: Any, study: str) -> RunDir:
+        """:meth:`of` ``target``, with the run's ``config.json`` written first."""
+        run_dir = cls.of(target)
+        run_dir.write_config(config, study)
+        return run_dir
 
     def file(self, name: str) -> Path:
+        if self.path is None:
+            raise ValueError(f"an in-memory run has no file {name!r}")
         return self.path / name
 
-    def write_config(self, config: Any, study: str) -> Path:
-        return write_json(self.file("config.json"), {"study": study, "config": config})
+    def write_config(self, config: Any, study: str) -> Path | None:
+        self.config = {"study": study, "config": config}
+        return write_json(self.file("config.json"), self.config) if self.path else None
 
-    def write_summary(self, summary: Mapping[str, Any]) -> Path:
-        return write_json(self.file("summary.json"), summary)
+    def write_summary(self, summary: Mapping[str, Any]) -> Path | None:
+        self.summary = summary
+        return write_json(self.file("summary.json"), summary) if self.path else None
 
-    def write_metrics(self, name: str = "metrics.npz", **arrays) -> Path:
-        return write_arrays(self.file(name), **arrays)
+    def write_metrics(self, name: str = "metrics.npz", **arrays) -> Path | None:
+        if name == "metrics.npz":
+            self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        return write_arrays(self.file(name), **arrays) if self.path else None
 
-    def write_report(self, text: str) -> Path:
-        return write_text(self.file("report.md"), text)
+    def figures(self, make_figures) -> list[tuple[str, str]]:
+        """``make_figures(path)`` (drawn from the saved arrays); none for an in-memory run."""
+        return make_figures(self.path) if self.path is not None else []
+
+    def write_report(self, text: str) -> Path | None:
+        self.report = text
+        return write_text(self.file("report.md"), text) if self.path else None

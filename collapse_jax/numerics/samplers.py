@@ -35,32 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from collapse_jax.numerics.random import threefry2x32
+
 __all__ = ["binomial", "hypergeometric", "multinomial", "multivariate_hypergeometric"]
 
 # --------------------------------------------------------------------------------------------
 # Random bits: Threefry-2x32-20 keyed by two words taken from the caller's key.
 # --------------------------------------------------------------------------------------------
-
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _rotl(x: Array, r: int) -> Array:
-    return (x << jnp.uint32(r)) | (x >> jnp.uint32(32 - r))
-
-
-def _threefry2x32(k0: Array, k1: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
-    """Threefry-2x32 with 20 rounds (Random123 reference; same function as JAX's PRNG)."""
-    k2 = k0 ^ k1 ^ jnp.uint32(0x1BD11BDA)
-    ks = (k0, k1, k2)
-    x0 = x0 + k0
-    x1 = x1 + k1
-    for i in range(5):
-        for r in _ROTATIONS[i % 2]:
-            x0 = x0 + x1
-            x1 = _rotl(x1, r) ^ x0
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-    return x0, x1
 
 
 def _key_words(key: jax.Array) -> tuple[Array, Array]:
@@ -93,10 +74,10 @@ def _uniform_pair(seed, lane: Array, stream: int | Array, dtype) -> tuple[Array,
     k0, k1 = seed
     s = jnp.asarray(stream, jnp.uint32)
     if dtype == jnp.float64:
-        a0, a1 = _threefry2x32(k0, k1, lane, s * jnp.uint32(2))
-        b0, b1 = _threefry2x32(k0, k1, lane, s * jnp.uint32(2) + jnp.uint32(1))
+        a0, a1 = threefry2x32(k0, k1, lane, s * jnp.uint32(2))
+        b0, b1 = threefry2x32(k0, k1, lane, s * jnp.uint32(2) + jnp.uint32(1))
         return _to_unit(a0, a1, dtype), _to_unit(b0, b1, dtype)
-    w0, w1 = _threefry2x32(k0, k1, lane, jnp.broadcast_to(s, lane.shape))
+    w0, w1 = threefry2x32(k0, k1, lane, jnp.broadcast_to(s, lane.shape))
     return _to_unit(w0, None, dtype), _to_unit(w1, None, dtype)
 
 

@@ -1,8 +1,8 @@
 """The discrete resampling process: a K-state distribution fitted exactly (F(p) = p) from M
 samples, generation after generation (the neutral Wright–Fisher model with population M).
 
-One chain's kernels are pure functions of (key, state, inputs); the shared runner
-:func:`collapse_jax.core.loop.run_generations` vmaps them over chains and scans generations.
+One chain's kernels follow the loop's contract (:class:`collapse_jax.core.loop.Family`); the
+shared runner vmaps them over chains and scans generations.
 The state axis may be *compacted* between chunks: states that can never come back are dropped
 and summarised by the p0-mass they carried (see :func:`compact`).
 """
@@ -10,7 +10,6 @@ and summarised by the p0-mass they carried (see :func:`compact`).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -18,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from collapse_jax.core.errors import ConfigError, check_float, check_int, check_probability_vector
+from collapse_jax.core.errors import (
+    ConfigError,
+    check_float,
+    check_int,
+    check_probability_vector,
+    load_array,
+)
+from collapse_jax.core.loop import Family, GenInput
 from collapse_jax.core.policies import Policy, split_batch
 from collapse_jax.families.discrete.metrics import DiscreteMetrics, discrete_metrics
 from collapse_jax.numerics import samplers
@@ -36,6 +42,12 @@ class DiscreteState(NamedTuple):
     p0_dropped: Float[Array, ""]  # p0-mass of states dropped by compaction (all dead)
     absorbed_at: Int[Array, ""]  # first generation whose model is a delta, -1 if none yet
     absorbed_state: Int[Array, ""]  # original id of that delta's state, -1 if none yet
+
+
+class DiscreteParams(NamedTuple):
+    """One chain's numbers (vmapped: a sweep over them is one computation)."""
+
+    p0: Float[Array, " K"]  # the original distribution
     samples: Int[Array, ""]  # this chain's constant batch size M, or 0 to follow the schedule
     gamma: Float[Array, ""]  # this chain's fresh fraction (used when the policy has beta = 0)
 
@@ -75,13 +87,7 @@ def initial_distribution(spec: str | np.ndarray, states: int | None = None) -> n
                 seed = check_int("dirichlet seed", int(seed_str), 0) if seed_str else 0
                 p = np.random.default_rng(seed).dirichlet(np.full(k, a))
         elif spec.endswith(".npy"):
-            path = Path(spec)
-            if not path.exists():
-                raise ConfigError(f"p0 file not found: {path}")
-            try:
-                p = np.load(path, allow_pickle=False).astype(np.float64)
-            except Exception as e:
-                raise ConfigError(f"cannot read p0 file {path}: {e}") from None
+            p = load_array("p0", spec, ndim=(1,))
         else:
             try:
                 p = np.array([float(v) for v in spec.split(",")], dtype=np.float64)
@@ -113,17 +119,19 @@ def _sample_model(key, n, p, method: str, max_size: int):
 
 
 @functools.lru_cache(maxsize=64)
-def make_kernels(
+def make_family(
     policy: Policy, method: str = "counts", max_size: int = 1, fresh_varies: bool = False
-):
-    """Build ``init(key, p0, m0)`` and ``step(key, state, inputs)`` for one chain.
+) -> Family:
+    """The discrete family for one chain (see :class:`collapse_jax.core.loop.Family`).
 
-    ``inputs`` per generation: ``{"generation": n, "size": M_n}`` where ``M_n`` is the size of the
-    batch drawn at generation n (it fits generation n + 1), and optionally ``"record"`` (see
-    :func:`collapse_jax.core.loop.record_flags`): when given, the metrics (K logarithms per
-    chain) are computed only on recorded generations, under a ``lax.cond``. ``max_size`` bounds
-    every batch size (needed by the ``samples`` method, whose draws have static shape).
-    ``fresh_varies`` says that chains may carry their own fresh fraction (a vmapped sweep).
+    ``init(key, params, gen)`` draws T_0 (``gen.size`` = M_0 samples of ``params.p0``);
+    ``step(key, state, params, gen)`` fits p_n = T_{n-1} / |T_{n-1}| (F(p) = p), reports its
+    metrics (K logarithms per chain, only when ``gen.record``: under a ``lax.cond``), then draws
+    T_n of ``gen.size`` = M_n points by the policy. ``params.samples`` > 0 fixes a chain's M
+    (overriding the schedule) and ``params.gamma`` its fresh fraction: per-chain values for
+    vmapped sweeps (``fresh_varies`` says that chains may carry their own fresh fraction).
+    ``max_size`` bounds every batch size (needed by the ``samples`` method, whose draws have
+    static shape). ``between_chunks`` drops dead states (:func:`compact`).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -131,15 +139,16 @@ def make_kernels(
     def draw(key, n, p):
         return _sample_model(key, n, p, method, max_size)
 
-    def init(
-        key, p0: Float[Array, " K"], m0, samples=0, gamma=policy.gamma
-    ) -> tuple[DiscreteState, DiscreteInfo]:
-        """Generation 0 of one chain. ``samples`` > 0 fixes this chain's M (overriding the
-        schedule) and ``gamma`` its fresh fraction: per-chain values for vmapped sweeps."""
+    def fresh_fraction(params: DiscreteParams):
+        """γ of a chain: its own value in a vmapped sweep over it, else the policy's."""
+        return params.gamma if fresh_varies else jnp.asarray(policy.gamma, params.p0.dtype)
+
+    def init(key, params: DiscreteParams, gen: GenInput) -> tuple[DiscreteState, DiscreteInfo]:
+        """Generation 0 of one chain: T_0 drawn from p0 with the key of generation 0."""
+        p0 = params.p0
         k = p0.shape[0]
-        samples = jnp.asarray(samples, jnp.int32)
-        # fold_in(key, 0): generation n >= 1 uses fold_in(key, n), never the raw chain key.
-        counts = draw(jax.random.fold_in(key, 0), jnp.where(samples > 0, samples, m0), p0)
+        samples = jnp.asarray(params.samples, jnp.int32)
+        counts = draw(key, jnp.where(samples > 0, samples, gen.size), p0)
         pool = counts if policy.mode == "accumulate-subsample" else jnp.zeros_like(counts)
         state = DiscreteState(
             counts=counts,
@@ -149,14 +158,13 @@ def make_kernels(
             p0_dropped=jnp.zeros((), p0.dtype),
             absorbed_at=jnp.where(jnp.sum(p0 > 0) == 1, 0, -1).astype(jnp.int32),
             absorbed_state=jnp.where(jnp.sum(p0 > 0) == 1, jnp.argmax(p0), -1).astype(jnp.int32),
-            samples=samples,
-            gamma=jnp.asarray(gamma, p0.dtype),
         )
         return state, DiscreteInfo(discrete_metrics(p0, p0))
 
-    def step(key, state: DiscreteState, inputs) -> tuple[DiscreteState, DiscreteInfo]:
-        gen = inputs["generation"]
-        size = jnp.where(state.samples > 0, state.samples, inputs["size"])
+    def step(
+        key, state: DiscreteState, params: DiscreteParams, gen: GenInput
+    ) -> tuple[DiscreteState, DiscreteInfo]:
+        size = jnp.where(params.samples > 0, params.samples, gen.size)
         k_model, k_prev, k_orig, k_sub = jax.random.split(key, 4)
         total = state.counts.sum()
         p = state.counts.astype(state.p0.dtype) / jnp.maximum(total, 1).astype(state.p0.dtype)
@@ -164,25 +172,22 @@ def make_kernels(
         def metrics_now():
             return discrete_metrics(p, state.p0, state.p0_dropped)
 
-        if "record" in inputs:
-            metrics = jax.lax.cond(
-                inputs["record"],
-                metrics_now,
-                lambda: jax.tree.map(
-                    lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(metrics_now)
-                ),
-            )
-        else:
-            metrics = metrics_now()
+        metrics = jax.lax.cond(
+            gen.record,
+            metrics_now,
+            lambda: jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(metrics_now)
+            ),
+        )
 
         newly = (state.absorbed_at < 0) & (jnp.sum(state.counts > 0) == 1)
-        absorbed_at = jnp.where(newly, gen, state.absorbed_at)
+        absorbed_at = jnp.where(newly, gen.generation, state.absorbed_at)
         absorbed_state = jnp.where(newly, state.index[jnp.argmax(p)], state.absorbed_state)
 
         if policy.beta > 0:
             n_model, n_prev, n_orig = split_batch(size, policy)
         else:  # gamma may differ per chain (vmapped sweeps); same rounding as split_batch
-            n_orig = jnp.round(size * state.gamma).astype(size.dtype)
+            n_orig = jnp.round(size * fresh_fraction(params)).astype(size.dtype)
             n_model, n_prev = size - n_orig, 0
         batch = draw(k_model, n_model, p)
         if policy.beta > 0:
@@ -205,17 +210,33 @@ def make_kernels(
         )
         return new_state, DiscreteInfo(metrics)
 
-    return init, step
+    def between_chunks(state: DiscreteState, params: DiscreteParams) -> DiscreteState:
+        return compact(state, fresh_fraction(params), policy)
+
+    return Family(init, step, None, between_chunks)
+
+
+def discrete_params(p0, n_chains: int, samples=0, gamma=0.0) -> DiscreteParams:
+    """Per-chain parameters: ``p0`` for every chain, ``samples`` and ``gamma`` scalars or one
+    value per chain (``gamma`` is read only by a family built with ``fresh_varies``)."""
+    p0 = np.asarray(p0, np.float32)
+    return DiscreteParams(
+        np.broadcast_to(p0, (n_chains, p0.shape[-1])),
+        np.broadcast_to(np.asarray(samples, np.int32), (n_chains,)),
+        np.broadcast_to(np.asarray(gamma, np.float32), (n_chains,)),
+    )
 
 
 SHRINK = 2  # compact the state axis when it can shrink by at least this factor
 COMPACT_EVERY = 50  # generations per chunk of the runner when compacting (a compaction check each)
 
 
-def alive_mask(state: DiscreteState, policy: Policy) -> Int[Array, "... K"]:
-    """States that can still have positive probability at some later generation."""
+def alive_mask(state: DiscreteState, gamma, policy: Policy) -> Int[Array, "... K"]:
+    """States that can still have positive probability at some later generation (``gamma``:
+    each chain's fresh fraction, or one for all)."""
     alive = (state.counts > 0) | (state.pool > 0)
-    fresh = (state.gamma > 0)[..., None] if policy.beta == 0 else policy.gamma > 0
+    fresh = jnp.asarray(gamma) > 0 if policy.beta == 0 else jnp.asarray(policy.gamma > 0)
+    fresh = fresh[..., None] if fresh.ndim else fresh  # one value per chain: over its states
     alive = alive | (fresh & (state.p0 > 0))
     return alive
 
@@ -238,7 +259,7 @@ def _compact(state: DiscreteState, alive, width: int) -> DiscreteState:
     )
 
 
-def compact(state: DiscreteState, policy: Policy, min_width: int = 2) -> DiscreteState:
+def compact(state: DiscreteState, gamma, policy: Policy, min_width: int = 2) -> DiscreteState:
     """Drop dead states from a batch of chains (leading axis = chains).
 
     The state axis is shrunk to the smallest power of two (at least ``min_width``) that holds
@@ -248,7 +269,7 @@ def compact(state: DiscreteState, policy: Policy, min_width: int = 2) -> Discret
     metrics. Shrinking only to powers of two, by a factor of at least ``SHRINK``, bounds the
     number of recompilations by log2 K (each width compiles the chunk once).
     """
-    alive = alive_mask(state, policy)
+    alive = alive_mask(state, gamma, policy)
     k = state.counts.shape[-1]
     n_alive = int(jax.device_get(alive.sum(-1).max()))
     width = max(min_width, 1 << max(0, n_alive - 1).bit_length())

@@ -14,9 +14,9 @@ import numpy as np
 
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_int
-from collapse_jax.core.flags import apply_flags
-from collapse_jax.core.loop import chain_stats, record_flags, run_generations
-from collapse_jax.core.policies import Policy, Schedule
+from collapse_jax.core.flags import add_config_arguments, apply_flags
+from collapse_jax.core.loop import chain_stats, run_generations
+from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, series
 from collapse_jax.families.discrete import kernel as proc
 from collapse_jax.families.discrete import theory as wf
@@ -56,15 +56,10 @@ class Config:
 
 def validate(config: Config) -> Config:
     """Check every field; raise ConfigError naming the bad value."""
-    check_int("chains", config.chains, 1)
-    check_int("generations", config.generations, 1)
-    check_int("samples", config.samples, 1)
-    check_int("record_every", config.record_every, 1)
-    check_int("seed", config.seed, 0)
+    policy, schedule = check_loop_fields(config)
     check_choice("method", config.method, proc.METHODS)
     p0 = _p0(config)
-    policy = Policy.parse(config.policy, config.fresh_fraction)
-    sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
+    sizes = schedule.sizes(config.samples, config.generations)
     if policy.mode == "accumulate" and sizes.sum() > 2**31 - 1:
         raise ConfigError(f"accumulate pools {sizes.sum()} samples, beyond int32 counts")
     del p0
@@ -88,27 +83,8 @@ def demo_config() -> Config:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags; unset flags leave the config (default or file) unchanged."""
-    a = parser.add_argument
-    a("--states", type=int, default=None, help="K, number of states")
-    a("--samples", type=int, default=None, help="M, samples per generation (M_0 of a schedule)")
-    a("--chains", type=int, default=None, help="number of independent chains")
-    a("--generations", type=int, default=None, help="number of fitted generations")
-    a("--p0", default=None, help="uniform | zipf:S | dirichlet:A | 0.5,0.3,0.2 | path.npy")
-    a("--method", default=None, help="counts | samples")
-    a("--policy", default=None, help="replace | accumulate | accumulate-subsample | mix:A,B,G")
-    a("--fresh-fraction", type=float, default=None, help="gamma: fraction of fresh p0 data")
-    a("--schedule", default=None, help="constant | linear[:SLOPE] | poly:A | list:M0,M1,...")
-    a("--record-every", type=int, default=None, help="record every k-th generation")
-    a("--seed", type=int, default=None, help="PRNG seed")
-    a(
-        "--no-compact",
-        dest="compact",
-        action="store_const",
-        const=False,
-        default=None,
-        help="keep dead states in the arrays (slower; for checking compaction)",
-    )
+    """The study's flags, one per config field; unset flags leave the config unchanged."""
+    add_config_arguments(parser, Config)
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
@@ -128,6 +104,7 @@ class Simulation(NamedTuple):
     generations: np.ndarray
     sizes: np.ndarray
     seconds: float
+    state: object  # the final per-chain state of this configuration's chains
 
 
 #: Parameters a sweep can vary inside ONE vmapped computation (each chain carries its value).
@@ -142,18 +119,6 @@ def sweep_is_vmappable(config: Config, field: str) -> bool:
     if field == "fresh_fraction":
         return policy.mode != "mix"
     return False
-
-
-@functools.lru_cache(maxsize=32)
-def _chain_init(init, m0: int):
-    """Generation 0 of one chain from its parameters (M override, fresh fraction, p0); cached
-    so that repeated runs reuse the runner's compilations."""
-
-    def chain_init(key, params):
-        samples, gamma, p0 = params
-        return init(key, p0, m0, samples, gamma)
-
-    return chain_init
 
 
 @functools.lru_cache(maxsize=32)
@@ -177,7 +142,6 @@ def simulate(
     p0 = _p0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
-    next_sizes = np.concatenate([sizes[1:], sizes[-1:]])  # batch drawn at generation n (n >= 1)
     field, values = sweep if sweep is not None else (None, [None])
     n_values, chains = len(values), config.chains
     samples = np.zeros(n_values, np.int32)
@@ -189,33 +153,25 @@ def simulate(
     elif field is not None:
         raise ConfigError(f"a vmapped sweep cannot vary {field!r}; use one of {VMAPPED_SWEEPS}")
     max_size = int(max(sizes.max(), samples.max()))
-    init, step = proc.make_kernels(
+    family = proc.make_family(
         policy, config.method, max_size=max_size, fresh_varies=field == "fresh_fraction"
     )
-    m0 = int(sizes[0])
-
-    result = run_generations(
-        jax.random.key(config.seed),
-        _chain_init(init, m0),
-        step,
-        n_values * chains,
-        config.generations,
-        {
-            "generation": np.arange(1, config.generations + 1),
-            "size": next_sizes,
-            "record": record_flags(config.generations, config.record_every),
-        },
-        record_every=config.record_every,
+    family = family._replace(
         reduce=_group_reduce(n_values, chains),
-        between_chunks=(lambda s: proc.compact(s, policy)) if config.compact else None,
+        between_chunks=family.between_chunks if config.compact else None,
+    )
+    result = run_generations(
+        family,
+        jax.random.key(config.seed),
+        n_values * chains,
+        np.concatenate([sizes, sizes[-1:]]),  # M_G: the last batch is drawn but never fitted
+        proc.discrete_params(
+            p0, n_values * chains, np.repeat(samples, chains), np.repeat(gamma, chains)
+        ),
+        record_every=config.record_every,
         chunk_generations=proc.COMPACT_EVERY if config.compact else None,
         progress=progress,
         desc="discrete",
-        chain_params=(
-            np.repeat(samples, chains),
-            np.repeat(gamma, chains),
-            np.broadcast_to(np.asarray(p0, np.float32), (n_values * chains, len(p0))),
-        ),
     )
     absorbed_at = np.asarray(result.state.absorbed_at).reshape(n_values, chains)
     absorbed_state = np.asarray(result.state.absorbed_state).reshape(n_values, chains)
@@ -236,6 +192,9 @@ def simulate(
                 result.generations,
                 value_sizes,
                 result.seconds,
+                jax.tree.map(
+                    lambda a, v=v: a.reshape(n_values, chains, *a.shape[1:])[v], result.state
+                ),
             )
         )
     return sims
@@ -268,8 +227,8 @@ def run_sweep(
 
 def write_run(config: Config, out_dir, sim: Simulation, t0: float) -> dict:
     """Write one configuration's run directory from its simulated arrays."""
-    run_dir = RunDir(out_dir)
-    run_dir.write_config(config, NAME)
+    run_dir = RunDir.start(out_dir, config, NAME)
+    run_dir.final_state = sim.state
     p0 = _p0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     gens, sizes = sim.generations, sim.sizes
@@ -290,7 +249,7 @@ def write_run(config: Config, out_dir, sim: Simulation, t0: float) -> dict:
     summary["seconds"] = sim.seconds
     summary["chain_generations_per_second"] = config.chains * config.generations / sim.seconds
     run_dir.write_summary(summary)
-    figures = make_figures(run_dir.path)
+    figures = run_dir.figures(make_figures)
     write_report(run_dir, config, summary, figures, time.perf_counter() - t0)
     return summary
 
@@ -566,9 +525,6 @@ def write_report(run_dir: RunDir, config: Config, summary: dict, figures, second
         "",
         rep.checks_table(rows) if rows else "No closed form applies to this policy.",
         "",
-        "## Figures",
-        "",
+        *rep.figures_section(figures),
     ]
-    for name, caption in figures:
-        lines.append(rep.figure_md(name, caption))
     run_dir.write_report("\n".join(lines))

@@ -14,10 +14,11 @@ import numpy as np
 
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
-from collapse_jax.core.flags import apply_flags
+from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import run_generations
-from collapse_jax.core.policies import Policy, Schedule
+from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, read_arrays, series
+from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 from collapse_jax.families.gaussian import theory as th
 
@@ -58,12 +59,8 @@ class Config:
 
 def validate(config: Config) -> Config:
     """Check every field; raise ConfigError naming the bad value."""
+    check_loop_fields(config)
     check_int("dim", config.dim, 1, 64)
-    check_int("chains", config.chains, 1)
-    check_int("generations", config.generations, 1)
-    check_int("samples", config.samples, 1)
-    check_int("record_every", config.record_every, 1)
-    check_int("seed", config.seed, 0)
     check_int("ot_samples", config.ot_samples, 0)
     check_float("d0_scale", config.d0_scale, 0.0, open_min=True)
     check_choice("sampler", config.sampler, proc.SAMPLERS)
@@ -73,16 +70,16 @@ def validate(config: Config) -> Config:
     d0 = _d0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
-    proc.make_process(  # raises for sampler/policy/size combinations that are invalid
+    proc.make_family(  # raises for sampler/policy/size combinations that are invalid
         d0, sizes[:2], sampler=config.sampler, estimator=config.estimator, policy=policy
     ) if config.generations >= 2 else None
     proc.validate_sizes(sizes, config.dim, config.estimator, policy)
     return config
 
 
-def _d0(config: Config) -> proc.D0:
+def _d0(config: Config) -> gd0.D0:
     cov = tuple(tuple(r) for r in config.d0_cov) if config.d0_cov else None
-    return proc.make_d0(
+    return gd0.make_d0(
         config.d0,
         config.dim,
         config.d0_scale,
@@ -98,29 +95,8 @@ def demo_config() -> Config:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags; unset flags leave the config (default or file) unchanged."""
-    a = parser.add_argument
-    a("--dim", type=int, default=None, help="d, dimension of the data")
-    a("--d0", default=None, help="normal | student-t | mixture | uniform | PATH.npy")
-    a("--d0-scale", type=float, default=None, help="standard deviation of the built-in D0s")
-    a("--samples", type=int, default=None, help="M, samples per generation (M_0 of a schedule)")
-    a("--chains", type=int, default=None, help="number of independent chains")
-    a("--generations", type=int, default=None, help="number of fitted generations")
-    a("--sampler", default=None, help="sufficient (Bartlett) | samples (draw M points, fit)")
-    a("--estimator", default=None, help="unbiased (divide by M-1) | mle (divide by M)")
-    a("--policy", default=None, help="replace | accumulate | accumulate-subsample | mix:A,B,G")
-    a("--fresh-fraction", type=float, default=None, help="gamma: fraction of fresh D0 data")
-    a("--schedule", default=None, help="constant | linear[:SLOPE] | poly:A | list:M0,M1,...")
-    a(
-        "--x64",
-        dest="x64",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="float64 (default) or float32 (--no-x64)",
-    )
-    a("--record-every", type=int, default=None, help="record every k-th generation")
-    a("--seed", type=int, default=None, help="PRNG seed")
-    a("--ot-samples", type=int, default=None, help="points for a sample-based OT W2 estimate")
+    """The study's flags, one per config field; unset flags leave the config unchanged."""
+    add_config_arguments(parser, Config)
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
@@ -148,23 +124,16 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
     policy = Policy.parse(config.policy, config.fresh_fraction)
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
     with _precision(config.x64):
-        process = proc.make_process(
-            d0,
-            sizes,
-            sampler=config.sampler,
-            estimator=config.estimator,
-            policy=policy,
-            record_every=config.record_every,
+        family = proc.make_family(
+            d0, sizes, sampler=config.sampler, estimator=config.estimator, policy=policy
         )
+        reduce = functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
         result = run_generations(
+            family._replace(reduce=reduce),
             jax.random.key(config.seed),
-            process.init,
-            process.step,
             config.chains,
-            config.generations,
-            process.inputs,
+            np.concatenate([sizes, sizes[-1:]]),  # M_G: held by the last state, never drawn
             record_every=config.record_every,
-            reduce=functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace))),
             progress=progress,
             desc="gaussian",
         )
@@ -178,10 +147,11 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
         if config.ot_samples:
             out["ot_w2_sq_last"] = _ot_estimate(config, d0, result.state)
     out["seconds"] = result.seconds
+    out["state"] = result.state
     return out
 
 
-def _ot_estimate(config: Config, d0: proc.D0, state) -> np.ndarray:
+def _ot_estimate(config: Config, d0: gd0.D0, state) -> np.ndarray:
     """Sample-based W₂² (ott-jax) between the last generation's fit and D0, for a few chains."""
     from collapse_jax.families.gaussian.metrics import ot_w2_sq
 
@@ -197,7 +167,7 @@ def _ot_estimate(config: Config, d0: proc.D0, state) -> np.ndarray:
     return np.asarray(values)
 
 
-def theory_curves(config: Config, d0: proc.D0, policy: Policy, sizes, gens) -> dict:
+def theory_curves(config: Config, d0: gd0.D0, policy: Policy, sizes, gens) -> dict:
     """Closed forms at the recorded generations (only those that apply)."""
     out: dict[str, np.ndarray] = {}
     est = config.estimator
@@ -265,8 +235,7 @@ def checks(config: Config, arrays: dict, theory: dict) -> list[rep.Check]:
 def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) -> dict:
     """Run the study and write config.json, metrics.npz, summary.json, figures and report.md."""
     config = validate(config)
-    run_dir = RunDir(out_dir)
-    run_dir.write_config(config, NAME)
+    run_dir = RunDir.start(out_dir, config, NAME)
     t0 = time.perf_counter()
     arrays = simulate(config, progress)
     d0 = _d0(config)
@@ -274,6 +243,7 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
     gens = arrays["generation"]
     theory = theory_curves(config, d0, policy, arrays["sizes"], gens)
     seconds = arrays.pop("seconds")
+    run_dir.final_state = arrays.pop("state")
     run_dir.write_metrics(
         "metrics.npz",
         **arrays,
@@ -311,7 +281,7 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
             "chains": len(ot),
         }
     run_dir.write_summary(summary)
-    figures = make_figures(run_dir.path)
+    figures = run_dir.figures(make_figures)
     write_report(run_dir, config, summary, checks_list, figures, time.perf_counter() - t0)
     return summary
 
@@ -345,28 +315,24 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
     a = read_arrays(path / "metrics.npz")
     g = a["generation"]
     fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.2))
-    _panel(
-        axes[0, 0],
-        g,
-        a,
-        "w2_sq",
-        "W₂²(generation n, D0)",
-        [
-            ("theory_w2_sq", "exact E W₂²", "k--"),
-            ("theory_w2_sq_first_order", "(3/2)σ₀² Σ 1/M_i", "k:"),
-        ],
-    )
-    _panel(
-        axes[0, 1],
-        g,
-        a,
-        "mean_sq_error",
-        "‖μ_n − μ_0‖²",
-        [
-            ("theory_mean_sq_error", "exact E‖μ_n − μ_0‖²", "k--"),
-            ("theory_mean_sq_error_limit", "(π²/6) tr Σ₀ / M", "k:"),
-        ],
-    )
+    top = {
+        "w2_sq": (
+            "W₂²(generation n, D0)",
+            [
+                ("theory_w2_sq", "exact E W₂²", "k--"),
+                ("theory_w2_sq_first_order", "(3/2)σ₀² Σ 1/M_i", "k:"),
+            ],
+        ),
+        "mean_sq_error": (
+            "‖μ_n − μ_0‖²",
+            [
+                ("theory_mean_sq_error", "exact E‖μ_n − μ_0‖²", "k--"),
+                ("theory_mean_sq_error_limit", "(π²/6) tr Σ₀ / M", "k:"),
+            ],
+        ),
+    }
+    for ax, (name, (title, theory)) in zip(axes[0], top.items(), strict=True):
+        _panel(ax, g, a, name, title, theory)
     ax = axes[1, 0]
     _panel(ax, g, a, "trace_cov", "tr Σ_n", [("theory_trace_cov", "exact E tr Σ_n", "k--")])
     keep = g >= 1
@@ -451,7 +417,5 @@ def write_report(run_dir, config, summary, checks_list, figures, seconds) -> Non
             f"{config.ot_samples} points): {rep.fmt(ot['mean'])} ± {rep.fmt(ot['stderr'])}.",
             "",
         ]
-    lines += ["## Figures", ""]
-    for name, caption in figures:
-        lines.append(rep.figure_md(name, caption))
+    lines += rep.figures_section(figures)
     run_dir.write_report("\n".join(lines) + "\n")

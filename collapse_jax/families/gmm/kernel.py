@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -33,8 +34,16 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Bool, Float, Int
 
-from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
-from collapse_jax.core.policies import Policy, split_batch
+from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int, load_array
+from collapse_jax.core.loop import Family, GenInput
+from collapse_jax.core.policies import (
+    PointBuffer,
+    Policy,
+    initial_buffer,
+    new_batch,
+    next_buffer,
+    subsample,
+)
 from collapse_jax.families.gmm.metrics import (
     GMM,
     component_log_densities_t,
@@ -434,27 +443,8 @@ def original_data(
             mix, None, f"{mix.means.shape[0]}-component mixture in d = {mix.means.shape[1]}"
         )
     if spec.endswith(".npy"):
-        from pathlib import Path
-
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise ConfigError(f"d0 points file not found: {path}")
-        try:
-            pts = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise ConfigError(f"cannot read d0 points file {path}: {e}") from None
-        pts = np.asarray(pts)
-        if pts.ndim != 2 or not np.issubdtype(pts.dtype, np.number):
-            raise ConfigError(
-                f"d0 points file {path} must hold a numeric (N, d) array, got shape {pts.shape}"
-            )
-        pts = pts.astype(np.float64)
-        if not np.all(np.isfinite(pts)):
-            idx = tuple(int(i) for i in np.argwhere(~np.isfinite(pts))[0])
-            raise ConfigError(
-                f"d0 points file {path} has a non-finite value {pts[idx]} at index {idx}"
-            )
-        return OriginalData(None, pts, f"{pts.shape[0]} points from {path.name}")
+        pts = load_array("d0 points", spec, ndim=(2,))
+        return OriginalData(None, pts, f"{pts.shape[0]} points from {Path(spec).name}")
     raise ConfigError(
         f"unknown d0 {spec!r}; use paper, two-gaussians, mixture or a path to a .npy file"
     )
@@ -467,15 +457,10 @@ def original_data(
 class GMMChainState(NamedTuple):
     """One recursion after generation n: the training set T_n that fits generation n + 1."""
 
-    x: Float[Array, "T d"]  # training points T_n in a buffer (accumulate: the whole pool)
-    w: Float[Array, " T"]  # 1 for the points of T_n, 0 for padding
-    pool_x: Float[Array, "P d"]  # accumulate-subsample: the pool of all data so far; else empty
-    pool_w: Float[Array, " P"]  # 1 for pool points, 0 for free slots
-    count: Int[Array, ""]  # points in the pool (accumulating policies), else |T_n|
+    data: PointBuffer  # T_n (and the pool) by the shared policies
     gmm: GMM  # model n (the warm start of generation n + 1)
     reference: GMM  # generation-0 mixture of the L2 distance (D0, or a fit to the D0 points)
     heldout: Float[Array, "H d"]  # held-out original points
-    generation: Int[Array, ""]  # n
 
 
 class GMMInfo(NamedTuple):
@@ -524,19 +509,10 @@ def _mask(n, size, dtype):
     return (jnp.arange(size) < n).astype(dtype)
 
 
-def subsample(key: jax.Array, x: Float[Array, "N d"], w: Float[Array, " N"], k: int):
-    """``k`` of the valid points (w > 0) of ``x`` uniformly without replacement (top-k of
-    uniform keys). With fewer than ``k`` valid points the trailing rows are padding; callers
-    use only as many rows as there are valid points."""
-    u = jax.random.uniform(key, w.shape)
-    _, idx = jax.lax.top_k(jnp.where(w > 0, u, -1.0), k)
-    return x[idx]
+def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Family:
+    """The GMM family for one recursion (:class:`collapse_jax.core.loop.Family`, no params).
 
-
-def make_kernels(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32):
-    """Build ``init(key)`` and ``step(key, state, inputs)`` for one recursion.
-
-    Generation n (``step``, ``inputs = {"size": M_n}``): fit model n to T_{n-1} by EM (initialised
+    Generation n (``step``, ``gen.size`` = M_n): fit model n to T_{n-1} by EM (initialised
     by ``spec.init``), measure it against the reference mixture and the held-out original points,
     draw the batch B_n of M_n points (round(α M_n) samples of model n, round(β M_n) points of
     T_{n-1} without replacement, round(γ M_n) fresh D0 points) and form T_n by the policy:
@@ -548,14 +524,7 @@ def make_kernels(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32):
     H = spec.heldout
     S = spec.w2_samples
     policy = spec.policy
-    mode = policy.mode
     d = d0.dim
-    if mode == "accumulate":
-        T, P = spec.pool_capacity, 0
-    elif mode == "accumulate-subsample":
-        T, P = B, spec.pool_capacity
-    else:
-        T, P = B, 0
     mixture = GMM(*(jnp.asarray(a, dtype) for a in d0.mixture)) if d0.mixture is not None else None
     points = jnp.asarray(d0.points, dtype) if d0.points is not None else None
     fixed_heldout = jnp.asarray(d0.heldout, dtype) if d0.heldout is not None else None
@@ -570,15 +539,6 @@ def make_kernels(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32):
         if points.shape[0] >= n:
             return subsample(key, points, jnp.ones(points.shape[0], dtype), n)
         return points[jax.random.randint(key, (n,), 0, points.shape[0])]
-
-    def to_buffer(x, w, size):
-        """Pad a (B, d) batch into a training buffer of ``size`` rows."""
-        if size == x.shape[0]:
-            return x, w
-        return (
-            jnp.zeros((size, d), dtype).at[: x.shape[0]].set(x),
-            jnp.zeros((size,), dtype).at[: x.shape[0]].set(w),
-        )
 
     def measure(key, gmm, ref, heldout, train_ll, em_iter, em_conv, gen, batch, batch_w):
         return GMMInfo(
@@ -596,11 +556,11 @@ def make_kernels(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32):
             w2_original=heldout[:S],
         )
 
-    def init(key: jax.Array) -> tuple[GMMChainState, GMMInfo]:
+    def init(key: jax.Array, params, gen_in: GenInput) -> tuple[GMMChainState, GMMInfo]:
         """Generation 0: T_0 = M_0 original points, held-out points and the reference mixture."""
         k_train, k_held, k_ref, k_w2 = jax.random.split(key, 4)
         x0 = draw_original(k_train, B)
-        w0 = _mask(spec.m0, B, dtype)
+        w0 = _mask(gen_in.size, B, dtype)
         heldout = draw_original(k_held, H) if fixed_heldout is None else fixed_heldout[:H]
         if mixture is not None:
             ref = mixture
@@ -615,7 +575,7 @@ def make_kernels(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32):
                 jnp.broadcast_to(jnp.eye(d, dtype=dtype), (K, d, d)),
             )
         train_ll = weighted_log_likelihood(ref, x0, w0)
-        gen = jnp.asarray(0, jnp.int32)
+        gen = jnp.asarray(gen_in.generation, jnp.int32)
         info = measure(
             k_w2,
             ref,
@@ -628,34 +588,23 @@ def make_kernels(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32):
             x0,
             w0,
         )
-        x, w = to_buffer(x0, w0, T)
-        pool_x, pool_w = (
-            to_buffer(x0, w0, P) if P else (jnp.zeros((0, d), dtype), jnp.zeros((0,), dtype))
-        )
-        count = jnp.asarray(spec.m0, jnp.int32)
-        return GMMChainState(x, w, pool_x, pool_w, count, start, ref, heldout, gen), info
+        data = initial_buffer(x0, w0, policy, B, spec.pool_capacity)
+        return GMMChainState(data, start, ref, heldout), info
 
-    def step(key: jax.Array, state: GMMChainState, inputs) -> tuple[GMMChainState, GMMInfo]:
-        """Generation n = state.generation + 1 (see :func:`make_kernels`)."""
+    def step(
+        key: jax.Array, state: GMMChainState, params, gen_in: GenInput
+    ) -> tuple[GMMChainState, GMMInfo]:
+        """Generation n = ``gen_in.generation`` (see :func:`make_family`)."""
         k_fit, k_model, k_prev, k_orig, k_sub, k_w2 = jax.random.split(key, 6)
-        gen = state.generation + 1
-        size = jnp.asarray(inputs["size"], jnp.int32)
+        gen = jnp.asarray(gen_in.generation, jnp.int32)
+        size = jnp.asarray(gen_in.size, jnp.int32)
+        data = state.data
         if spec.init == "warm":
-            gmm, em = fit_em(state.x, state.w, state.gmm, spec.em)
+            gmm, em = fit_em(data.x, data.w, state.gmm, spec.em)
         else:
-            gmm, em = fit(k_fit, state.x, state.w, K, spec.em, spec.init)
-        n_model, n_prev, _ = split_batch(size, policy)
-        j = jnp.arange(B)
-        batch = sample(k_model, gmm, B)
-        if policy.beta > 0:
-            prev = subsample(k_prev, state.x, state.w, B)
-            take = (j >= n_model)[:, None]
-            batch = jnp.where(take, prev[jnp.clip(j - n_model, 0, B - 1)], batch)
-        if policy.gamma > 0:
-            fresh = draw_original(k_orig, B)
-            start = n_model + n_prev
-            batch = jnp.where((j >= start)[:, None], fresh[jnp.clip(j - start, 0, B - 1)], batch)
-        batch_w = _mask(size, B, dtype)
+            gmm, em = fit(k_fit, data.x, data.w, K, spec.em, spec.init)
+        model_points = sample(k_model, gmm, B)
+        batch, batch_w = new_batch(k_prev, k_orig, model_points, draw_original, data, size, policy)
         info = measure(
             k_w2,
             gmm,
@@ -668,22 +617,10 @@ def make_kernels(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32):
             batch,
             batch_w,
         )
-        if mode == "accumulate":
-            x = jax.lax.dynamic_update_slice(state.x, batch, (state.count, 0))
-            w = jax.lax.dynamic_update_slice(state.w, batch_w, (state.count,))
-            new = state._replace(x=x, w=w, count=state.count + size)
-        elif mode == "accumulate-subsample":
-            pool_x = jax.lax.dynamic_update_slice(state.pool_x, batch, (state.count, 0))
-            pool_w = jax.lax.dynamic_update_slice(state.pool_w, batch_w, (state.count,))
-            x = subsample(k_sub, pool_x, pool_w, B)
-            new = state._replace(
-                x=x, w=batch_w, pool_x=pool_x, pool_w=pool_w, count=state.count + size
-            )
-        else:
-            new = state._replace(x=batch, w=batch_w, count=size)
-        return new._replace(gmm=gmm, generation=gen), info
+        data = next_buffer(k_sub, data, batch, batch_w, size, policy)
+        return state._replace(data=data, gmm=gmm), info
 
-    return init, step
+    return Family(init, step)
 
 
 def weighted_log_likelihood(gmm: GMM, x: Float[Array, "N d"], w: Float[Array, " N"]):

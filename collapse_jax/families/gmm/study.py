@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import numpy as np
 
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
-from collapse_jax.core.flags import apply_flags
+from collapse_jax.core.flags import add_config_arguments, apply_flags, as_tuple
 from collapse_jax.core.loop import chain_stats, run_generations
-from collapse_jax.core.policies import Policy, Schedule
+from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
 from collapse_jax.families.gmm import kernel as proc
 from collapse_jax.families.gmm.metrics import w2_exact_batch, w2_sinkhorn
@@ -74,33 +73,23 @@ class Config:
     snapshots: tuple = PAPER_SNAPSHOTS  # generations whose points (recursion 0) are plotted
 
 
-def _tuple(v):
-    if isinstance(v, list | tuple):
-        return tuple(_tuple(x) for x in v)
-    return v
-
-
 def validate(config: Config) -> Config:
+    check_loop_fields(config)
     """Check every field; raise ConfigError naming the bad value. Returns the config with list
     fields (from TOML) turned into tuples."""
     config = dataclasses.replace(
         config,
-        d0_weights=_tuple(config.d0_weights),
-        d0_means=_tuple(config.d0_means),
-        d0_covs=_tuple(config.d0_covs),
-        snapshots=_tuple(config.snapshots),
+        d0_weights=as_tuple(config.d0_weights),
+        d0_means=as_tuple(config.d0_means),
+        d0_covs=as_tuple(config.d0_covs),
+        snapshots=as_tuple(config.snapshots),
     )
     check_int("components", config.components, 1)
     check_choice("covariance type", config.covariance_type, proc.COVARIANCE_TYPES)
     check_choice("init", config.init, proc.INITS)
-    check_int("samples", config.samples, 1)
-    check_int("chains", config.chains, 1)
-    check_int("generations", config.generations, 1)
     check_float("tol", config.tol, 0.0)
     check_int("max_iter", config.max_iter, 1)
     check_float("reg_covar", config.reg_covar, 0.0, open_min=True)
-    check_int("record_every", config.record_every, 1)
-    check_int("seed", config.seed, 0)
     check_int("heldout", config.heldout, 1)
     check_int("w2_samples", config.w2_samples, 1, config.heldout)
     check_int("w2_every", config.w2_every, 0)
@@ -192,50 +181,8 @@ def demo_config() -> Config:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags; unset flags leave the config (default or file) unchanged."""
-    a = parser.add_argument
-    a("--components", type=int, default=None, help="K, mixture components")
-    a("--covariance-type", default=None, help="full | diag | spherical")
-    a("--init", default=None, help="kmeans | kmeans++ | warm (start from the previous fit)")
-    a("--samples", type=int, default=None, help="M_0, points per generation")
-    a("--chains", type=int, default=None, help="number of independent recursions")
-    a("--generations", type=int, default=None, help="number of fitted generations")
-    a("--policy", default=None, help="replace | accumulate | accumulate-subsample | mix:A,B,G")
-    a("--fresh-fraction", type=float, default=None, help="gamma: fraction of fresh D0 data")
-    a("--schedule", default=None, help="constant | linear[:SLOPE] | poly:A | list:M0,M1,...")
-    a("--tol", type=float, default=None, help="EM tolerance on the mean log-likelihood")
-    a("--max-iter", type=int, default=None, help="maximum EM iterations per generation")
-    a("--reg-covar", type=float, default=None, help="covariance regulariser (as scikit-learn)")
-    a("--record-every", type=int, default=None, help="record every k-th generation")
-    a("--seed", type=int, default=None, help="PRNG seed")
-    a("--d0", default=None, help="paper | two-gaussians | mixture | path.npy of (N, d) points")
-    a("--d0-weights", type=_json_arg, default=None, help="d0 mixture weights, JSON: [0.3, 0.7]")
-    a("--d0-means", type=_json_arg, default=None, help="d0 mixture means, JSON: [[0,0],[3,0]]")
-    a("--d0-covs", type=_json_arg, default=None, help="d0 mixture covariances, JSON")
-    a("--heldout", type=int, default=None, help="held-out original points")
-    a("--w2-samples", type=int, default=None, help="points per side of the W2 estimate")
-    a("--w2-every", type=int, default=None, help="generations between W2 estimates")
-    a("--w2-method", default=None, help="exact (optimal assignment) | sinkhorn")
-    a("--w2-chains", type=int, default=None, help="recursions with a W2 estimate (0: all)")
-    a("--w2-epsilon", type=float, default=None, help="Sinkhorn regularisation of the W2 estimate")
-    a("--pool-capacity", type=int, default=None, help="accumulating policies: pool size")
-    a("--snapshots", type=_int_list, default=None, help="scatter generations, e.g. 0,50,200")
-
-
-def _json_arg(text: str):
-    try:
-        return _tuple(json.loads(text))
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({e})") from None
-
-
-def _int_list(text: str):
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+    """The study's flags, one per config field; unset flags leave the config unchanged."""
+    add_config_arguments(parser, Config)
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
@@ -279,23 +226,21 @@ def make_reduce(config: Config):
 
 
 def simulate(config: Config, progress: bool | None = None):
-    """Run the recursions; return (trace of per-record arrays, generations, sizes, seconds)."""
+    """Run the recursions; return (trace of per-record arrays, generations, sizes, seconds,
+    D0, policy, final per-recursion state)."""
     d0, policy, sizes, spec = setup(config)
-    init, step = proc.make_kernels(spec, d0)
+    family = proc.make_family(spec, d0)._replace(reduce=make_reduce(config))
     result = run_generations(
+        family,
         jax.random.key(config.seed),
-        init,
-        step,
         config.chains,
-        config.generations,
-        {"size": sizes[1:]},
+        sizes,
         record_every=config.record_every,
-        reduce=make_reduce(config),
         progress=progress,
         desc="gmm",
     )
     trace = {k: np.asarray(v) for k, v in result.trace.items()}
-    return trace, result.generations, sizes, result.seconds, d0, policy
+    return trace, result.generations, sizes, result.seconds, d0, policy, result.state
 
 
 def snapshot_indices(gens: np.ndarray, wanted) -> list[tuple[int, int]]:
@@ -313,10 +258,9 @@ def snapshot_indices(gens: np.ndarray, wanted) -> list[tuple[int, int]]:
 def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) -> dict:
     """Run the study and write config.json, metrics.npz, summary.json, figures and report.md."""
     config = validate(config)
-    run_dir = RunDir(out_dir)
-    run_dir.write_config(config, NAME)
+    run_dir = RunDir.start(out_dir, config, NAME)
     t0 = time.perf_counter()
-    trace, gens, sizes, seconds, d0, policy = simulate(config, progress)
+    trace, gens, sizes, seconds, d0, policy, run_dir.final_state = simulate(config, progress)
 
     snaps = snapshot_indices(gens, config.snapshots)
     arrays = {
@@ -338,7 +282,7 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
     summary["seconds"] = seconds
     summary["chain_generations_per_second"] = config.chains * config.generations / seconds
     run_dir.write_summary(summary)
-    figures = make_figures(run_dir.path)
+    figures = run_dir.figures(make_figures)
     write_report(run_dir, config, summary, figures, time.perf_counter() - t0)
     return summary
 
@@ -567,9 +511,6 @@ def write_report(run_dir: RunDir, config: Config, summary: dict, figures, second
         f"Final held-out log-likelihood {pm(f['heldout_loglik'])}, weight entropy "
         f"{pm(f['weight_entropy'])}, W₂² {pm(f['w2'])} ({summary['w2_method']}).",
         "",
-        "## Figures",
-        "",
+        *rep.figures_section(figures),
     ]
-    for name, caption in figures:
-        lines.append(rep.figure_md(name, caption))
     run_dir.write_report("\n".join(lines))
