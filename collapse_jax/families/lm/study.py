@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +41,13 @@ import numpy as np
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import flag_updates
+from collapse_jax.core.host_loop import Progress, check_resume, generation_key
 from collapse_jax.core.policies import Policy, mix_training_data
 from collapse_jax.core.runs import RunDir, read_json, series, write_arrays, write_json
+from collapse_jax.core.training import maybe_initialize_distributed
 from collapse_jax.families.lm import corpora
 from collapse_jax.families.lm import text_metrics as tm
+from collapse_jax.families.lm import training as lt
 
 NAME = "lm"
 DESCRIPTION = "OPT fine-tuned generation after generation on its own beam-search text"
@@ -411,254 +411,8 @@ def prepare(config: Config) -> Setup:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Devices
-
-
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
-@functools.lru_cache(maxsize=4)
-def _mesh():
-    from collapse_jax.core import training as tr
-
-    return tr.make_mesh()
-
-
-def _put_rows(x: np.ndarray):
-    """Place a host batch on the mesh (rows split over devices) when the rows divide evenly.
-
-    In a multi-process run every process holds the same global array (all read the same files),
-    so each passes its contiguous slice of rows.
-    """
-    from collapse_jax.core import training as tr
-
-    mesh = _mesh()
-    n_data = mesh.shape[tr.DATA_AXIS]
-    if n_data == 1 or x.shape[0] % n_data:
-        return jnp.asarray(x)
-    per = x.shape[0] // jax.process_count()
-    i = jax.process_index()
-    return tr.shard_batch(x[i * per : (i + 1) * per], mesh)
-
-
-def _sync(name: str) -> None:
-    """In a multi-process run, wait until every process got here (after the main one wrote a
-    file that the others read next)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _gather(x) -> np.ndarray:
-    """A device array as one host array in every process."""
-    if getattr(x, "is_fully_replicated", False):
-        return np.asarray(x.addressable_data(0))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def _dtype(config: Config):
     return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring
-
-
-@functools.lru_cache(maxsize=8)
-def _score_fn(model_config, dtype):
-    from collapse_jax.core import training as tr
-
-    apply_fn = tr.opt_apply_fn(model_config, dtype)
-    return jax.jit(functools.partial(tr.sequence_log_likelihoods, apply_fn))
-
-
-def score_blocks(
-    model_config, params, blocks: np.ndarray, batch_size: int, dtype=jnp.float32
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-block ``(nll_sum, n_targets)`` of equal-length blocks: next-token NLL of tokens
-    2..T given their prefix (no BOS), as Hugging Face's ``labels = input_ids``.
-
-    The last batch is completed with masked rows, so one shape is compiled per run.
-    """
-    fn = _score_fn(model_config, dtype)
-    n, t = blocks.shape
-    nll = np.zeros(n, np.float64)
-    cnt = np.zeros(n, np.int64)
-    for start in range(0, n, batch_size):
-        rows = blocks[start : start + batch_size]
-        k = len(rows)
-        ids = np.zeros((batch_size, t), np.int32)
-        mask = np.zeros((batch_size, t), np.int32)
-        ids[:k], mask[:k] = rows, 1
-        s, c = fn(params, _put_rows(ids), _put_rows(mask))
-        nll[start : start + k] = _gather(s)[:k]
-        cnt[start : start + k] = np.round(_gather(c)[:k]).astype(np.int64)
-    return nll, cnt
-
-
-def corpus_nll(nll_sum: np.ndarray, count: np.ndarray) -> float:
-    """Mean NLL per target token over a set of blocks (log of the corpus perplexity)."""
-    return float(nll_sum.sum() / max(count.sum(), 1))
-
-
-# --------------------------------------------------------------------------------------------
-# Training with per-epoch checkpoints
-
-
-@functools.lru_cache(maxsize=8)
-def _trainer(model_config, opt_config, dtype, dropout: bool):
-    """(optimizer, jitted step, state sharding or None), cached so that every generation with
-    the same shapes reuses one compiled step."""
-    from collapse_jax.core import training as tr
-
-    apply_fn = tr.opt_apply_fn(model_config, dtype)
-    optimizer = tr.make_optimizer(opt_config)
-    mesh = _mesh()
-    params = jax.eval_shape(lambda: _init_params(model_config, 0))
-    sharding = tr.train_state_sharding(params, optimizer, mesh)
-    loss = functools.partial(tr.causal_lm_sums, apply_fn, deterministic=not dropout)
-    step = tr.make_train_step(
-        loss,
-        optimizer,
-        grad_accum_steps=opt_config.grad_accum_steps,
-        schedule=tr.make_schedule(opt_config),
-        mesh=mesh,
-        state_sharding=sharding,
-    )
-    return optimizer, step, sharding
-
-
-def _init_params(model_config, seed: int):
-    from collapse_jax.families.lm.opt import init_params
-
-    # Jitted: Flax's init run op by op compiles every small operation separately.
-    return jax.jit(init_params, static_argnums=0)(model_config, jax.random.key(seed))
-
-
-class TrainResult(NamedTuple):
-    params: Any  # selected parameters (host NumPy tree)
-    train_loss: np.ndarray  # mean training loss per epoch
-    val_loss: np.ndarray  # validation NLL per token after each epoch
-    best_epoch: int  # 1-based epoch whose parameters were kept
-
-
-def _bar(total: int, desc: str, progress: bool | None):
-    show = sys.stderr.isatty() if progress is None else progress
-    if not show or not _is_main():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
-
-
-def train_model(
-    model_config,
-    params,
-    data: np.ndarray,
-    validation: np.ndarray,
-    *,
-    epochs: int,
-    learning_rate: float,
-    config: Config,
-    seed_key: tuple[int, ...],
-    ckpt_dir: Path,
-    desc: str,
-    progress: bool | None = None,
-) -> TrainResult:
-    """Fine-tune ``params`` on ``data`` blocks for ``epochs``; checkpoint after every epoch.
-
-    Batches are a fresh permutation per epoch from ``np.random.default_rng((*seed_key, epoch))``
-    and dropout keys ``fold_in(key(seed_key), update)``, so a run resumed from any epoch's
-    checkpoint continues exactly as the uninterrupted one. The kept parameters are those of the
-    epoch with the lowest validation loss (``select_by_validation``) or of the last epoch.
-    """
-    from collapse_jax.core import training as tr
-    from collapse_jax.core.checkpointing import Checkpointer, arrays_to_tree, tree_to_arrays
-
-    bs = config.batch_size
-    steps_per_epoch = len(data) // bs
-    opt_config = tr.OptimizerConfig(
-        learning_rate=learning_rate,
-        warmup_steps=min(config.warmup_steps, epochs * steps_per_epoch),
-        total_steps=epochs * steps_per_epoch,
-        weight_decay=config.weight_decay,
-        grad_accum_steps=config.grad_accum_steps,
-    )
-    dtype = _dtype(config)
-    optimizer, step, sharding = _trainer(model_config, opt_config, dtype, True)
-    state = tr.init_train_state(params, optimizer, _mesh())
-    best = jax.device_get(state.params)
-    best_val, best_epoch = math.inf, 0
-    train_loss, val_loss = [], []
-    key = _key(*seed_key)
-    start_epoch = 0
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=1)
-    try:
-        latest = ckpt.latest()
-        if latest is not None:
-            arrays, meta = ckpt.restore(latest)
-            state = jax.device_put(arrays_to_tree(state, arrays, "state"), sharding)
-            best = arrays_to_tree(best, arrays, "best")
-            best_val, best_epoch = float(meta["best_val"]), int(meta["best_epoch"])
-            train_loss, val_loss = list(meta["train_loss"]), list(meta["val_loss"])
-            start_epoch = int(meta["epoch"])
-        bar = _bar((epochs - start_epoch) * steps_per_epoch, desc, progress)
-        for epoch in range(start_epoch, epochs):
-            order = np.random.default_rng((*seed_key, epoch)).permutation(len(data))
-            losses = []
-            for b in range(steps_per_epoch):
-                batch_ids = data[order[b * bs : (b + 1) * bs]]
-                batch = tr.shard_batch(
-                    {"input_ids": batch_ids, "attention_mask": np.ones_like(batch_ids)}
-                    if jax.process_count() == 1
-                    else _local_rows(batch_ids),
-                    _mesh(),
-                )
-                update = epoch * steps_per_epoch + b
-                state, info = step(state, batch, jax.random.fold_in(key, update))
-                losses.append(info.loss)
-                if bar is not None:
-                    bar.update(1)
-            train_loss.append(float(np.mean(jax.device_get(losses))))
-            nll, cnt = score_blocks(
-                model_config, state.params, validation, config.eval_batch_size, dtype
-            )
-            val = corpus_nll(nll, cnt)
-            val_loss.append(val)
-            if not config.select_by_validation or val <= best_val:
-                best_val, best_epoch = val, epoch + 1
-                best = jax.device_get(state.params)
-            if bar is not None:
-                bar.set_postfix_str(f"loss {train_loss[-1]:.3f} val {val:.3f}")
-            meta = {
-                "epoch": epoch + 1,
-                "best_val": best_val,
-                "best_epoch": best_epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-            }
-            arrays = {**tree_to_arrays(state, "state"), **tree_to_arrays(best, "best")}
-            if _is_main():
-                ckpt.save(epoch + 1, arrays, meta)
-        if bar is not None:
-            bar.close()
-    finally:
-        ckpt.close()
-    return TrainResult(best, np.asarray(train_loss), np.asarray(val_loss), best_epoch)
-
-
-def _local_rows(batch_ids: np.ndarray) -> dict:
-    per = batch_ids.shape[0] // jax.process_count()
-    i = jax.process_index()
-    rows = batch_ids[i * per : (i + 1) * per]
-    return {"input_ids": rows, "attention_mask": np.ones_like(rows)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,9 +443,9 @@ def make_decode_fn(model_config, config: Config, tokenizer) -> Callable:
     def decode(params, prompts, key):
         # One host: prompts split over the devices. Several hosts: every process decodes the
         # whole batch (the decoder validates its prompts on the host, which needs them whole).
-        rows = _put_rows(prompts) if jax.process_count() == 1 else prompts
+        rows = lt.put_rows(prompts) if jax.process_count() == 1 else prompts
         out = fn(params, rows, None, key)
-        return _gather(out.new_tokens)
+        return lt.gather(out.new_tokens)
 
     return decode
 
@@ -709,8 +463,8 @@ def generate_all(
     batch_size: int,
     key,
     out_path: Path,
-    desc: str,
-    progress: bool | None = None,
+    progress: Progress,
+    label: str,
 ) -> np.ndarray:
     """Continue every prompt; save the finished rows after every batch so that an interrupted
     generation resumes where it stopped. The result is written to ``out_path`` (``.npy``).
@@ -728,7 +482,7 @@ def generate_all(
             done = z["tokens"]
     n_batches = -(-n // batch_size)
     first = len(done) // batch_size
-    bar = _bar(n_batches - first, desc, progress)
+    progress.start(n_batches - first, label)
     chunks = [done]
     for i in range(first, n_batches):
         rows = prompts[i * batch_size : (i + 1) * batch_size]
@@ -737,14 +491,12 @@ def generate_all(
             rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - k, 0)])
         new = generate_batch(decode, params, rows, jax.random.fold_in(key, i))[:k]
         chunks.append(new)
-        if _is_main() and i < n_batches - 1:
+        if lt.is_main() and i < n_batches - 1:
             write_arrays(partial, tokens=np.concatenate(chunks))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        progress.advance()
+    progress.finish()
     tokens = np.concatenate(chunks).astype(np.int32)
-    if _is_main():
+    if lt.is_main():
         _save_npy(out_path, tokens)
         partial.unlink(missing_ok=True)
     return tokens
@@ -769,13 +521,13 @@ def _save_model(params, model_config, d: Path, tokenizer) -> None:
     from collapse_jax.families.lm.opt_weights import save_pretrained
 
     tmp = d.with_name(d.name + ".tmp")
-    if _is_main():
+    if lt.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-    if _is_main():
+    if lt.is_main():
         save_pretrained(jax.device_get(params), model_config, tmp, tokenizer=tokenizer)
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
-    _sync(f"saved {d}")
+    lt.sync(f"saved {d}")
 
 
 def _load_model(d: Path):
@@ -789,33 +541,33 @@ def _load_model(d: Path):
 # The regime
 
 
-def _seed_tuple(*parts: int) -> tuple[int, ...]:
-    return tuple(int(p) for p in parts)
+PRETRAIN = 999_999  # arm code of the base model's pre-training keys
 
 
-def _key(*parts: int) -> jax.Array:
-    """A PRNG key from non-negative integers: ``fold_in`` of each part in turn."""
-    key = jax.random.key(parts[0])
-    for p in parts[1:]:
-        key = jax.random.fold_in(key, p)
-    return key
-
-
-def _device_params(params):
-    """Put host parameters on the devices once (replicated over the mesh)."""
-    from collapse_jax.core import training as tr
-
-    return jax.device_put(params, tr.replicated(_mesh()))
+def _arm_code(arm: int | None) -> int:
+    """0 for the shared generation 0, ``arm + 1`` for an arm's generations."""
+    return 0 if arm is None else arm + 1
 
 
 class Regime:
     """One run of the study: owns the work directory and every stage's cached result."""
 
     def __init__(self, config: Config, setup: Setup, work: Path, progress: bool | None):
-        self.config, self.setup, self.work, self.progress = config, setup, work, progress
+        self.config, self.setup, self.work = config, setup, work
+        self.progress = Progress(progress, "lm")
         self.decode = make_decode_fn(setup.model_config, config, setup.tokenizer)
         self.dtype = _dtype(config)
         self.base_params = None
+
+    def key(self, seed: int, arm: int | None, g: int, part: int) -> jax.Array:
+        """The key of a stage of generation ``g`` of chain ``(seed, arm)``: the host loop's
+        :func:`~collapse_jax.core.host_loop.generation_key` with the arm folded in before the
+        generation (the streams of earlier versions of this study); ``part`` 0 trains,
+        1 generates the next data set, 2 continues the fixed prompts."""
+        return generation_key(seed, _arm_code(arm), g, part)
+
+    def label(self, seed: int, arm: int | None, g: int) -> str:
+        return f"seed {seed} arm {arm if arm is not None else '-'} gen {g}"
 
     # -- the base model
     def base(self):
@@ -827,9 +579,9 @@ class Regime:
             return self.base_params
         d = self.work / "base" / "model"
         if not _model_done(d):
-            params = jax.device_get(_init_params(s.model_config, c.seed))
+            params = jax.device_get(lt.init_model_params(s.model_config, c.seed))
             if c.pretrain_epochs > 0:
-                res = train_model(
+                res = lt.train_model(
                     s.model_config,
                     params,
                     s.pretrain,
@@ -837,10 +589,10 @@ class Regime:
                     epochs=c.pretrain_epochs,
                     learning_rate=c.pretrain_learning_rate,
                     config=c,
-                    seed_key=_seed_tuple(c.seed, 999_999, 0),
+                    key=generation_key(c.seed, PRETRAIN, 0),
+                    order_seed=(c.seed, PRETRAIN, 0),
                     ckpt_dir=self.work / "base" / "ckpt",
-                    desc="pre-train base",
-                    progress=self.progress,
+                    progress=self.progress.named("pre-train base"),
                 )
                 params = res.params
                 write_arrays(
@@ -870,7 +622,7 @@ class Regime:
             init = _load_model(self.gen_dir(seed, arm, g - 1) / "model")
         else:
             init = self.base()
-        res = train_model(
+        res = lt.train_model(
             s.model_config,
             init,
             data,
@@ -878,16 +630,16 @@ class Regime:
             epochs=c.epochs,
             learning_rate=c.learning_rate,
             config=c,
-            seed_key=_seed_tuple(seed, 0 if arm is None else arm + 1, g),
+            key=self.key(seed, arm, g, 0),
+            order_seed=(seed, _arm_code(arm), g),
             ckpt_dir=d / "ckpt",
-            desc=f"seed {seed} arm {arm if arm is not None else '-'} gen {g}: train",
-            progress=self.progress,
+            progress=self.progress.named(f"{self.label(seed, arm, g)}: train"),
         )
-        nll, cnt = score_blocks(
-            s.model_config, _device_params(res.params), s.test, c.eval_batch_size, self.dtype
+        nll, cnt = lt.score_blocks(
+            s.model_config, lt.device_params(res.params), s.test, c.eval_batch_size, self.dtype
         )
         _save_model(res.params, s.model_config, d / "model", s.tokenizer)
-        if _is_main():
+        if lt.is_main():
             write_arrays(
                 d / "eval.npz",
                 test_nll_sum=nll,
@@ -897,7 +649,7 @@ class Regime:
                 best_epoch=res.best_epoch,
             )
             shutil.rmtree(d / "ckpt", ignore_errors=True)
-        _sync(f"evaluated {d}")
+        lt.sync(f"evaluated {d}")
 
     def generated(self, seed: int, arm: int | None, g: int) -> np.ndarray:
         """Continuations by generation ``g`` of every original training block (cached)."""
@@ -905,8 +657,8 @@ class Regime:
         params = None
         path = d / "generated.npy"
         if not path.exists():
-            params = _device_params(_load_model(d / "model"))
-        key = _key(seed, 0 if arm is None else arm + 1, g, 1)
+            params = lt.device_params(_load_model(d / "model"))
+        key = self.key(seed, arm, g, 1)
         return generate_all(
             self.decode,
             params,
@@ -914,8 +666,8 @@ class Regime:
             batch_size=self.config.generate_batch_size,
             key=key,
             out_path=path,
-            desc=f"seed {seed} arm {arm if arm is not None else '-'} gen {g}: generate",
             progress=self.progress,
+            label=f"{self.label(seed, arm, g)}: generate",
         )
 
     def continuations(self, seed: int, arm: int | None, g: int) -> np.ndarray:
@@ -926,14 +678,14 @@ class Regime:
             return np.zeros((0, self.config.block_size), np.int32)
         if path.exists():
             return np.load(path)
-        params = _device_params(_load_model(d / "model"))
+        params = lt.device_params(_load_model(d / "model"))
         rows = self.setup.prompts
         n_dev = jax.device_count()
         pad = -(-len(rows) // n_dev) * n_dev - len(rows)  # one small shape for all generations
         padded = np.concatenate([rows, np.repeat(rows[:1], pad, 0)])
-        key = _key(seed, 0 if arm is None else arm + 1, g, 2)
+        key = self.key(seed, arm, g, 2)
         out = generate_batch(self.decode, params, padded, key)[: len(rows)]
-        if _is_main():
+        if lt.is_main():
             _save_npy(path, out)
         return out
 
@@ -959,7 +711,7 @@ class Regime:
         data, pool = mix_training_data(
             rng, policy, len(self.setup.train), sample_model, previous, self.setup.train, pool
         )
-        if _is_main():
+        if lt.is_main():
             d.mkdir(parents=True, exist_ok=True)
             _save_npy(path, data.astype(np.int32))
             if pool is not None and pool is not data:
@@ -968,7 +720,7 @@ class Regime:
 
     def cleanup(self, seed: int, arm: int, g: int) -> None:
         """Drop weights no longer needed (all but generation 0 and the latest)."""
-        if self.config.keep_models or g < 2 or not _is_main():
+        if self.config.keep_models or g < 2 or not lt.is_main():
             return
         old = self.gen_dir(seed, arm, g - 1)
         shown = (old / "prompts_generated.npy").exists() or not self.shows_prompts(seed)
@@ -984,37 +736,16 @@ class Regime:
 # Running
 
 
-def _check_resume(config: Config, rd: RunDir) -> None:
-    work = rd.file("work")
-    cfg_path = rd.file("config.json")
-    if work.exists() and any(work.iterdir()):
-        if not config.resume:
-            raise ConfigError(
-                f"run directory {rd.path} already holds a run; pass --resume to continue it or "
-                "choose another --out"
-            )
-        if cfg_path.exists():
-            old = read_json(cfg_path).get("config", {})
-            new = json.loads(json.dumps(dataclasses.asdict(config)))
-            diff = [k for k in new if k not in ("resume",) and old.get(k) != new[k]]
-            if diff:
-                raise ConfigError(
-                    f"cannot resume {rd.path}: the configuration differs in {', '.join(diff)}"
-                )
-
-
 def run(config: Config, out_dir, *, progress: bool | None = None) -> dict:
     """Run the regime (see the module docstring) and write arrays, figures and the report."""
-    from collapse_jax.core import training as tr
-
     config = validate(config)
-    tr.maybe_initialize_distributed()  # a no-op unless the environment describes several hosts
+    maybe_initialize_distributed()  # a no-op unless the environment describes several hosts
     rd = RunDir(out_dir)
-    _check_resume(config, rd)
-    setup = prepare(config)  # all corpus/model checks before any training
-    if _is_main():
-        rd.write_config(config, NAME)
     work = rd.file("work")
+    check_resume(config, rd, started=work.exists() and any(work.iterdir()))
+    setup = prepare(config)  # all corpus/model checks before any training
+    if lt.is_main():
+        rd.write_config(config, NAME)
     regime = Regime(config, setup, work, progress)
     t0 = time.perf_counter()
     G, arms = config.generations, len(config.fresh_fractions)
@@ -1039,10 +770,10 @@ def run(config: Config, out_dir, *, progress: bool | None = None) -> dict:
     elapsed_path = work / "elapsed.json"
     before = read_json(elapsed_path) if elapsed_path.exists() else {"seconds": 0.0, "runs": 0}
     seconds = float(before["seconds"]) + time.perf_counter() - t0
-    if _is_main():
+    if lt.is_main():
         write_json(elapsed_path, {"seconds": seconds, "runs": int(before["runs"]) + 1})
     arrays["seconds"] = np.float64(seconds)
-    if not _is_main():
+    if not lt.is_main():
         return {}
     rd.write_metrics(**arrays)
     summary = summarize(config, setup, arrays)
@@ -1057,7 +788,7 @@ def run(config: Config, out_dir, *, progress: bool | None = None) -> dict:
 
 def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
     """All per-generation metrics as arrays (arms × seeds × generations, and histograms)."""
-    _sync("collect")
+    lt.sync("collect")
     c, s = regime.config, regime.setup
     G, A, S = c.generations, len(c.fresh_fractions), len(seeds)
     test_ppl = np.zeros((A, S, G + 1))
@@ -1080,8 +811,8 @@ def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
         tail_freq = np.full((A, S, G + 1), np.nan)
         invalid = np.full((A, S, G + 1), np.nan)
     for si, seed in enumerate(seeds):
-        gen0 = _device_params(_load_model(regime.gen_dir(seed, None, 0) / "model"))
-        nll, cnt = score_blocks(s.model_config, gen0, s.train, c.eval_batch_size, regime.dtype)
+        gen0 = lt.device_params(_load_model(regime.gen_dir(seed, None, 0) / "model"))
+        nll, cnt = lt.score_blocks(s.model_config, gen0, s.train, c.eval_batch_size, regime.dtype)
         real_scored.append(nll / cnt)
         for a in range(A):
             for g in range(G + 1):
@@ -1089,7 +820,7 @@ def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
                 d = regime.gen_dir(seed, arm, g)
                 with np.load(d / "eval.npz") as z:
                     test_nll_seq[a, si, g] = z["test_nll_sum"] / z["test_count"]
-                    test_ppl[a, si, g] = math.exp(corpus_nll(z["test_nll_sum"], z["test_count"]))
+                    test_ppl[a, si, g] = math.exp(lt.corpus_nll(z["test_nll_sum"], z["test_count"]))
                     val_loss[a, si, g] = z["val_loss"][int(z["best_epoch"]) - 1]
                     best_epoch[a, si, g] = int(z["best_epoch"])
                 if si == 0 and len(s.prompts):
@@ -1102,10 +833,10 @@ def collect(regime: Regime, seeds: list[int]) -> dict[str, np.ndarray]:
                     with np.load(scores_path) as z:
                         gnll, gcnt = z["nll_sum"], z["count"]
                 else:
-                    gnll, gcnt = score_blocks(
+                    gnll, gcnt = lt.score_blocks(
                         s.model_config, gen0, data, c.eval_batch_size, regime.dtype
                     )
-                    if _is_main():
+                    if lt.is_main():
                         write_arrays(scores_path, nll_sum=gnll, count=gcnt)
                 gen_nll[a][g].append(gnll / gcnt)
                 rep_frac[a, si, g] = float(tm.repeated_ngram_fraction(data, REPEAT_N).mean())
