@@ -31,6 +31,32 @@ def _log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+CAPTIONS = {
+    "perplexity_histograms.png": (
+        "Per-sequence perplexity of each generation's generated data, scored by the "
+        "generation-0 model; dashed: the real training data."
+    ),
+    "perplexity_ridgeline.png": (
+        "The same histograms as a ridgeline, bottom: real data, then generations 0, 1, ... upwards."
+    ),
+    "repetition_diversity.png": (
+        "Repetition within generated sequences and "
+        "distinct-n diversity of each generation's generated data."
+    ),
+    "synthetic_truth.png": (
+        "Exact quantities under the true source: NLL of the "
+        "generated text and the probability mass of unigrams/bigrams it never "
+        "contains."
+    ),
+}
+
+
+def _save(figs: list, rd: RunDir, fig, name: str) -> None:
+    """Save ``fig`` as ``name`` in the run directory and list it with its caption."""
+    save_figure(fig, rd.file(name))
+    figs.append((name, CAPTIONS[name]))
+
+
 def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
     """Draw every figure from ``metrics.npz`` arrays; return (file, caption) pairs."""
 
@@ -85,14 +111,7 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
         ax.set_title(_arm_label(fr[a]))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    save_figure(fig, rd.file("perplexity_histograms.png"))
-    figs.append(
-        (
-            "perplexity_histograms.png",
-            "Per-sequence perplexity of each generation's generated data, scored by the "
-            "generation-0 model; dashed: the real training data.",
-        )
-    )
+    _save(figs, rd, fig, "perplexity_histograms.png")
 
     # Ridgeline: one offset curve per generation.
     fig, axes = plt.subplots(1, A, figsize=(5 * A, 0.6 * (G + 2) + 1.5), squeeze=False)
@@ -110,14 +129,7 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
         ax.set_yticks([])
         ax.set_xlabel("perplexity under the generation-0 model")
         ax.set_title(_arm_label(fr[a]))
-    save_figure(fig, rd.file("perplexity_ridgeline.png"))
-    figs.append(
-        (
-            "perplexity_ridgeline.png",
-            "The same histograms as a ridgeline, bottom: real "
-            "data, then generations 0, 1, ... upwards.",
-        )
-    )
+    _save(figs, rd, fig, "perplexity_ridgeline.png")
 
     # Repetition and diversity of the generated data.
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -139,14 +151,7 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
         ax.set_xlabel("generation that produced the data")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    save_figure(fig, rd.file("repetition_diversity.png"))
-    figs.append(
-        (
-            "repetition_diversity.png",
-            "Repetition within generated sequences and "
-            "distinct-n diversity of each generation's generated data.",
-        )
-    )
+    _save(figs, rd, fig, "repetition_diversity.png")
 
     if "true_nll_generated" in arrays:
         fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
@@ -164,15 +169,7 @@ def write_figures(rd: RunDir, arrays: dict) -> list[tuple[str, str]]:
             ax.set_xlabel("generation that produced the data")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        save_figure(fig, rd.file("synthetic_truth.png"))
-        figs.append(
-            (
-                "synthetic_truth.png",
-                "Exact quantities under the true source: NLL of the "
-                "generated text and the probability mass of unigrams/bigrams it never "
-                "contains.",
-            )
-        )
+        _save(figs, rd, fig, "synthetic_truth.png")
     return figs
 
 

@@ -121,8 +121,13 @@ def make_lm_train_step(
     sharding = None
     if mesh is not None:
         sharding = train_state_sharding(params, optimizer, mesh, param_shardings)
+    return state, _lm_step(apply_fn, optimizer_config, optimizer, mesh, sharding, dropout)
+
+
+def _lm_step(apply_fn, optimizer_config, optimizer, mesh, sharding, dropout: bool):
+    """The core step with the causal-LM loss and the config's accumulation and schedule."""
     loss = functools.partial(causal_lm_sums, apply_fn, deterministic=not dropout)
-    step = make_train_step(
+    return make_train_step(
         loss,
         optimizer,
         grad_accum_steps=optimizer_config.grad_accum_steps,
@@ -130,7 +135,6 @@ def make_lm_train_step(
         mesh=mesh,
         state_sharding=sharding,
     )
-    return state, step
 
 
 class FitResult(NamedTuple):
@@ -414,15 +418,7 @@ def _trainer(model_config, opt_config, dtype, dropout: bool):
     mesh = default_mesh()
     params = jax.eval_shape(lambda: init_model_params(model_config, 0))
     sharding = train_state_sharding(params, optimizer, mesh)
-    loss = functools.partial(causal_lm_sums, apply_fn, deterministic=not dropout)
-    step = make_train_step(
-        loss,
-        optimizer,
-        grad_accum_steps=opt_config.grad_accum_steps,
-        schedule=make_schedule(opt_config),
-        mesh=mesh,
-        state_sharding=sharding,
-    )
+    step = _lm_step(apply_fn, opt_config, optimizer, mesh, sharding, dropout)
     return optimizer, step, sharding
 
 
