@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from collapse_jax.core import training as T
+    from collapse_jax.families.lm import training as LT
     from collapse_jax.families.lm.opt import OPTConfig, num_params
     from collapse_jax.families.lm.opt_weights import load_pretrained
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     opt_cfg = T.OptimizerConfig(learning_rate=1e-5, warmup_steps=0, total_steps=1000)
     mesh = T.make_mesh()
-    state, step = T.make_lm_train_step(T.opt_apply_fn(config, dtype), opt_cfg, params, mesh)
+    state, step = LT.make_lm_train_step(LT.opt_apply_fn(config, dtype), opt_cfg, params, mesh)
     key = jax.random.key(0)
 
     def put(ids):

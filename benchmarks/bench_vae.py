@@ -22,17 +22,18 @@ import numpy as np
 def bench_jax(widths, batch, steps, rounds_x):
     import jax
 
+    from collapse_jax.core import training as tr
     from collapse_jax.families.vae import model as vae
 
     cfg = vae.VAEConfig(channels1=widths[0], channels2=widths[1])
     model, opt = vae.make_model(cfg), vae.make_optimizer(cfg)
-    mesh = vae.data_mesh(batch)
+    mesh = tr.data_mesh(batch)
     step = vae.make_train_step(model, opt, mesh)
-    state = vae.place_state(vae.init_state(model, opt, jax.random.key(0)), mesh)
-    x = vae.place_batch(rounds_x, mesh)
+    state = tr.init_train_state(vae.init_params(model, jax.random.key(0)), opt, mesh)
+    x = tr.shard_batch(rounds_x, mesh)
     t0 = time.perf_counter()
-    state, loss = step(state, x, jax.random.key(0))
-    loss.block_until_ready()
+    state, info = step(state, x, jax.random.key(0))
+    info.loss.block_until_ready()
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
 
@@ -40,8 +41,8 @@ def bench_jax(widths, batch, steps, rounds_x):
         st = holder["state"]
         t = time.perf_counter()
         for i in range(steps):
-            st, loss = step(st, x, jax.random.key(i))
-        loss.block_until_ready()
+            st, info = step(st, x, jax.random.key(i))
+        info.loss.block_until_ready()
         holder["state"] = st
         return steps * batch / (time.perf_counter() - t)
 

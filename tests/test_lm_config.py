@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm import generations as lm_generations
 from collapse_jax.families.lm import study as lm
 from collapse_jax.families.lm import synthetic_language as sl
+from collapse_jax.families.lm import training as lm_training
 from collapse_jax.families.lm.opt import OPTConfig, param_shapes
 from collapse_jax.families.lm.opt_weights import save_pretrained
 
@@ -35,8 +37,8 @@ def no_training(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("training started before the configuration was checked")
 
-    monkeypatch.setattr(lm, "train_model", fail)
-    monkeypatch.setattr(lm, "generate_batch", fail)
+    monkeypatch.setattr(lm_training, "train_model", fail)
+    monkeypatch.setattr(lm_generations, "generate_batch", fail)
 
 
 def _model_dir(tmp_path, vocab_size, max_positions):

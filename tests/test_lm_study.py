@@ -10,6 +10,7 @@ import pytest
 from collapse_jax.core import checkpointing
 from collapse_jax.core.runs import read_arrays
 from collapse_jax.families.lm import cli as lm_cli
+from collapse_jax.families.lm import generations as lm_generations
 from collapse_jax.families.lm import study as lm
 from collapse_jax.families.lm import synthetic_language as sl
 
@@ -129,7 +130,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, m
 
     # 2) Resume; kill during the generation of generation 1's data (second decoding batch).
     calls = {"n": 0}
-    real_generate = lm.generate_batch
+    real_generate = lm_generations.generate_batch
 
     def counting(*args, die_at=None):
         calls["n"] += 1
@@ -138,7 +139,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, m
         return real_generate(*args)
 
     resumed = dataclasses.replace(TINY, resume=True)
-    monkeypatch.setattr(lm, "generate_batch", lambda *a: counting(*a, die_at=3))
+    monkeypatch.setattr(lm_generations, "generate_batch", lambda *a: counting(*a, die_at=3))
     with pytest.raises(KeyboardInterrupt):
         lm.run(resumed, out, progress=False)
     # Calls so far in this attempt: gen 1 prompts, gen 1 data batch 1, batch 2 (killed).
@@ -146,7 +147,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, m
 
     # 3) Resume to the end: only the unfinished batch and the last prompts are decoded again.
     calls["n"] = 0
-    monkeypatch.setattr(lm, "generate_batch", lambda *a: counting(*a))
+    monkeypatch.setattr(lm_generations, "generate_batch", lambda *a: counting(*a))
     lm.run(resumed, out, progress=False)
     assert calls["n"] == 2
     assert calls["n"] < N_DECODE_CALLS

@@ -12,6 +12,7 @@ import pytest
 
 from collapse_jax.core import training as T
 from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm import training as LT
 from collapse_jax.families.lm.opt import OPTConfig, init_params, model_logits
 
 TINY = OPTConfig(
@@ -49,8 +50,8 @@ def batches(n_steps=4, batch=16, length=12, seed=0):
 def train(params, devices, data, *, accum=1, dropout=True, remat=False):
     mesh = T.make_mesh(devices=devices)
     cfg = dataclasses.replace(OPT_CFG, grad_accum_steps=accum)
-    apply_fn = T.opt_apply_fn(TINY, remat=remat)
-    state, step = T.make_lm_train_step(apply_fn, cfg, params, mesh, dropout=dropout)
+    apply_fn = LT.opt_apply_fn(TINY, remat=remat)
+    state, step = LT.make_lm_train_step(apply_fn, cfg, params, mesh, dropout=dropout)
     losses = []
     for i, b in enumerate(data):
         state, info = step(state, T.shard_batch(b, mesh), jax.random.key(i))
@@ -74,7 +75,7 @@ def assert_params_close(p1, p2):
 def test_loss_is_mean_nll_over_real_targets(params):
     b = batches(1)[0]
     ids, mask = jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"])
-    loss_sum, count = T.causal_lm_sums(T.opt_apply_fn(TINY), params, b, None, deterministic=True)
+    loss_sum, count = LT.causal_lm_sums(LT.opt_apply_fn(TINY), params, b, None, deterministic=True)
     # Direct: log-softmax of the logits, target t+1 counted when tokens t and t+1 are real.
     logits = np.asarray(model_logits(TINY, params, ids, mask), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -118,8 +119,8 @@ def test_parameter_sharding_over_model_axis(params, reference):
     shardings = T.param_sharding(params, mesh, min_size=1000)
     spec = shardings["embed_tokens"].spec
     assert "model" in tuple(spec)
-    state, step = T.make_lm_train_step(
-        T.opt_apply_fn(TINY), OPT_CFG, params, mesh, param_shardings=shardings, dropout=False
+    state, step = LT.make_lm_train_step(
+        LT.opt_apply_fn(TINY), OPT_CFG, params, mesh, param_shardings=shardings, dropout=False
     )
     losses = []
     for i, b in enumerate(batches(1) * 3):
@@ -136,8 +137,8 @@ def test_fit_lm_epochs_with_a_short_last_batch(params):
     mask = np.concatenate([b["attention_mask"]] * 2)
     seen = []
     cfg = dataclasses.replace(OPT_CFG, total_steps=6, grad_accum_steps=2)
-    out = T.fit_lm(
-        T.opt_apply_fn(TINY),
+    out = LT.fit_lm(
+        LT.opt_apply_fn(TINY),
         params,
         ids,
         mask,
@@ -154,7 +155,7 @@ def test_fit_lm_epochs_with_a_short_last_batch(params):
     assert out.losses[3:].mean() < out.losses[:3].mean()
     # By default all 8 devices share each micro-batch: 8 rows in 2 micro-batches cannot.
     with pytest.raises(ConfigError, match="batch_size 8 must be divisible by 16"):
-        T.fit_lm(T.opt_apply_fn(TINY), params, ids, mask, cfg, batch_size=8, epochs=1, key=None)
+        LT.fit_lm(LT.opt_apply_fn(TINY), params, ids, mask, cfg, batch_size=8, epochs=1, key=None)
 
 
 def test_generic_step_keeps_the_callers_params_and_does_not_recompile():
@@ -201,7 +202,7 @@ def test_sequence_scores_match_full_batch(params):
     rng = np.random.default_rng(1)
     lengths = (5, 17, 1, 9, 30)
     seqs = [list(rng.integers(3, TINY.vocab_size, size=n)) for n in lengths]
-    scores = T.score_sequences(T.opt_apply_fn(TINY), params, seqs, batch_size=2, max_length=32)
+    scores = LT.score_sequences(LT.opt_apply_fn(TINY), params, seqs, batch_size=2, max_length=32)
     # Reference: one right-padded batch through the full forward pass, log-softmax in float64.
     ids = np.full((len(seqs), 32), TINY.pad_token_id, np.int32)
     mask = np.zeros_like(ids)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from collapse_jax.core import training as tr
 from collapse_jax.core.checkpointing import Checkpointer, arrays_to_tree, tree_to_arrays
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.families.vae import data as mnist
@@ -37,16 +38,16 @@ TINY = vae.VAEConfig(channels1=8, channels2=16, latent=4)
 
 def _train(n_devices, n_steps, batch=32):
     model, opt = vae.make_model(TINY), vae.make_optimizer(TINY)
-    mesh = vae.data_mesh(batch, jax.devices()[:n_devices])
+    mesh = tr.data_mesh(batch, jax.devices()[:n_devices])
     assert mesh.size == n_devices
     step = vae.make_train_step(model, opt, mesh)
-    state = vae.place_state(vae.init_state(model, opt, jax.random.key(0)), mesh)
-    x = vae.place_batch(_images(batch, seed=1), mesh)
+    state = tr.init_train_state(vae.init_params(model, jax.random.key(0)), opt, mesh)
+    x = tr.shard_batch(_images(batch, seed=1), mesh)
     assert len(x.sharding.device_set) == n_devices
     losses, after3 = [], None
     for i in range(n_steps):
-        state, loss = step(state, x, jax.random.key(i))
-        losses.append(float(loss))
+        state, info = step(state, x, jax.random.key(i))
+        losses.append(float(info.loss))
         if i == 2:
             after3 = jax.device_get(state.params)
     return np.array(losses), jax.device_get(state), step, after3

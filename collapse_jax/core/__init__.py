@@ -1,1 +1,1 @@
-"""The shared core: the generational loop, data policies, runs, reports, checkpoints, training."""
+"""The shared core: the generational scan loop and the neural host loop, data policies, runs, reports, checkpoints, training."""

@@ -1,31 +1,25 @@
-"""Training and evaluation of neural models: optimizer, sharded jitted step, per-sequence scores.
+"""The one training engine of the neural families: optimizer, mesh, sharded jitted step, epoch loop.
 
-Generic parts (usable by any Flax model, e.g. the VAE regime):
+Model-agnostic (the VAE, its digit classifier and the OPT language models all train through it;
+language-model losses and scoring live in :mod:`collapse_jax.families.lm.training`):
 
 * :class:`OptimizerConfig`, :func:`make_schedule` (linear warm-up then cosine decay) and
   :func:`make_optimizer` (global-norm clipping + Optax AdamW);
-* :func:`make_mesh`, :func:`shard_batch`, :func:`param_sharding` (replicated, or sharded along
-  the largest divisible dimension over the ``"model"`` axis for models that do not fit one
-  device) and :func:`maybe_initialize_distributed` for multi-host runs;
+* :func:`make_mesh` / :func:`data_mesh`, :func:`shard_batch`, :func:`param_sharding`
+  (replicated, or sharded along the largest divisible dimension over the ``"model"`` axis for
+  models that do not fit one device) and :func:`maybe_initialize_distributed` for multi-host runs;
 * :class:`TrainState` / :class:`StepInfo` and :func:`make_train_step`: a jitted step
   ``(state, batch, key) -> (state, info)`` whose loss is a *sum* over examples divided by a
   *count* summed over the whole (accumulated) batch, so gradient accumulation and any number of
-  devices give the same update as one big batch.
-
-Language-model parts: :func:`causal_lm_sums` (next-token negative log-likelihood with padding
-masks), :func:`make_lm_train_step`, :func:`sequence_log_likelihoods` and :func:`score_sequences`
-(per-sequence NLL sums and token counts, hence perplexities).
-
-Target convention: position ``t + 1`` is a scored target when both it and the token before it
-are real (``mask[t] = mask[t + 1] = 1``). With right padding this is Hugging Face's
-``labels = input_ids`` (padding labels ignored); with left padding it also skips predicting the
-first real token from a padding context.
+  devices give the same update as one big batch; with a mesh its shardings are fixed;
+* :class:`FitState` and :func:`fit_epochs`: the one epoch loop, with optional validation-based
+  selection of the best epoch's parameters and per-step / per-epoch callbacks (checkpoints,
+  progress). A :class:`FitState` holds everything needed to resume the loop after any epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -182,6 +176,16 @@ def make_mesh(model_parallel: int = 1, devices: Iterable[Any] | None = None) -> 
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 
+def data_mesh(batch_size: int, devices: Iterable[Any] | None = None) -> Mesh:
+    """A data-parallel ``(data, model=1)`` mesh over the most local devices (default:
+    ``jax.local_devices()``) whose number divides ``batch_size``."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = len(devices)
+    while batch_size % n:
+        n -= 1
+    return make_mesh(1, devices[:n])
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (example) axis split over the ``data`` axis, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
@@ -258,6 +262,11 @@ class StepInfo(NamedTuple):
 LossSums = Callable[[Any, Any, jax.Array], tuple[Float[Array, ""], Float[Array, ""]]]
 
 
+def new_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh :class:`TrainState` for ``params`` (where ``params`` live, no placement)."""
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
 def init_train_state(
     params: Any,
     optimizer: optax.GradientTransformation,
@@ -269,12 +278,9 @@ def init_train_state(
     if mesh is None:
         # A copy: the train step donates its state, which must not take the caller's arrays.
         params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        return new_train_state(params, optimizer)
     state_sharding = train_state_sharding(params, optimizer, mesh, shardings)
-    init = jax.jit(
-        lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
-        out_shardings=state_sharding,
-    )
+    init = jax.jit(lambda p: new_train_state(p, optimizer), out_shardings=state_sharding)
     params = jax.device_put(params, state_sharding.params)
     return init(params)
 
@@ -374,255 +380,67 @@ def make_train_step(
 
 
 # --------------------------------------------------------------------------------------------
-# Causal language modelling.
+# The epoch loop.
 # --------------------------------------------------------------------------------------------
 
-ApplyFn = Callable[..., Any]  # (params, ids, mask, deterministic, key) -> logits [B, T, V]
+
+class FitState(NamedTuple):
+    """Where :func:`fit_epochs` stands after ``epochs_done`` epochs (what a checkpoint keeps)."""
+
+    train: TrainState  # the train state after the last finished epoch (on the devices)
+    epochs_done: int
+    best_params: Any  # host parameters of the selected epoch (the start when none yet)
+    best_val: float  # validation loss of the selected epoch (inf before any)
+    best_epoch: int  # 1-based selected epoch (0: none yet)
+    train_loss: tuple[float, ...]  # mean training loss of each finished epoch
+    val_loss: tuple[float, ...]  # validation loss after each finished epoch (empty without one)
 
 
-def token_log_likelihoods(
-    logits: Float[Array, "batch seq vocab"],
-    input_ids: Int[Array, "batch seq"],
-    attention_mask: Int[Array, "batch seq"],
-) -> tuple[Float[Array, "batch seq1"], Float[Array, "batch seq1"]]:
-    """``log p(x_{t+1} | x_{≤t})`` for ``t = 0 .. T-2`` and its target weight (1 where both
-    tokens are real, else 0). Computed in float32 with a stable log-softmax."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    weights = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - logz, weights.astype(jnp.float32)
+def start_fit(state: TrainState, *, keep_best: bool = False) -> FitState:
+    """The :class:`FitState` before the first epoch; ``keep_best`` copies the starting
+    parameters to the host as the selection's fallback (needed with validation)."""
+    best = jax.device_get(state.params) if keep_best else None
+    return FitState(state, 0, best, math.inf, 0, (), ())
 
 
-def causal_lm_sums(
-    apply_fn: ApplyFn,
-    params: Any,
-    batch: dict[str, Array],
-    key: jax.Array | None,
+def fit_epochs(
+    step: Callable[[TrainState, Any, jax.Array], tuple[TrainState, StepInfo]],
+    fit: FitState,
     *,
-    deterministic: bool = False,
-) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """Summed next-token NLL over scored targets and their number.
-
-    ``batch`` holds ``input_ids`` and ``attention_mask`` ``[B, T]``; ``apply_fn(params, ids,
-    mask, deterministic, key)`` returns logits.
-    """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = apply_fn(params, ids, mask, deterministic, key)
-    ll, w = token_log_likelihoods(logits, ids, mask)
-    return -(ll * w).sum(), w.sum()
-
-
-def opt_apply_fn(config: Any, dtype: Any = jnp.float32, *, remat: bool = False) -> ApplyFn:
-    """``apply_fn`` for :class:`collapse_jax.families.lm.opt.OPTForCausalLM` (dropout when
-    ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass)."""
-    from collapse_jax.families.lm.opt import OPTForCausalLM
-
-    model = OPTForCausalLM(config, dtype=dtype, remat=remat)
-
-    def apply_fn(params, ids, mask, deterministic, key):
-        rngs = None if deterministic or key is None else {"dropout": key}
-        logits, _ = model.apply(
-            {"params": params}, ids, mask, deterministic=deterministic, rngs=rngs
-        )
-        return logits
-
-    return apply_fn
-
-
-def make_lm_train_step(
-    apply_fn: ApplyFn,
-    optimizer_config: OptimizerConfig,
-    params: Any,
-    mesh: Mesh | None = None,
-    *,
-    param_shardings: Any = None,
-    dropout: bool = True,
-) -> tuple[TrainState, Callable[[TrainState, Any, jax.Array], tuple[TrainState, StepInfo]]]:
-    """Initial :class:`TrainState` and the jitted causal-LM step for ``batch = {input_ids,
-    attention_mask}`` (with dropout unless ``dropout=False``)."""
-    optimizer = make_optimizer(optimizer_config)
-    state = init_train_state(params, optimizer, mesh, param_shardings)
-    sharding = None
-    if mesh is not None:
-        sharding = train_state_sharding(params, optimizer, mesh, param_shardings)
-    loss = functools.partial(causal_lm_sums, apply_fn, deterministic=not dropout)
-    step = make_train_step(
-        loss,
-        optimizer,
-        grad_accum_steps=optimizer_config.grad_accum_steps,
-        schedule=make_schedule(optimizer_config),
-        mesh=mesh,
-        state_sharding=sharding,
-    )
-    return state, step
-
-
-class FitResult(NamedTuple):
-    """Outcome of :func:`fit_lm`."""
-
-    params: Any  # trained parameters (on the mesh)
-    losses: np.ndarray  # [n_updates] training loss of each update's batch (before the update)
-    state: TrainState  # final train state (to continue training)
-
-
-def fit_lm(
-    apply_fn: ApplyFn,
-    params: Any,
-    input_ids: Int[Array, "n seq"],
-    attention_mask: Int[Array, "n seq"] | None,
-    optimizer_config: OptimizerConfig,
-    *,
-    batch_size: int,
     epochs: int,
-    key: jax.Array,
-    mesh: Mesh | None = None,
-    dropout: bool = True,
-    param_shardings: Any = None,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> FitResult:
-    """Train a causal LM for ``epochs`` passes over fixed-length blocks (the paper's fine-tuning).
+    batches: Callable[[int], Iterable[Any]],
+    step_key: Callable[[int, int], jax.Array],
+    validate: Callable[[Any], float] | None = None,
+    select_by_validation: bool = True,
+    on_step: Callable[[int, int, StepInfo], None] | None = None,
+    on_epoch: Callable[[FitState], None] | None = None,
+) -> FitState:
+    """Run epochs ``fit.epochs_done + 1 .. epochs`` of ``step`` and return the final state.
 
-    Each epoch visits the ``n`` blocks in a fresh random order (``fold_in(key, epoch)``) in
-    batches of ``batch_size``; the last, short batch is filled with fully masked rows, which add
-    no target tokens, so every update has the same shape (one compilation) and the loss of a
-    short batch is its own token mean, as in an unpadded run. ``optimizer_config.total_steps``
-    should equal the number of updates, ``epochs · ceil(n / batch_size)``.
-
-    ``mesh`` defaults to all devices (data parallel). In a multi-process run every process
-    passes the same blocks and key; each feeds its contiguous share of every batch (the rows its
-    devices hold). ``progress(update, total, loss)`` is called after each update (it syncs to
-    the host).
+    ``batches(epoch)`` yields the placed batches of a 0-based epoch and ``step_key(epoch, i)``
+    the key of its ``i``-th update, so a loop resumed from a saved :class:`FitState` continues
+    exactly as an uninterrupted one. The training loss of an epoch is the mean of its updates'
+    losses. With ``validate(params) -> loss`` the parameters of the epoch with the lowest
+    validation loss are kept in ``best_params`` (of the last epoch unless
+    ``select_by_validation``). ``on_step(epoch, i, info)`` runs after every update,
+    ``on_epoch(fit)`` after every epoch (e.g. to save a checkpoint).
     """
-    ids = np.asarray(input_ids, np.int32)
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    if ids.ndim != 2 or mask.shape != ids.shape:
-        raise ConfigError(
-            f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same [n, seq]"
-        )
-    n = ids.shape[0]
-    batch_size = check_int("batch_size", batch_size, 1)
-    epochs = check_int("epochs", epochs, 1)
-    if batch_size % optimizer_config.grad_accum_steps:
-        raise ConfigError(
-            f"batch_size {batch_size} must be divisible by grad_accum_steps "
-            f"{optimizer_config.grad_accum_steps}"
-        )
-    if mesh is None:
-        mesh = make_mesh()
-    per_device = mesh.shape[DATA_AXIS] * optimizer_config.grad_accum_steps
-    if batch_size % per_device:
-        raise ConfigError(
-            f"batch_size {batch_size} must be divisible by {per_device} (data-parallel devices "
-            f"{mesh.shape[DATA_AXIS]} x grad_accum_steps {optimizer_config.grad_accum_steps}); "
-            "pass a smaller mesh or change the batch size"
-        )
-    per_epoch = -(-n // batch_size)
-    total = epochs * per_epoch
-    state, step = make_lm_train_step(
-        apply_fn, optimizer_config, params, mesh, param_shardings=param_shardings, dropout=dropout
-    )
-    losses = []
-    k_order, k_dropout = jax.random.split(key)
-    update = 0
-    for epoch in range(epochs):
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(k_order, epoch), n))
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            b_ids = np.full((batch_size, ids.shape[1]), ids[rows[0], 0], np.int32)
-            b_mask = np.zeros((batch_size, ids.shape[1]), np.int32)
-            b_ids[: len(rows)], b_mask[: len(rows)] = ids[rows], mask[rows]
-            if jax.process_count() > 1:  # every process holds all blocks; pass its own rows
-                local = batch_size // jax.process_count()
-                lo = jax.process_index() * local
-                b_ids, b_mask = b_ids[lo : lo + local], b_mask[lo : lo + local]
-            batch = shard_batch({"input_ids": b_ids, "attention_mask": b_mask}, mesh)
-            state, info = step(state, batch, jax.random.fold_in(k_dropout, update))
+    for epoch in range(fit.epochs_done, epochs):
+        state, losses = fit.train, []
+        for i, batch in enumerate(batches(epoch)):
+            state, info = step(state, batch, step_key(epoch, i))
             losses.append(info.loss)
-            update += 1
-            if progress is not None:
-                progress(update, total, float(info.loss))
-    return FitResult(state.params, np.asarray(jax.device_get(losses)), state)
-
-
-def sequence_log_likelihoods(
-    apply_fn: ApplyFn,
-    params: Any,
-    input_ids: Int[Array, "batch seq"],
-    attention_mask: Int[Array, "batch seq"],
-) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
-    """Per-sequence ``(nll_sum, n_tokens)``: ``−Σ_t log p(x_{t+1} | x_{≤t})`` over scored targets
-    and their number; perplexity is ``exp(nll_sum / n_tokens)``. No dropout."""
-    logits = apply_fn(params, input_ids, attention_mask, True, None)
-    ll, w = token_log_likelihoods(logits, input_ids, attention_mask)
-    return -(ll * w).sum(axis=1), w.sum(axis=1)
-
-
-class SequenceScores(NamedTuple):
-    """Per-sequence scores (NumPy, one entry per input sequence)."""
-
-    nll_sum: np.ndarray  # summed negative log-likelihood (nats)
-    n_tokens: np.ndarray  # scored target tokens
-
-    @property
-    def nll(self) -> np.ndarray:
-        """Mean NLL per token (NaN where nothing is scored)."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.n_tokens > 0, self.nll_sum / np.maximum(self.n_tokens, 1), np.nan)
-
-    @property
-    def perplexity(self) -> np.ndarray:
-        """``exp(nll)`` per sequence."""
-        return np.exp(self.nll)
-
-
-def _bucket(n: int, cap: int) -> int:
-    """Round a length up to a power of two (at least 8, at most ``cap``), limiting compiles."""
-    return min(cap, max(8, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
-
-
-def score_sequences(
-    apply_fn: ApplyFn,
-    params: Any,
-    sequences: list[list[int]],
-    *,
-    batch_size: int = 8,
-    max_length: int,
-    pad_token_id: int = 1,
-    mesh: Mesh | None = None,
-) -> SequenceScores:
-    """Score token sequences (each at most ``max_length`` long) in right-padded batches.
-
-    Batch shapes are ``[batch_size, bucket]`` with the length rounded up to a power of two, so a
-    whole corpus compiles a handful of times; the last batch is padded with empty rows.
-    """
-    batch_size = check_int("batch_size", batch_size, 1)
-    if mesh is not None and batch_size % mesh.shape[DATA_AXIS]:
-        raise ConfigError(
-            f"batch_size {batch_size} must be divisible by the {mesh.shape[DATA_AXIS]} "
-            "data-parallel devices"
-        )
-    for i, s in enumerate(sequences):
-        if len(s) > max_length:
-            raise ConfigError(
-                f"sequence {i} has {len(s)} tokens, more than max_length {max_length}"
-            )
-    fn = jax.jit(functools.partial(sequence_log_likelihoods, apply_fn))
-    nll = np.zeros(len(sequences), np.float64)
-    count = np.zeros(len(sequences), np.int64)
-    order = np.argsort([len(s) for s in sequences], kind="stable")  # similar lengths together
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = _bucket(max(len(sequences[i]) for i in idx), max_length)
-        ids = np.full((batch_size, width), pad_token_id, np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for row, i in enumerate(idx):
-            ids[row, : len(sequences[i])] = sequences[i]
-            mask[row, : len(sequences[i])] = 1
-        if mesh is not None:
-            ids, mask = shard_batch((ids, mask), mesh)
-        s, c = jax.device_get(fn(params, ids, mask))
-        nll[idx] = np.asarray(s, np.float64)[: len(idx)]
-        count[idx] = np.round(np.asarray(c)[: len(idx)]).astype(np.int64)
-    return SequenceScores(nll, count)
+            if on_step is not None:
+                on_step(epoch, i, info)
+        train_loss = (*fit.train_loss, float(np.mean(jax.device_get(losses))))
+        best = (fit.best_params, fit.best_val, fit.best_epoch)
+        val_loss = fit.val_loss
+        if validate is not None:
+            val = float(validate(state.params))
+            val_loss = (*val_loss, val)
+            if not select_by_validation or val <= fit.best_val:
+                best = (jax.device_get(state.params), val, epoch + 1)
+        fit = FitState(state, epoch + 1, *best, train_loss, val_loss)
+        if on_epoch is not None:
+            on_epoch(fit)
+    return fit

@@ -126,7 +126,7 @@ def windows(ids: list[int], block_size: int) -> Iterator[list[int]]:
 
 
 def cmd_score(args, out: TextIO) -> int:
-    from collapse_jax.core.training import opt_apply_fn, score_sequences
+    from collapse_jax.families.lm.training import opt_apply_fn, score_sequences
 
     texts = _read_lines(args.text_file, "text file")
     config, params, tokenizer, dtype = _load(args)

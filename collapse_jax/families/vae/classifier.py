@@ -2,7 +2,8 @@
 used to label generated digits (class distribution and class entropy per generation).
 
 Architecture: Conv(16, 3x3, stride 2) + ReLU -> Conv(32, 3x3, stride 2) + ReLU -> Dense(64) +
-ReLU -> Dense(10); cross-entropy, Adam 1e-3, batch 128. Two epochs on MNIST reach about 98% test
+ReLU -> Dense(10); cross-entropy, Adam 1e-3, batch 128, trained by the core engine
+(:func:`collapse_jax.core.training.fit_epochs`). Two epochs on MNIST reach about 98% test
 accuracy in well under a minute on two CPU cores. The cache file name is a hash of the
 architecture, the training settings and the training images, so a different data set or setting
 never reuses a stale classifier; an unreadable cache file is retrained and replaced.
@@ -14,7 +15,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,12 +27,20 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
+from collapse_jax.core.host_loop import Progress
 from collapse_jax.core.runs import atomic_path
+from collapse_jax.core.training import (
+    FitState,
+    fit_epochs,
+    init_train_state,
+    make_train_step,
+    start_fit,
+)
 from collapse_jax.families.vae.data import ImageData, to_unit
 from collapse_jax.families.vae.model import padded_chunks, torch_style_init
 
 CACHE_ENV = "COLLAPSE_JAX_CACHE_DIR"
-_VERSION = 1  # bump when the architecture or training recipe changes
+_VERSION = 2  # bump when the architecture or training recipe changes
 
 
 class DigitCNN(nn.Module):
@@ -101,42 +109,54 @@ def predict(params: Any, x: Float[np.ndarray, "n 28 28 1"], chunk: int = 1024) -
     return np.concatenate(out).astype(np.int32)
 
 
+def _loss_sums(params, batch, key):
+    """Summed cross-entropy of a batch ``(images, labels)`` and its size (``key`` unused)."""
+    x, y = batch
+    ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y)
+    return ce.sum(), jnp.float32(x.shape[0])
+
+
 @functools.lru_cache(maxsize=4)
 def _train_step(learning_rate: float):
-    """Adam and its jitted cross-entropy step, built once per learning rate (one compilation)."""
+    """Adam and its jitted cross-entropy step on the core engine, built once per learning rate
+    (one compilation)."""
     opt = optax.adam(learning_rate)
-
-    @jax.jit
-    def step(params, opt_state, xb, yb):
-        def loss_fn(p):
-            return optax.softmax_cross_entropy_with_integer_labels(_logits(p, xb), yb).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return opt, step
+    return opt, make_train_step(_loss_sums, opt)
 
 
 def train(
     data: ImageData, settings: ClassifierSettings, progress: bool = False
 ) -> tuple[Any, float]:
-    """Train on ``data.x_train``; return ``(params, test accuracy)``."""
+    """Train on ``data.x_train`` with the core epoch loop; return ``(params, test accuracy)``."""
     x = to_unit(data.x_train)
     y = data.y_train
     if settings.max_train:
         x, y = x[: settings.max_train], y[: settings.max_train]
-    params = _init(jax.random.key(settings.seed))
     opt, step = _train_step(settings.learning_rate)
-    opt_state = opt.init(params)
+    state = init_train_state(_init(jax.random.key(settings.seed)), opt)
     bs = min(settings.batch_size, len(x))
-    for epoch in range(settings.epochs):
+    key = jax.random.key(settings.seed)  # the loss draws no random numbers
+
+    def batches(epoch: int):
         order = np.random.default_rng([settings.seed, epoch]).permutation(len(x))
         for i in range(len(x) // bs):
             idx = order[i * bs : (i + 1) * bs]
-            params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
-        if progress:
-            print(f"[classifier] epoch {epoch + 1}/{settings.epochs}", file=sys.stderr, flush=True)
+            yield x[idx], y[idx]
+
+    bar = Progress(progress, "classifier")
+
+    def on_epoch(fit: FitState) -> None:
+        bar.note(f"epoch {fit.epochs_done}/{settings.epochs} loss {fit.train_loss[-1]:.4f}")
+
+    fit = fit_epochs(
+        step,
+        start_fit(state),
+        epochs=settings.epochs,
+        batches=batches,
+        step_key=lambda epoch, i: key,
+        on_epoch=on_epoch,
+    )
+    params = fit.train.params
     accuracy = float(np.mean(predict(params, to_unit(data.x_test)) == data.y_test))
     return params, accuracy
 

@@ -1,5 +1,5 @@
-"""The convolutional VAE of the paper's MNIST experiment (Flax), its loss, a jitted data-parallel
-Optax training step, sampling and evaluation.
+"""The convolutional VAE of the paper's MNIST experiment (Flax), its loss and optimizer, its step
+on the core training engine (:mod:`collapse_jax.core.training`), sampling and evaluation.
 
 Architecture (defaults = the paper's, 647,081 parameters):
 
@@ -13,15 +13,16 @@ Architecture (defaults = the paper's, 647,081 parameters):
 Loss per image (the negative ELBO, Kingma & Welling 2014, eq. 10 with one sample):
 ``-ELBO(x) = sum_pixels BCE(x, sigmoid(logits(z))) + KL(N(mu, diag sigma^2) || N(0, I))`` with
 ``KL = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)`` and ``z = mu + sigma * eps``. The
-training objective is its mean over the batch (the PyTorch reference sums over the batch; Adam is
-invariant to that constant factor up to its epsilon).
+training objective is its mean over the batch, computed by the core step as the sum over the
+batch divided by the batch size (the PyTorch reference sums over the batch; Adam is invariant to
+that constant factor up to its epsilon).
 
 Optimizer: ``Adam(lr 1e-3)`` with L2 weight decay 1e-5 added to the gradient, i.e. PyTorch's
 ``torch.optim.Adam(weight_decay=1e-5)`` (``optax.adamw`` would be the decoupled variant).
 
-Data parallelism: a 1-D ``jax.sharding.Mesh`` over the local devices; the batch is split along
-its leading axis, parameters and optimizer state are replicated, and XLA inserts the gradient
-all-reduce. The reparameterisation noise is drawn for the whole batch from one key, so with
+Data parallelism: the core engine's ``(data, model=1)`` mesh over the local devices
+(:func:`~collapse_jax.core.training.data_mesh`); the batch is split along its leading axis,
+parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce. The reparameterisation noise is drawn for the whole batch from one key, so with
 JAX's partitionable threefry the result does not depend on the number of devices.
 """
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import flax.traverse_util
@@ -38,9 +39,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from collapse_jax.core.errors import ConfigError, check_float, check_int
+from collapse_jax.core.training import (
+    StepInfo,
+    TrainState,
+    batch_sharding,
+    new_train_state,
+    train_state_sharding,
+)
+from collapse_jax.core.training import make_train_step as make_core_train_step
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -183,12 +193,16 @@ def torch_style_init(shapes: Any, key: jax.Array, transposed: Callable[[str], bo
     return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
-def init_params(model: VAE, key: jax.Array) -> Any:
-    """Initialise parameters for 28x28x1 inputs (PyTorch-style, see :func:`torch_style_init`)."""
+def param_shapes(model: VAE) -> Any:
+    """Shapes and dtypes of the parameters for 28x28x1 inputs (nothing is computed)."""
     x = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
     eps = jnp.zeros((1, model.latent), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x, eps)["params"]
-    return torch_style_init(shapes, key, lambda layer: "ConvTranspose" in layer)
+    return jax.eval_shape(model.init, jax.random.key(0), x, eps)["params"]
+
+
+def init_params(model: VAE, key: jax.Array) -> Any:
+    """Initialise parameters for 28x28x1 inputs (PyTorch-style, see :func:`torch_style_init`)."""
+    return torch_style_init(param_shapes(model), key, lambda layer: "ConvTranspose" in layer)
 
 
 def count_params(params: Any) -> int:
@@ -212,67 +226,30 @@ def make_optimizer(config: VAEConfig) -> optax.GradientTransformation:
     )
 
 
-class TrainState(NamedTuple):
-    """What one model's training carries between steps."""
-
-    params: Any
-    opt_state: Any
-    step: jax.Array  # number of optimizer steps taken
-
-
 def init_state(model: VAE, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    params = init_params(model, key)
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-
-
-def data_mesh(batch_size: int, devices=None) -> jax.sharding.Mesh:
-    """A 1-D ``("data",)`` mesh over the most local devices that divide ``batch_size``."""
-    devices = list(jax.local_devices() if devices is None else devices)
-    n = len(devices)
-    while batch_size % n:
-        n -= 1
-    return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
-
-
-def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    """A fresh host :class:`~collapse_jax.core.training.TrainState` (PyTorch-style init)."""
+    return new_train_state(init_params(model, key), optimizer)
 
 
 def make_train_step(
-    model: VAE, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
-    """A jitted ``step(state, batch, key) -> (state, mean loss)`` sharded over ``mesh``.
+    model: VAE, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, StepInfo]]:
+    """The core jitted step ``step(state, batch, key) -> (state, info)`` sharded over ``mesh``
+    (:func:`collapse_jax.core.training.make_train_step`); ``info.loss`` is the batch's mean
+    negative ELBO.
 
-    ``batch``: float32 images in [0, 1] of shape (b, 28, 28, 1), b divisible by the mesh size.
-    ``key`` draws the reparameterisation noise of the whole batch.
+    ``batch``: float32 images in [0, 1] of shape (b, 28, 28, 1), b divisible by the mesh's data
+    axis. ``key`` draws the reparameterisation noise of the whole batch.
     """
-    rep, shard = replicated(mesh), batch_sharded(mesh)
+    shard = batch_sharding(mesh)
 
-    def loss_fn(params, batch, key):
+    def loss_sums(params, batch, key):
         eps = jax.random.normal(key, (batch.shape[0], model.latent), batch.dtype)
         eps = jax.lax.with_sharding_constraint(eps, shard)
-        return negative_elbo(model, params, batch, eps).mean()
+        return negative_elbo(model, params, batch, eps).sum(), jnp.float32(batch.shape[0])
 
-    def step(state: TrainState, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), loss
-
-    return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
-
-
-def place_state(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-    """Replicate a train state over ``mesh``."""
-    return jax.device_put(state, replicated(mesh))
-
-
-def place_batch(batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-    return jax.device_put(batch, batch_sharded(mesh))
+    sharding = train_state_sharding(param_shapes(model), optimizer, mesh)
+    return make_core_train_step(loss_sums, optimizer, mesh=mesh, state_sharding=sharding)
 
 
 # --------------------------------------------------------------------------------------------
