@@ -67,25 +67,27 @@ def as_tuple(v):
     return v
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls, skip=()) -> None:
-    """One flag per field of ``config_cls`` (booleans get ``--x/--no-x``); unset flags are None
-    and leave the base config unchanged."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config_cls, aliases: dict[str, tuple[str, ...]] | None = None
+) -> None:
+    """One flag per field of ``config_cls`` (booleans get ``--x/--no-x``; tuples take JSON or
+    comma-separated numbers), plus the ``aliases`` given per field; unset flags are None and
+    leave the base config unchanged."""
+    aliases = aliases or {}
     hints = typing.get_type_hints(config_cls)
     helps = field_comments(config_cls)
     for f in dataclasses.fields(config_cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, ())]
         typ = hints[f.name]
         origin = typing.get_origin(typ) or typ
         help_ = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_}
         if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif origin is tuple:
-            parser.add_argument(flag, type=_sequence, **kw)
+            parser.add_argument(*flags, type=_sequence, **kw)
         elif typ in (int, float, str):
-            parser.add_argument(flag, type=typ, **kw)
+            parser.add_argument(*flags, type=typ, **kw)
         else:
             raise TypeError(f"{config_cls.__name__}.{f.name}: no flag for type {typ!r}")
 

@@ -16,7 +16,7 @@ generation ``n``.
 * :func:`generation_key`: the one key scheme, ``fold_in(fold_in(key(seed), generation), part)``;
 * :func:`fit_checkpoint` / :func:`restore_fit`: the one checkpoint format of an epoch loop in
   progress (a :class:`~collapse_jax.core.training.FitState` plus the family's own arrays);
-* :func:`run_generations`: the generation loop over one study's :class:`Generations` hooks,
+* :func:`fit_generations`: the generation loop over one study's :class:`Generations` hooks,
   resumable after any generation (each generation's outputs are its own checkpoint) and
   within one (the family's epoch checkpoints, :mod:`collapse_jax.core.checkpointing`).
 """
@@ -146,7 +146,7 @@ def restore_fit(
     )
 
 
-def run_generations(
+def fit_generations(
     last: int,
     fit_generation: Callable[[int], None],
     *,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
-from collapse_jax.core.flags import flag_updates
+from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.policies import Policy
 from collapse_jax.families.lm import corpora
 from collapse_jax.families.lm import synthetic_language as sl
@@ -163,83 +163,15 @@ def demo_config() -> Config:
     )
 
 
-_FLAGS: dict[str, tuple[type, str]] = {
-    "model": (str, "micro | tiny | small | base (offline) | Hugging Face directory | hub id"),
-    "tokenizer": (str, "tokenizer directory or hub id (default: the model's)"),
-    "corpus": (str, "synthetic | wikitext | directory with train/valid/test.txt"),
-    "block_size": (int, "tokens per block and per generated continuation (64)"),
-    "train_blocks": (int, "real training blocks used by the regime (0 = all)"),
-    "eval_blocks": (int, "validation/test blocks used (0 = all)"),
-    "pretrain_blocks": (int, "built-in models: blocks used to pre-train the base"),
-    "pretrain_epochs": (int, "built-in models: epochs of base pre-training"),
-    "pretrain_learning_rate": (float, "built-in models: peak learning rate of pre-training"),
-    "generations": (int, "generations trained on generated data"),
-    "epochs": (int, "fine-tuning epochs per generation"),
-    "learning_rate": (float, "peak learning rate of each fine-tune"),
-    "warmup_steps": (int, "warm-up updates of each fine-tune"),
-    "weight_decay": (float, "AdamW weight decay"),
-    "batch_size": (int, "blocks per update (all devices)"),
-    "grad_accum_steps": (int, "micro-batches per update"),
-    "seeds": (int, "independent repetitions"),
-    "seed": (int, "first seed"),
-    "policy": (str, "replace | accumulate | accumulate-subsample"),
-    "start_from": (str, "base | previous"),
-    "decoding": (str, "beam | sample | greedy"),
-    "num_beams": (int, "beams of beam search"),
-    "repetition_penalty": (float, "repetition penalty (1 = off)"),
-    "temperature": (float, "sampling temperature"),
-    "top_k": (int, "sampling top-k (0 = off)"),
-    "top_p": (float, "sampling nucleus (1 = off)"),
-    "generate_batch_size": (int, "prompts per decoding call"),
-    "eval_batch_size": (int, "blocks per scoring call"),
-    "n_prompts": (int, "fixed prompts shown across generations"),
-    "dtype": (str, "float32 | bfloat16"),
-    "synthetic_vocab": (int, "synthetic corpus: word tokens"),
-    "synthetic_states": (int, "synthetic corpus: hidden states"),
-    "synthetic_seed": (int, "synthetic corpus: seed of the source"),
-    "synthetic_blocks": (int, "synthetic corpus: training-text blocks"),
-    "tail_mass": (float, "synthetic corpus: mass of the source's tail"),
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags; unset flags leave the config (default or file) unchanged."""
-    for name, (typ, help_) in _FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
-    parser.add_argument(
-        "--fresh-fractions",
-        "--keep-fraction",
-        dest="fresh_fractions",
-        default=None,
-        help="comma-separated fractions of original data kept each generation, one arm each "
-        "(e.g. 0,0.1)",
-    )
-    for name, help_ in (
-        ("select_by_validation", "keep the epoch with the lowest validation loss"),
-        ("keep_models", "keep every generation's weights"),
-        ("resume", "continue an interrupted run in --out"),
-    ):
-        flag = name.replace("_", "-")
-        parser.add_argument(
-            f"--{flag}", dest=name, action="store_const", const=True, default=None, help=help_
-        )
-        if name != "resume":
-            parser.add_argument(f"--no-{flag}", dest=name, action="store_const", const=False)
+    """The study's flags, one per config field (``--keep-fraction`` is the paper's name for
+    ``--fresh-fractions``); unset flags leave the config unchanged."""
+    add_config_arguments(parser, Config, aliases={"fresh_fractions": ("--keep-fraction",)})
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     """Apply the flags that were given onto ``base`` and validate."""
-    updates = flag_updates(args, Config)
-    if isinstance(updates.get("fresh_fractions"), str):
-        try:
-            updates["fresh_fractions"] = tuple(
-                float(v) for v in updates["fresh_fractions"].split(",") if v.strip()
-            )
-        except ValueError:
-            raise ConfigError(
-                f"--fresh-fractions {args.fresh_fractions!r} must be comma-separated numbers"
-            ) from None
-    return validate(dataclasses.replace(base, **updates))
+    return apply_flags(args, base, validate)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from collapse_jax.core.host_loop import Progress, generation_key, run_generations
+from collapse_jax.core.host_loop import Progress, fit_generations, generation_key
 from collapse_jax.core.policies import Policy, mix_training_data
 from collapse_jax.core.runs import (
     atomic_path,
@@ -342,7 +342,7 @@ class Regime:
 
     def run_chain(self, seed: int, arm: int) -> None:
         """Generations ``1 .. G`` of chain ``(seed, arm)`` on the host loop
-        (:func:`~collapse_jax.core.host_loop.run_generations`): generation ``g`` trains on the
+        (:func:`~collapse_jax.core.host_loop.fit_generations`): generation ``g`` trains on the
         data set built from generation ``g - 1``'s continuations; every stage is cached on disk,
         so calling it again resumes."""
         G = self.config.generations
@@ -358,4 +358,4 @@ class Regime:
             self.cleanup(seed, arm, g)
             chain["previous"] = data
 
-        run_generations(G, fit_generation)
+        fit_generations(G, fit_generation)

@@ -49,14 +49,14 @@ import numpy as np
 from collapse_jax.core import training as tr
 from collapse_jax.core.checkpointing import Checkpointer, arrays_to_tree, tree_to_arrays
 from collapse_jax.core.errors import ConfigError, check_choice, check_int
-from collapse_jax.core.flags import apply_flags
+from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.host_loop import (
     Progress,
     check_resume,
     fit_checkpoint,
+    fit_generations,
     generation_key,
     restore_fit,
-    run_generations,
 )
 from collapse_jax.core.loop import chain_stats
 from collapse_jax.core.policies import Policy, Schedule, mix_training_data
@@ -176,48 +176,9 @@ def cpu_config() -> Config:
     )
 
 
-_FLAGS: dict[str, tuple[type, str]] = {
-    "generations": (int, "models trained (generation 1 on real images)"),
-    "epochs": (int, "training epochs per generation"),
-    "batch_size": (int, "minibatch size"),
-    "samples": (int, "training images per generation (M_0)"),
-    "schedule": (str, "sample-size schedule: constant, linear[:SLOPE], poly:A, list:M0,M1,..."),
-    "policy": (str, "replace | accumulate | accumulate-subsample | mix:ALPHA,BETA,GAMMA"),
-    "fresh_fraction": (float, "fraction of each new batch drawn fresh from real MNIST"),
-    "synthetic": (str, "synthetic images: means (decoder Bernoulli means) or binary"),
-    "seeds": (int, "independent recursions (error bars over seeds)"),
-    "seed": (int, "seed of the first recursion"),
-    "channels1": (int, "first conv width"),
-    "channels2": (int, "second conv width"),
-    "latent": (int, "latent dimension"),
-    "learning_rate": (float, "Adam learning rate"),
-    "weight_decay": (float, "L2 weight decay"),
-    "eval_samples": (int, "generated images per generation for the latent and class metrics"),
-    "eval_test": (int, "real test images for the negative ELBO (0 = all)"),
-    "diversity_samples": (int, "images for the mean pairwise distance"),
-    "classifier_epochs": (int, "epochs of the digit classifier"),
-    "classifier_train": (int, "training images of the classifier (0 = all)"),
-    "mnist_source": (str, "auto | local | package | hub | sklearn-digits"),
-    "data_dir": (str, "data directory holding mnist/mnist_full_70k.npz or the IDX files"),
-    "cache_dir": (str, "directory for the cached classifier"),
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags; unset flags leave the config (default or file) unchanged."""
-    for name, (typ, help_) in _FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
-    parser.add_argument(
-        "--resample-each-epoch", dest="resample_each_epoch", action="store_const", const=True,
-        default=None, help="draw fresh synthetic data every epoch (the paper's setting)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--no-resample-each-epoch", dest="resample_each_epoch", action="store_const", const=False
-    )
-    parser.add_argument(
-        "--resume", dest="resume", action="store_const", const=True, default=None,
-        help="continue an interrupted run in --out",
-    )  # fmt: skip
+    """The study's flags, one per config field; unset flags leave the config unchanged."""
+    add_config_arguments(parser, Config)
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
@@ -490,7 +451,7 @@ class _Recursion:
                 gen, fit = gen + 1, None
         progress.start(c.generations * c.epochs)
         progress.advance(self._step_id(gen, 0 if fit is None else fit.epochs_done))
-        run_generations(
+        fit_generations(
             c.generations,
             lambda g: self.train_generation(g, fit if g == gen else None, progress, hook),
             first=gen,
