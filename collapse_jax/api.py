@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from collapse_jax.core import compilation
 from collapse_jax.core import point_family as pf_study
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.flags import config_with
@@ -63,6 +64,7 @@ def run(
     *,
     out: str | Path | None = None,
     progress: bool = False,
+    cache: bool = True,
     **settings: Any,
 ) -> Result:
     """Run a built-in study (``"discrete"``, ``"gaussian"``, ``"gmm"``, ``"vae"``, ``"lm"``) or a
@@ -73,6 +75,7 @@ def run(
         out: write the run directory there (config.json, metrics.npz, summary.json, figures,
             report.md); ``None`` keeps everything in memory (the VAE and LM studies need one).
         progress: show a progress bar.
+        cache: use the persistent compilation cache (:mod:`collapse_jax.core.compilation`).
         **settings: the study's config fields (e.g. ``chains=4096, policy="accumulate"``);
             unknown names are refused.
     """
@@ -82,6 +85,7 @@ def run(
     if out is None and name in NEEDS_DIRECTORY:
         raise ConfigError(f"the {name} study keeps checkpoints and models on disk: pass out=DIR")
     config = _config(study, settings)
+    compilation.enable(cache)
     run_dir = RunDir(out)
     if isinstance(study, PointFamily):
         summary = pf_study.run(study, config, run_dir, progress=progress)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 import tomllib
 from pathlib import Path
 
+from collapse_jax.core import compilation
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.experiments import (
     default_out,
@@ -16,7 +16,7 @@ from collapse_jax.core.experiments import (
     parse_sweep,
     resolve_target,
 )
-from collapse_jax.families import STUDIES, load_study
+from collapse_jax.families import DESCRIPTIONS, load_study
 
 #: Studies run by `collapse-jax demo`, in order (each with its module's demo_config()).
 DEMO = ("discrete", "gaussian", "gmm")
@@ -24,11 +24,7 @@ DEMO = ("discrete", "gaussian", "gmm")
 
 def cmd_list() -> int:
     print("Studies (collapse-jax run NAME):")
-    for name, modname in STUDIES.items():
-        try:
-            desc = importlib.import_module(modname).DESCRIPTION
-        except ModuleNotFoundError:
-            continue
+    for name, desc in DESCRIPTIONS.items():
         print(f"  {name:<10} {desc}")
     print("\nExperiments (collapse-jax run NAME):")
     for d in experiment_dirs():
@@ -40,6 +36,14 @@ def cmd_list() -> int:
                 continue
             print(f"  {path.stem:<32} [{data.get('study', '?')}] {data.get('description', '')}")
     return 0
+
+
+def _cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not use the persistent compilation cache (also: COLLAPSE_JAX_NO_CACHE=1)",
+    )
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -54,8 +58,10 @@ def cmd_run(argv: list[str]) -> int:
         "--progress", dest="progress", action="store_const", const=True, default=None
     )
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    _cache_flag(parser)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    compilation.enable(not args.no_cache)
     config = module.config_from_args(args, base)
     out = Path(args.out) if args.out else default_out(target)
     if args.sweep:
@@ -73,7 +79,9 @@ def cmd_demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="collapse-jax demo")
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--only", default=None, help="comma-separated studies to run")
+    _cache_flag(parser)
     args = parser.parse_args(argv)
+    compilation.enable(not args.no_cache)
     out = Path(args.out)
     names = args.only.split(",") if args.only else list(DEMO)
     from collapse_jax.core.runs import write_text

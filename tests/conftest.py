@@ -1,6 +1,7 @@
 """Test configuration: CPU only, 8 host devices for sharding tests, offline hub, data directory."""
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Runs started by the tests keep their compiled programs in a private cache, not the user's.
+os.environ.setdefault("COLLAPSE_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="collapse-jax-xla-"))
 
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "COLLAPSE_JAX_DATA_DIR" not in os.environ and _SHARED.is_dir():

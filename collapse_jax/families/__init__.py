@@ -20,6 +20,16 @@ STUDIES = {
     "lm": "collapse_jax.families.lm.study",
 }
 
+#: Study name -> one-line description (each study module's ``DESCRIPTION``; kept here so that
+#: listing the studies imports none of them).
+DESCRIPTIONS = {
+    "discrete": "K-state distribution refitted from M samples each generation (Wright–Fisher)",
+    "gaussian": "Gaussian refitted (mean, covariance) from M samples each generation (Theorem 3.1)",
+    "gmm": "Gaussian mixture refitted by EM to its own samples (the paper's GMM experiment)",
+    "vae": "Convolutional VAEs trained recursively on their own decoded MNIST digits",
+    "lm": "OPT fine-tuned generation after generation on its own beam-search text",
+}
+
 
 def load_study(name: str):
     """Import a study module by name; a clear error for unknown names."""

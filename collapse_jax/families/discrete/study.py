@@ -18,11 +18,12 @@ from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import chain_stats, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, series
+from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.discrete import kernel as proc
 from collapse_jax.families.discrete import theory as wf
 
 NAME = "discrete"
-DESCRIPTION = "K-state distribution refitted from M samples each generation (Wright–Fisher)"
+DESCRIPTION = DESCRIPTIONS[NAME]
 
 METRICS = (
     "entropy",

@@ -18,12 +18,13 @@ from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, read_arrays, series
+from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 from collapse_jax.families.gaussian import theory as th
 
 NAME = "gaussian"
-DESCRIPTION = "Gaussian refitted (mean, covariance) from M samples each generation (Theorem 3.1)"
+DESCRIPTION = DESCRIPTIONS[NAME]
 
 METRICS = ("w2_sq", "mean_sq_error", "trace_cov", "log_trace_cov", "log_det_cov", "std")
 #: checks are made where the relative variance of σ_n² (Π(1 + 2/k_i) − 1) is below this: beyond

@@ -18,11 +18,12 @@ from collapse_jax.core.flags import add_config_arguments, apply_flags, as_tuple
 from collapse_jax.core.loop import chain_stats, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
+from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gmm import kernel as proc
 from collapse_jax.families.gmm.metrics import w2_exact_batch, w2_sinkhorn
 
 NAME = "gmm"
-DESCRIPTION = "Gaussian mixture refitted by EM to its own samples (the paper's GMM experiment)"
+DESCRIPTION = DESCRIPTIONS[NAME]
 
 #: Per-recursion scalar metrics recorded every ``record_every`` generations.
 METRICS = (

@@ -15,13 +15,14 @@ import numpy as np
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.policies import Policy
+from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.lm import corpora
 from collapse_jax.families.lm import synthetic_language as sl
 from collapse_jax.families.lm.opt import OPTConfig
 from collapse_jax.families.lm.opt_weights import resolve_model_dir
 
 NAME = "lm"
-DESCRIPTION = "OPT fine-tuned generation after generation on its own beam-search text"
+DESCRIPTION = DESCRIPTIONS[NAME]
 
 #: Built-in OPT-architecture sizes for offline runs (pre-trained from scratch as the base).
 BUILTIN_MODELS = {

@@ -41,6 +41,7 @@ not the same random stream.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -79,6 +80,7 @@ __all__ = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
 class OPTDecoder:
     """Adapter from :class:`collapse_jax.families.lm.opt.OPTForCausalLM` to :class:`Decoder`.
 

@@ -4,7 +4,6 @@ sampling and beam searches (see that module for the semantics reproduced)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -57,8 +56,6 @@ def gather_cache_rows(cache, index: Int[Array, " n"], batch: int, start: int = 0
 
     return jax.tree_util.tree_map(take, cache)
 
-
-@dataclasses.dataclass(frozen=True)
 
 # --------------------------------------------------------------------------------------------
 # Settings

@@ -61,13 +61,14 @@ from collapse_jax.core.host_loop import (
 from collapse_jax.core.loop import chain_stats
 from collapse_jax.core.policies import Policy, Schedule, mix_training_data
 from collapse_jax.core.runs import RunDir, read_arrays, series, write_arrays
+from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.vae import classifier as clf
 from collapse_jax.families.vae import data as mnist
 from collapse_jax.families.vae import model as vae
 from collapse_jax.families.vae.report import METRICS, make_report
 
 NAME = "vae"
-DESCRIPTION = "Convolutional VAEs trained recursively on their own decoded MNIST digits"
+DESCRIPTION = DESCRIPTIONS[NAME]
 
 SYNTHETIC = ("means", "binary")
 

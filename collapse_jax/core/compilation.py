@@ -1,0 +1,60 @@
+"""The persistent XLA compilation cache, on by default for the CLI and the Python API.
+
+A second run of the same study reuses the compiled programs of the first instead of compiling
+them again. The cache lives under the user's cache directory (``$XDG_CACHE_HOME`` or
+``~/.cache``), in a folder per machine type (compiled CPU code depends on the processor's
+features), and is JAX's own persistent cache: entries are keyed by the program, the compiler
+options and the JAX/XLA versions and written atomically, so runs that share it concurrently are
+safe and a cached program is the one XLA would compile (results are identical with and without
+the cache; tested). ``COLLAPSE_JAX_CACHE_DIR`` moves it; ``COLLAPSE_JAX_NO_CACHE=1`` or the CLI's
+``--no-cache`` switches it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+#: Programs that compile faster than this are not worth a disk entry.
+MIN_COMPILE_SECONDS = 0.2
+
+
+def _machine_tag() -> str:
+    """The processor type and a digest of its feature flags (Linux), e.g. ``x86_64-3fa2c1``."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}-{hashlib.sha1(flags.encode()).hexdigest()[:8]}"
+
+
+def cache_dir() -> Path | None:
+    """Where compiled programs are kept, or None when the cache is switched off."""
+    if os.environ.get("COLLAPSE_JAX_NO_CACHE", "") not in ("", "0"):
+        return None
+    root = os.environ.get("COLLAPSE_JAX_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "collapse_jax" / "xla" / _machine_tag()
+
+
+def enable(enabled: bool = True) -> Path | None:
+    """Switch JAX's persistent compilation cache on at :func:`cache_dir` (before the first
+    compilation of the process); returns the directory, or None when it stays off."""
+    path = cache_dir() if enabled else None
+    if path is None:
+        return None
+    import jax
+
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -1,0 +1,62 @@
+"""The persistent compilation cache: on by default, results identical with it (cold and warm)
+and without it, and switched off by the flag or the environment variable."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from collapse_jax.core import compilation
+from collapse_jax.core.runs import read_arrays
+
+RUN = [
+    sys.executable,
+    "-m",
+    "collapse_jax.cli",
+    "run",
+    "discrete",
+    "--states",
+    "4",
+    "--samples",
+    "20",
+    "--chains",
+    "8",
+    "--generations",
+    "20",
+    "--no-progress",
+]
+
+
+def _run(out, env, *extra):
+    proc = subprocess.run(
+        [*RUN, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return read_arrays(out / "metrics.npz")
+
+
+def test_cache_gives_identical_results_cold_warm_and_off(tmp_path):
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
+    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    cold = _run(tmp_path / "cold", env)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run wrote no compiled program to the cache"
+    warm = _run(tmp_path / "warm", env)
+    assert sorted(p.name for p in cache.iterdir()) == entries  # all reused, none added
+    off = _run(tmp_path / "off", env, "--no-cache")
+    for name in cold:
+        np.testing.assert_array_equal(cold[name], warm[name], err_msg=name)
+        np.testing.assert_array_equal(cold[name], off[name], err_msg=name)
+
+
+def test_cache_location_and_switch(monkeypatch, tmp_path):
+    monkeypatch.delenv("COLLAPSE_JAX_NO_CACHE", raising=False)
+    monkeypatch.setenv("COLLAPSE_JAX_CACHE_DIR", str(tmp_path / "c"))
+    assert compilation.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("COLLAPSE_JAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compilation.cache_dir().parent == tmp_path / "xdg" / "collapse_jax" / "xla"
+    monkeypatch.setenv("COLLAPSE_JAX_NO_CACHE", "1")
+    assert compilation.cache_dir() is None and compilation.enable() is None
