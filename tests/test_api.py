@@ -145,6 +145,24 @@ def test_builtin_study_in_memory_writes_nothing(tmp_path):
     assert res.final_state.counts.shape[0] == 64
 
 
+@pytest.mark.parametrize(
+    "study,settings,series",
+    [
+        ("gaussian", dict(dim=2, samples=10, chains=32, generations=20, record_every=5), "w2_sq"),
+        (
+            "gmm",
+            dict(samples=60, chains=4, generations=3, record_every=1, w2_samples=16),
+            "l2_distance",
+        ),
+    ],
+)
+def test_scan_studies_run_in_memory(study, settings, series):
+    res = cj.run(study, **settings)
+    assert res.run_dir is None
+    assert len(res.series[series]["mean"]) == len(res.arrays["generation"])
+    assert jax.tree.leaves(res.final_state)[0].shape[0] == settings["chains"]
+
+
 def test_unknown_settings_are_refused():
     with pytest.raises(ConfigError, match="unknown config key"):
         cj.run("discrete", chain=10)

@@ -161,12 +161,12 @@ class Regime:
         self.dtype = compute_dtype(config)
         self.base_params = None
 
-    def key(self, seed: int, arm: int | None, g: int, part: int) -> jax.Array:
+    def key(self, seed: int, arm: int | None, g: int, *part: int) -> jax.Array:
         """The key of a stage of generation ``g`` of chain ``(seed, arm)``: the host loop's
         :func:`~collapse_jax.core.host_loop.generation_key` with the arm folded in before the
-        generation (the streams of earlier versions of this study); ``part`` 0 trains,
-        1 generates the next data set, 2 continues the fixed prompts."""
-        return generation_key(seed, _arm_code(arm), g, part)
+        generation (the streams of earlier versions of this study); no part trains, part 1
+        generates the next data set, part 2 continues the fixed prompts."""
+        return generation_key(seed, _arm_code(arm), g, *part)
 
     def label(self, seed: int, arm: int | None, g: int) -> str:
         return f"seed {seed} arm {arm if arm is not None else '-'} gen {g}"
@@ -232,7 +232,7 @@ class Regime:
             epochs=c.epochs,
             learning_rate=c.learning_rate,
             config=c,
-            key=self.key(seed, arm, g, 0),
+            key=self.key(seed, arm, g),
             order_seed=(seed, _arm_code(arm), g),
             ckpt_dir=d / "ckpt",
             progress=self.progress.named(f"{self.label(seed, arm, g)}: train"),
