@@ -204,26 +204,33 @@ def _vmapped(family: Family, sharding):
 def _records(family, vstep, state, gen, chain_keys, params, inputs, record_every, n_records):
     """Advance ``n_records`` records of ``record_every`` generations from generation ``gen``,
     keeping the reduced info of the last generation of each. Generations past the horizon G
-    (``inputs`` holds 0..G) leave the state as it is and the record reports generation G."""
+    (``inputs`` holds 0..G) are skipped by a ``lax.cond`` on the (unbatched) generation number:
+    the state stays as it is and the record reports generation G. Only the latest info is
+    carried, so a record costs no more memory than one generation."""
     n_generations = inputs.size.shape[0] - 1
     reduce = _reduce_of(family)
 
-    def one_generation(carry, _):
-        state, gen = carry  # gen = generation being fitted (1-based)
-        x = _at(inputs, jnp.minimum(gen, n_generations))
+    def run(state, gen):
         keys = jax.vmap(jax.random.fold_in, (0, None))(chain_keys, gen)
-        new_state, info = vstep(keys, state, params, x)
-        active = gen <= n_generations
-        new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
-        return (new_state, gen + 1), info
+        return vstep(keys, state, params, _at(inputs, jnp.minimum(gen, n_generations)))
+
+    info0 = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, state, jnp.int32(1))[1]
+    )
+
+    def one_generation(carry, _):
+        state, gen, info = carry  # gen = generation being fitted (1-based)
+        state, info = jax.lax.cond(
+            gen <= n_generations, lambda: run(state, gen), lambda: (state, info)
+        )
+        return (state, gen + 1, info), None
 
     def one_record(carry, _):
-        gen0 = carry[1]
-        carry, infos = jax.lax.scan(one_generation, carry, None, length=record_every)
-        last_real = jnp.clip(n_generations - gen0, 0, record_every - 1)
-        return carry, reduce(jax.tree.map(lambda a: a[last_real], infos))
+        carry, _ = jax.lax.scan(one_generation, carry, None, length=record_every)
+        return carry, reduce(carry[2])
 
-    return jax.lax.scan(one_record, (state, gen), None, length=n_records)
+    (state, gen, _), trace = jax.lax.scan(one_record, (state, gen, info0), None, length=n_records)
+    return (state, gen), trace
 
 
 def scan_generations(
