@@ -16,6 +16,7 @@ from collapse_jax.core.experiments import (
     parse_sweep,
     resolve_target,
 )
+from collapse_jax.core.runs import write_text
 from collapse_jax.families import DESCRIPTIONS, load_study
 
 #: Studies run by `collapse-jax demo`, in order (each with its module's demo_config()).
@@ -84,8 +85,6 @@ def cmd_demo(argv: list[str]) -> int:
     compilation.enable(not args.no_cache)
     out = Path(args.out)
     names = args.only.split(",") if args.only else list(DEMO)
-    from collapse_jax.core.runs import write_text
-
     sections = ["# collapse_jax demo", ""]
     for name in names:
         module = load_study(name)

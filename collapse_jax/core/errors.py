@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -95,8 +96,6 @@ def check_finite_array(name: str, x) -> np.ndarray:
 def load_array(name: str, path, ndim: tuple[int, ...] = (1, 2)) -> np.ndarray:
     """A numeric ``.npy`` array as float64, finite, with ``ndim`` in ``ndim``; every failure
     (missing, unreadable, not numeric, wrong rank, NaN/inf) is a ConfigError naming the file."""
-    from pathlib import Path
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"{name} file not found: {path}")

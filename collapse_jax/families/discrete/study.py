@@ -17,7 +17,7 @@ from collapse_jax.core.errors import ConfigError, check_choice, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import chain_stats, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
-from collapse_jax.core.runs import RunDir, series
+from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.discrete import kernel as proc
 from collapse_jax.families.discrete import theory as wf
@@ -399,8 +399,6 @@ def _stderr(se: float, mean: float, lo: float, hi: float, n: int) -> float:
 
 def make_figures(path: Path) -> list[tuple[str, str]]:
     """Draw every figure from the saved arrays; return (file, caption) pairs."""
-    from collapse_jax.core.runs import read_arrays, read_json
-
     a = read_arrays(path / "metrics.npz")
     summary = read_json(path / "summary.json")
     g = a["generation"]

@@ -17,11 +17,12 @@ from collapse_jax.core.errors import ConfigError, check_choice, check_float, che
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
-from collapse_jax.core.runs import RunDir, read_arrays, series
+from collapse_jax.core.runs import RunDir, read_arrays, save_figure, series
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 from collapse_jax.families.gaussian import theory as th
+from collapse_jax.families.gaussian.metrics import ot_w2_sq
 
 NAME = "gaussian"
 DESCRIPTION = DESCRIPTIONS[NAME]
@@ -154,8 +155,6 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
 
 def _ot_estimate(config: Config, d0: gd0.D0, state) -> np.ndarray:
     """Sample-based W₂² (ott-jax) between the last generation's fit and D0, for a few chains."""
-    from collapse_jax.families.gaussian.metrics import ot_w2_sq
-
     n = config.ot_samples
     key = jax.random.key(config.seed + 1)
     values = []
@@ -310,8 +309,6 @@ def _panel(ax, g, a, name, title, theory=(), logy=True):
 def make_figures(path: Path) -> list[tuple[str, str]]:
     """Figures drawn from metrics.npz only."""
     import matplotlib.pyplot as plt
-
-    from collapse_jax.core.runs import save_figure
 
     a = read_arrays(path / "metrics.npz")
     g = a["generation"]

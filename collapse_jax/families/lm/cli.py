@@ -29,6 +29,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
+from collapse_jax.core.runs import atomic_path
+
+# JAX, the model and the scorer are imported inside the commands that use them, so that
+# `collapse-jax lm --help` and bad flags answer before any of them loads.
 
 DTYPES = ("float32", "bfloat16")
 
@@ -246,8 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out is None:
             return _dispatch(args, sys.stdout)
-        from collapse_jax.core.runs import atomic_path
-
         with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as out:
             return _dispatch(args, out)
     except ConfigError as err:

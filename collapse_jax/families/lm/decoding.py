@@ -52,6 +52,8 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from collapse_jax.core.errors import ConfigError, check_float, check_int
+from collapse_jax.families.lm import opt
+from collapse_jax.families.lm.opt import OPTForCausalLM
 from collapse_jax.families.lm.search import (
     Decoder,
     DynamicSettings,
@@ -96,8 +98,6 @@ class OPTDecoder:
         return self.module.config.vocab_size
 
     def init_cache(self, batch: int, max_length: int):
-        from collapse_jax.families.lm import opt
-
         dtype = self.cache_dtype
         if dtype is None:
             dtype = getattr(self.module, "dtype", None) or jnp.float32
@@ -112,8 +112,6 @@ class OPTDecoder:
     def reorder_cache(self, cache, index, start: int = 0):
         """Gather the beams' rows; slots before ``start`` (the prompt, the same in every beam of
         a prompt) stay in place, which halves the copying in the paper's 64 + 64 setting."""
-        from collapse_jax.families.lm import opt
-
         if start <= 0 or start >= cache.keys.shape[2]:
             return opt.reorder_cache(cache, index)
 
@@ -128,8 +126,6 @@ def as_decoder(model) -> Decoder:
     """Return ``model`` if it already is a :class:`Decoder`, or wrap an OPT module."""
     if all(hasattr(model, name) for name in ("vocab_size", "init_cache", "step", "reorder_cache")):
         return model
-    from collapse_jax.families.lm.opt import OPTForCausalLM
-
     if isinstance(model, OPTForCausalLM):
         return OPTDecoder(model)
     raise ConfigError(
