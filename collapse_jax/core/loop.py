@@ -244,8 +244,8 @@ def scan_generations(
     sharding=None,
 ) -> tuple[Any, Any]:
     """The whole loop as one pure function: ``n_chains`` chains for G = len(sizes) − 1
-    generations, jittable and differentiable where the kernels are (call it inside your own
-    ``jit``; ``n_chains`` and ``record_every`` are static).
+    generations, jittable (call it inside your own ``jit``; ``n_chains`` and ``record_every``
+    are static).
 
     Args:
         family: the kernels (:class:`Family`).
