@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import collapse_jax as cj
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.loop import run_generations
 from collapse_jax.families.gaussian import d0 as gd0
@@ -138,3 +139,32 @@ def test_last_record_is_generation_g_when_record_every_does_not_divide_g():
         assert r.generations[-1] == 10
         out.append(r.trace["log_det_cov"]["mean"][-1])
     assert np.isclose(out[0], out[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("x64", [True, False], ids=["float64", "float32"])
+@pytest.mark.parametrize("sampler", ["sufficient", "samples"])
+@pytest.mark.parametrize(
+    "policy,fresh",
+    [
+        ("replace", 0.0),
+        ("replace", 0.2),
+        ("accumulate", 0.0),
+        ("accumulate-subsample", 0.0),
+        ("mix:0.6,0.2,0.2", 0.0),
+    ],
+)
+def test_every_policy_sampler_precision_runs(policy, fresh, sampler, x64):
+    """Every combination the README offers runs to the end (d = 2, tiny sizes) with finite
+    metrics; the sufficient sampler refuses the policies that need the points, naming them."""
+    settings = dict(
+        dim=2, samples=10, chains=8, generations=3, record_every=1, policy=policy,
+        fresh_fraction=fresh, sampler=sampler, x64=x64,
+    )  # fmt: skip
+    needs_points = policy == "accumulate-subsample" or policy.startswith("mix")
+    if sampler == "sufficient" and needs_points:
+        with pytest.raises(ConfigError, match="--sampler samples"):
+            cj.run("gaussian", **settings)
+        return
+    res = cj.run("gaussian", **settings)
+    for name in ("w2_sq", "trace_cov", "mean_sq_error"):
+        assert np.all(np.isfinite(res.series[name]["mean"])), name

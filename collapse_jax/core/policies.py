@@ -214,7 +214,8 @@ def next_buffer(
     accumulate-subsample: P_n = P_{n-1} ∪ B_n and T_n = M_n points of P_n uniformly without
     replacement."""
     size = jnp.asarray(size, jnp.int32)
-    start = (buffer.count,) + (0,) * (batch.ndim - 1)
+    zero = jnp.zeros((), buffer.count.dtype)  # one index dtype, also under jax_enable_x64
+    start = (buffer.count,) + (zero,) * (batch.ndim - 1)
     if policy.mode == "accumulate":
         x = jax.lax.dynamic_update_slice(buffer.x, batch, start)
         w = jax.lax.dynamic_update_slice(buffer.w, batch_w, (buffer.count,))
