@@ -13,12 +13,6 @@ class ConfigError(ValueError):
     """A configuration or input value is invalid. The CLI prints it as one line and exits 2."""
 
 
-def require(cond: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``cond``."""
-    if not cond:
-        raise ConfigError(message)
-
-
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return ``value`` as an int, or raise naming ``name`` and the value."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):

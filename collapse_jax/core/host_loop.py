@@ -16,9 +16,9 @@ generation ``n``.
 * :func:`generation_key`: the one key scheme, ``fold_in(fold_in(key(seed), generation), part)``;
 * :func:`fit_checkpoint` / :func:`restore_fit`: the one checkpoint format of an epoch loop in
   progress (a :class:`~collapse_jax.core.training.FitState` plus the family's own arrays);
-* :func:`fit_generations`: the generation loop over one study's :class:`Generations` hooks,
-  resumable after any generation (each generation's outputs are its own checkpoint) and
-  within one (the family's epoch checkpoints, :mod:`collapse_jax.core.checkpointing`).
+* :func:`fit_generations`: the generation loop, resumable after any generation (each
+  generation's outputs are its own checkpoint) and within one (the family's epoch checkpoints,
+  :mod:`collapse_jax.core.checkpointing`).
 """
 
 from __future__ import annotations
@@ -146,15 +146,8 @@ def restore_fit(
     )
 
 
-def fit_generations(
-    last: int,
-    fit_generation: Callable[[int], None],
-    *,
-    first: int = 1,
-    done: Callable[[int], bool] | None = None,
-) -> None:
-    """Fit generations ``first .. last`` in order (generation ``n`` trains on ``T_{n-1}``),
-    skipping those ``done(n)`` reports finished on disk: a study resumes by calling it again."""
+def fit_generations(last: int, fit_generation: Callable[[int], None], *, first: int = 1) -> None:
+    """Fit generations ``first .. last`` in order (generation ``n`` trains on ``T_{n-1}``); a
+    study resumes by calling it again from the first unfinished generation."""
     for n in range(first, last + 1):
-        if done is None or not done(n):
-            fit_generation(n)
+        fit_generation(n)

@@ -29,11 +29,6 @@ def divisor(m, estimator: str):
     raise ConfigError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
 
 
-def _cum(factors) -> np.ndarray:
-    """[1, f_0, f_0 f_1, ...] as a length G + 1 array."""
-    return np.concatenate([[1.0], np.cumprod(np.asarray(factors, dtype=np.float64))])
-
-
 def sigma_moment(sizes, r: float, estimator: str = "unbiased", sigma0: float = 1.0) -> np.ndarray:
     """E[σ_n^r] for a Gaussian D0 in 1-D under the replace policy (Theorem 3.1, eq. for E σ_n^r).
 

@@ -59,13 +59,6 @@ def component_log_densities_t(
     return -0.5 * (d * math.log(2 * math.pi) + jnp.sum(y * y, 1)) + log_det[:, None]
 
 
-def component_log_densities(
-    x: Float[Array, "N d"], means: Float[Array, "K d"], prec_chol: Float[Array, "K d d"]
-) -> Float[Array, "N K"]:
-    """log N(x_n; μ_k, Σ_k) for points as rows (see :func:`component_log_densities_t`)."""
-    return component_log_densities_t(x.T, means, prec_chol).T
-
-
 def log_prob(gmm: GMM, x: Float[Array, "N d"]) -> Float[Array, " N"]:
     """log p(x_n) = logsumexp_k(log π_k + log N(x_n; μ_k, Σ_k))."""
     chol = cholesky(gmm.covs)

@@ -102,15 +102,6 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def expected_hf_shapes(config: OPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every key (without prefix) a checkpoint for ``config`` must hold, with its shape."""
-    out = {}
-    for path, leaf in _flatten(param_shapes(config)).items():
-        name, transpose = _hf_name(path)
-        out[name] = tuple(reversed(leaf.shape)) if transpose else tuple(leaf.shape)
-    return out
-
-
 def hf_state_dict_to_params(
     state_dict: Mapping[str, Any], config: OPTConfig, dtype: Any = jnp.float32
 ) -> dict[str, Any]:

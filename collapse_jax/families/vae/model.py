@@ -42,7 +42,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
-from collapse_jax.core.errors import ConfigError, check_float, check_int
+from collapse_jax.core.errors import check_float, check_int
 from collapse_jax.core.training import (
     StepInfo,
     TrainState,
@@ -330,10 +330,3 @@ class VAEFunctions:
             v = np.asarray(self.nelbo(params, part, jax.random.fold_in(key, i)))
             total += float(v[:valid].astype(np.float64).sum())
         return total / len(x)
-
-
-def check_batch(batch_size: int, n: int) -> int:
-    batch_size = check_int("batch size", batch_size, 1)
-    if batch_size > n:
-        raise ConfigError(f"batch size {batch_size} exceeds the {n} training images")
-    return batch_size
