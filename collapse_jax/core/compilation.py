@@ -17,8 +17,10 @@ import os
 import platform
 from pathlib import Path
 
-#: Programs that compile faster than this are not worth a disk entry.
-MIN_COMPILE_SECONDS = 0.2
+#: Every compiled program is kept: with a time threshold, whether a program is cached would
+#: depend on how long its compilation happened to take (the machine's load), so a warm run could
+#: still compile programs that a cold run left out.
+MIN_COMPILE_SECONDS = 0.0
 
 
 def _machine_tag() -> str:
