@@ -62,7 +62,10 @@ def test_run_writes_arrays_figures_and_report(uninterrupted):
         assert (out / name).is_file(), name
     a = read_arrays(out / "metrics.npz")
     assert a["test_perplexity"].shape == (1, 1, 3)
-    assert np.all(np.isfinite(a["test_perplexity"])) and np.all(a["test_perplexity"] > 1)
+    assert np.all(np.isfinite(a["test_perplexity"]))
+    # No model beats the true source on its own text (the exact forward-algorithm perplexity of
+    # the same scored targets); the tiny model is far above it (about 19.5 against 4.6).
+    assert np.all(a["test_perplexity"] > a["source_test_perplexity"])
     assert a["hist_generated"].shape == (1, 2, 40)
     assert a["continuations"].shape == (1, 3, 2, 8)
     # The generated sets are token arrays on disk, one per model that generated.
