@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of ours (best kept)")
     parser.add_argument("--skip-peer", action="store_true", help="time ours only")
+    parser.add_argument("--torch-device", default="cpu", help="the peer's device (cpu, cuda)")
     args = parser.parse_args()
 
     import torch
@@ -126,24 +127,25 @@ def main() -> None:
     )
     if args.skip_peer:
         return
+    dev = torch.device(args.torch_device)
+    hf = hf.to(dev)
+    t_ids, t_mask = torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)
     with torch.no_grad():
         # warm-up (first-call allocations and dispatch), then the timed run
         hf.generate(
-            torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
+            t_ids,
+            attention_mask=t_mask,
             do_sample=False,
             **{**settings, "max_new_tokens": 2, "min_new_tokens": 2},
         )
         t0 = time.perf_counter()
-        ref = hf.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, **settings
-        )
+        ref = hf.generate(t_ids, attention_mask=t_mask, do_sample=False, **settings).cpu()
         peer = time.perf_counter() - t0
     peer_rate = generated / peer
     same = np.array_equal(np.asarray(out.sequences), ref.numpy())
     print(
         f"peer:   {peer_rate:8.1f} generated tokens/s ({peer:.2f} s, transformers "
-        f"{transformers.__version__} generate)"
+        f"{transformers.__version__} generate on {dev})"
     )
     print(f"ratio (ours / peer): {ours_rate / peer_rate:.2f}x; identical tokens: {same}")
 

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (after one warm-up)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--torch-device", default="cpu", help="the peer's device (cpu, cuda)")
     p.add_argument("--skip-torch", action="store_true", help="time only our step (e.g. on GPU)")
     p.add_argument("--peak-gflops", type=float, default=None, help="device peak for the MFU")
     args = p.parse_args(argv)
@@ -121,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_torch:
         return 0
     # --- transformers, PyTorch eager ---
-    hf_model.train()
+    dev = torch.device(args.torch_device)
+    hf_model = hf_model.to(dev).train()
     optim = torch.optim.AdamW(hf_model.parameters(), lr=1e-5, weight_decay=0.0)
-    tmask = torch.tensor(mask, dtype=torch.long)
+    tmask = torch.tensor(mask, dtype=torch.long, device=dev)
 
     def torch_step(ids):
-        ids = torch.tensor(ids, dtype=torch.long)
+        ids = torch.tensor(ids, dtype=torch.long, device=dev)
         out = hf_model(input_ids=ids, attention_mask=tmask, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)

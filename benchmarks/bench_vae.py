@@ -49,7 +49,7 @@ def bench_jax(widths, batch, steps, rounds_x):
     return run, compile_s, vae.count_params(state.params), len(mesh.devices.ravel())
 
 
-def bench_torch(widths, batch, steps, x_np):
+def bench_torch(widths, batch, steps, x_np, device="cpu"):
     import torch
     from torch import nn
 
@@ -78,9 +78,11 @@ def bench_torch(widths, batch, steps, x_np):
             return self.dec(self.fc(z)), mu, logvar
 
     torch.manual_seed(0)
-    model = VAE()
+    dev = torch.device(device)
+    model = VAE().to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-    x = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))
+    x = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2))).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     bce = nn.BCEWithLogitsLoss(reduction="sum")
 
     def one():
@@ -98,6 +100,7 @@ def bench_torch(widths, batch, steps, x_np):
         t = time.perf_counter()
         for _ in range(steps):
             one()
+        sync()
         return steps * batch / (time.perf_counter() - t)
 
     return run, sum(p.numel() for p in model.parameters())
@@ -110,6 +113,7 @@ def main():
     ap.add_argument("--widths", default="64,128", help="encoder conv widths (paper: 64,128)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--torch-device", default="cpu", help="the peer's device (cpu, cuda)")
     args = ap.parse_args()
     widths = tuple(int(v) for v in args.widths.split(","))
     steps = args.steps or (5 if args.quick else 20)
@@ -119,7 +123,7 @@ def main():
     import jax
 
     jax_run, compile_s, n_jax, n_dev = bench_jax(widths, args.batch, steps, x)
-    torch_run, n_torch = bench_torch(widths, args.batch, steps, x)
+    torch_run, n_torch = bench_torch(widths, args.batch, steps, x, args.torch_device)
     assert n_jax == n_torch, (n_jax, n_torch)
     ours, peer = [], []
     for _ in range(rounds):
@@ -132,7 +136,7 @@ def main():
           f"{steps} steps x {rounds} rounds (best round)")  # fmt: skip
     print(f"  collapse_jax (Flax + Optax, jit): {best_ours:10,.0f} images/s  "
           f"(compile {compile_s:.1f} s; rounds {', '.join(f'{v:,.0f}' for v in ours)})")  # fmt: skip
-    print(f"  PyTorch eager (2 threads)       : {best_peer:10,.0f} images/s  "
+    print(f"  PyTorch eager ({args.torch_device:>4})          : {best_peer:10,.0f} images/s  "
           f"(rounds {', '.join(f'{v:,.0f}' for v in peer)})")  # fmt: skip
     print(f"  ratio ours / PyTorch: {best_ours / best_peer:.2f}x")
 
