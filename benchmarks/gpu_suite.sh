@@ -21,8 +21,8 @@ run() {  # run NAME LIMIT_S ARGS...
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
 } 2>&1 | tee "$OUT/machine.log"
-run opt_train_fp32 150 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --torch-device cuda
-run opt_train_bf16 100 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --dtype bfloat16 --skip-torch
-run opt_generate 120 benchmarks/bench_opt_generate.py --torch-device cuda --prompts 8
-run vae 90 benchmarks/bench_vae.py --torch-device cuda --batch 256 --steps 50
-run discrete 120 benchmarks/bench_discrete.py --chains 16384 --generations 1000 --skip-samples
+run opt_train_fp32 140 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --torch-device cuda
+run opt_train_bf16 90 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --dtype bfloat16 --skip-torch
+run opt_generate 110 benchmarks/bench_opt_generate.py --torch-device cuda --prompts 8
+run vae 80 benchmarks/bench_vae.py --torch-device cuda --batch 256 --steps 50
+run discrete 110 benchmarks/bench_discrete.py --chains 16384 --generations 1000 --skip-samples
