@@ -27,6 +27,7 @@ supplies the generation number, M_n and the recording flag in :class:`GenInput`,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -55,6 +56,17 @@ class Family(NamedTuple):
     step: Callable[..., tuple[Any, Any]]  # (key, state, params, gen) -> (state, info)
     reduce: Callable[[Any], Any] | None = None  # info over chains -> recorded stats
     between_chunks: Callable[[Any, Any], Any] | None = None  # host: (state, params) -> state
+
+
+@contextlib.contextmanager
+def precision(x64: bool):
+    """Set ``jax_enable_x64`` for the duration of a run and restore it afterwards."""
+    old = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", bool(x64))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
 
 
 # --------------------------------------------------------------------------------------------

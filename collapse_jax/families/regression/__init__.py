@@ -1,0 +1,1 @@
+"""Linear regression refitted generation after generation on its own labels."""
