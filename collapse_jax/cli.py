@@ -16,6 +16,7 @@ from collapse_jax.core.experiments import (
     parse_sweep,
     resolve_target,
 )
+from collapse_jax.core.flags import Parser
 from collapse_jax.core.runs import write_text
 from collapse_jax.families import DESCRIPTIONS, load_study
 
@@ -52,7 +53,7 @@ def cmd_run(argv: list[str]) -> int:
         raise ConfigError("usage: collapse-jax run NAME|EXPERIMENT.toml [--out DIR] [flags]")
     target = argv[0]
     module, base = resolve_target(target)
-    parser = argparse.ArgumentParser(prog=f"collapse-jax run {target}")
+    parser = Parser(prog=f"collapse-jax run {target}")
     parser.add_argument("--out", default=None, help="run directory (default runs/NAME-TIME)")
     parser.add_argument("--sweep", default=None, help="NAME=v1,v2,... over a numeric parameter")
     parser.add_argument(
@@ -77,7 +78,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="collapse-jax demo")
+    parser = Parser(prog="collapse-jax demo")
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--only", default=None, help="comma-separated studies to run")
     _cache_flag(parser)

@@ -44,6 +44,14 @@ def field_comments(config_cls) -> dict[str, str]:
     return comments
 
 
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with one-line errors: ``PROG: error: MESSAGE`` and exit code 2, no usage
+    block (``--help`` still prints it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _sequence(text: str):
     """A tuple flag: JSON (``[[0, 0], [3, 0]]``) or comma-separated numbers (``0,50,200``)."""
     try:

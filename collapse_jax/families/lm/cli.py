@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
+from collapse_jax.core.flags import Parser
 from collapse_jax.core.runs import atomic_path
 
 # JAX, the model and the scorer are imported inside the commands that use them, so that
@@ -46,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="collapse-jax lm", description=__doc__.splitlines()[0])
+    parser = Parser(prog="collapse-jax lm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     score = sub.add_parser("score", help="per-line perplexity of a text file")

@@ -133,7 +133,7 @@ def make_family(spec: RegressionSpec, sampler: str) -> Family:
 
 
 def _rows(key, spec: RegressionSpec, n: int, dtype):
-    return jax.random.normal(key, (n, spec.dim), dtype) * jnp.asarray(spec.scale, dtype)
+    return jax.random.normal(key, (n, spec.dim), dtype) * jnp.asarray(spec.scale, dtype)[None, :]
 
 
 def n_wrong(real_rows, spec: RegressionSpec):
