@@ -355,7 +355,7 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
             "‖μ_n − μ_0‖²",
             [
                 ("theory_mean_sq_error", "exact E‖μ_n − μ_0‖²", "k--"),
-                ("theory_mean_sq_error_known_cov", "Σ known: (tr Σ₀/M) Σ_{i≤n} 1/i²", "C3-."),
+                ("theory_mean_sq_error_known_cov", "Σ known: (tr Σ₀/M) Σ 1/i², i ≤ n", "C3-."),
                 ("theory_mean_sq_error_limit", "(π²/6) tr Σ₀ / M (Dey & Donoho)", "k:"),
                 ("theory_mean_sq_error_exact_limit", "limit, Σ refitted", "C2:"),
             ],
