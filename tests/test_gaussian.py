@@ -212,6 +212,68 @@ def test_policies_follow_exact_moment_recursion_for_non_gaussian_d0(family, poli
     assert mse[-1] < th.accumulate_mean_limit(12, d0.trace) or policy.mode != "accumulate"
 
 
+@pytest.mark.parametrize(("sampler", "estimator"), [("sufficient", "unbiased"), ("samples", "mle")])
+def test_accumulate_closed_forms_at_every_generation(sampler, estimator):
+    """Accumulate, d = 3, M = 20, 30 generations: E‖μ_n − μ_0‖² and E tr Σ_n of the closed
+    forms (theory/gaussian.md, "Accumulate: closed forms") within 4 standard errors at every
+    generation, and the mean error below the Σ-known curve (tr Σ_0/M) Σ_{i<=n} 1/i²."""
+    sizes = np.full(30, 20)
+    cov = [[1.5, 0.4, 0.0], [0.4, 1.0, -0.3], [0.0, -0.3, 0.5]]
+    d0 = gd0.make_d0("normal", 3, mean=[1.0, 0.0, -1.0], cov=cov)
+    policy = Policy("accumulate")
+    tr = simulate(d0, sizes, 4000, sampler=sampler, estimator=estimator, policy=policy, seed=7)
+    mse, v = th.accumulate_moments(sizes, d0.trace, estimator)
+    n = np.arange(1, 31)
+    agree(tr["mean_sq_error"]["mean"][n], tr["mean_sq_error"]["stderr"][n], mse[n])
+    agree(tr["trace_cov"]["mean"][n], tr["trace_cov"]["stderr"][n], v[n])
+    known = th.accumulate_mean_known_cov(sizes, d0.trace)
+    assert np.all(mse <= known * (1 + 1e-12)) and mse[-1] < known[-1]
+    assert known[-1] < th.accumulate_mean_limit(20, d0.trace)
+
+
+def test_first_fitted_model_is_the_same_under_accumulate_and_replace():
+    """Generation 1 is fitted to the M_0 real D0 samples drawn in init, whatever the policy."""
+    d0 = gd0.make_d0("normal", 2, cov=[[1.0, 0.5], [0.5, 2.0]])
+    sizes = np.array([7])
+    for sampler in proc.SAMPLERS:
+        states = []
+        for policy in (Policy(), Policy("accumulate")):
+            family = proc.make_family(d0, sizes, sampler=sampler, policy=policy)
+            r = run_generations(
+                family, jax.random.key(2), 16, np.concatenate([sizes, sizes]), progress=False
+            )
+            states.append(r.state)
+        for name in ("mean", "chol", "log_scale"):
+            a, b = (np.asarray(getattr(s, name)) for s in states)
+            assert np.array_equal(a, b), (sampler, name)
+        assert np.array_equal(np.asarray(states[1].pool.count), np.full(16, 7.0))
+
+
+def test_accumulate_closed_forms_agree_with_the_moment_recursion():
+    """Two derivations of the accumulate moments agree: the product/series closed form, its
+    Gamma-function form for constant M, and the general moment recursion of :func:`moments`."""
+    for estimator in th.ESTIMATORS:
+        for sizes in (np.full(400, 6), np.array([5, 9, 2, 30, 4, 11])):
+            closed = th.accumulate_moments(sizes, 2.5, estimator)
+            recursion = th.moments(sizes, 2.5, Policy("accumulate"), estimator)
+            assert np.allclose(closed, recursion, rtol=1e-12, atol=0)
+        m = 6
+        n = np.arange(1, 401)
+        v = th.accumulate_moments(np.full(400, m), 1.0, estimator)[1]
+        assert np.allclose(th.accumulate_trace_constant(m, n, 1.0, estimator), v[1:], rtol=1e-10)
+        lim = th.accumulate_trace_limit(m, 1.0, estimator)
+        far = float(th.accumulate_trace_constant(m, 1e7, 1.0, estimator))
+        assert lim < v[-1] and np.isclose(far, lim, rtol=1e-6)
+        mean_lim = th.accumulate_mean_limit_exact(m, 1.0, estimator)
+        pi2_6 = th.accumulate_mean_limit(m)
+        assert lim * pi2_6 < mean_lim < pi2_6
+    # MLE: lim E tr Σ_n = sin(π/√M) / (π/√M) tr Σ_0 (Euler's sine product)
+    assert np.isclose(th.accumulate_trace_limit(20, 3.0, "mle"), 3.0 * np.sinc(1 / np.sqrt(20)))
+    # Σ known, constant M: (tr Σ_0 / M) Σ_{i=1}^n 1/i²
+    known = th.accumulate_mean_known_cov(np.full(50, 8), 2.0)
+    assert np.allclose(known[1:], 2.0 / 8 * np.cumsum(1 / np.arange(1, 51) ** 2))
+
+
 def test_samples_sampler_reuse_and_subsample_policies_run():
     sizes = np.full(8, 10)
     d0 = gd0.make_d0("mixture", 2)

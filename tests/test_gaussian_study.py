@@ -168,3 +168,26 @@ def test_every_policy_sampler_precision_runs(policy, fresh, sampler, x64):
     res = cj.run("gaussian", **settings)
     for name in ("w2_sq", "trace_cov", "mean_sq_error"):
         assert np.all(np.isfinite(res.series[name]["mean"])), name
+
+
+def test_accumulate_report_has_closed_forms_and_pi2_6(tmp_path):
+    """Under accumulate the report, summary.json and figure carry the closed forms (checked at
+    the first, middle and last recorded generations) and Dey & Donoho's π²/6 bound."""
+    cfg = study.Config(
+        dim=2, samples=20, chains=2000, generations=30, record_every=3, policy="accumulate"
+    )
+    summary = study.run(cfg, tmp_path)
+    claims = [c["claim"] for c in summary["checks"]]
+    assert sum("(accumulate)" in c for c in claims) == 6, claims
+    assert summary["all_checks_agree"]
+    acc = summary["accumulate"]
+    assert acc["generation"] == 30 and acc["pi2_over_6"] == np.pi**2 / 6
+    # the closed form lies below the Σ-known curve, which lies below π²/6
+    assert acc["ratio_closed_form"] < acc["ratio_known_cov"] < acc["pi2_over_6"]
+    assert abs(acc["ratio_monte_carlo"] - acc["ratio_closed_form"]) <= 4 * acc["ratio_stderr"]
+    for key in ("mean_sq_error_known_cov", "mean_sq_error_limit", "trace_cov_limit"):
+        assert key in summary["theory"], key
+    report = (tmp_path / "report.md").read_text()
+    assert "π²/6 bound (Dey & Donoho, arXiv:2410.22812)" in report
+    replace = study.run(dataclasses.replace(cfg, policy="replace"), tmp_path / "replace")
+    assert replace["accumulate"] is None

@@ -11,7 +11,7 @@ estimator, M_i for the maximum-likelihood one), so that for a Gaussian model of 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import digamma, gammaln
+from scipy.special import digamma, gammaln, polygamma
 
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.policies import Policy, split_batch
@@ -133,8 +133,91 @@ def w2_sq_first_order(sizes, sigma0: float = 1.0) -> np.ndarray:
     return 1.5 * sigma0**2 * np.concatenate([[0.0], np.cumsum(1.0 / np.asarray(sizes, float))])
 
 
+def accumulate_moments(sizes, trace0: float, estimator: str = "unbiased"):
+    """Exact E‖μ_n − μ_0‖² and E tr Σ_n, n = 0..G, under ``accumulate`` with no fresh data.
+
+    Generation n + 1 is fitted to the pool of N_{n+1} = M_0 + … + M_n points (the M_0 points of
+    D0 and every model sample since), so μ_{i+1} = μ_i + (M_i / N_{i+1}) e_i with e_i the
+    batch mean's error, E[‖e_i‖² | past] = tr Σ_i / M_i (``theory/gaussian.md``, "Accumulate:
+    closed forms"). Hence
+
+        E‖μ_n − μ_0‖² = Σ_{i<n} (M_i / N_{i+1}²) E tr Σ_i,
+        E tr Σ_n = tr Σ_0 Π_{i<n} f_i,   f_0 = (M_0 − 1)/D(M_0),   f_i = 1 − M_i / (N_{i+1} D(N_{i+1})),
+
+    with D(N) = N − 1 (unbiased) or N (MLE). Exact for any D0 with finite second moments and
+    any schedule; with constant M the weights are 1/(M (i+1)²) and, if Σ were known
+    (E tr Σ_i = tr Σ_0), E‖μ_n − μ_0‖² = (tr Σ_0 / M) Σ_{i=1}^n 1/i² → (π²/6) tr Σ_0 / M.
+
+    Returns:
+        (mse, trace): two arrays of shape (G + 1,).
+    """
+    m = np.asarray(sizes, dtype=np.float64)
+    pool = np.cumsum(m)  # N_{i+1}, i = 0..G−1
+    f = 1.0 - m / (pool * divisor(pool, estimator))
+    f[0] = (m[0] - 1.0) / float(divisor(m[0], estimator))
+    trace = trace0 * np.concatenate([[1.0], np.cumprod(f)])
+    mse = np.concatenate([[0.0], np.cumsum(m * trace[:-1] / pool**2)])
+    return mse, trace
+
+
+def accumulate_mean_known_cov(sizes, trace0: float = 1.0) -> np.ndarray:
+    """E‖μ_n − μ_0‖² under accumulate if every model kept Σ_0 (only the mean refitted):
+    tr Σ_0 Σ_{i<n} M_i / N_{i+1}², i.e. (tr Σ_0 / M) Σ_{i=1}^n 1/i² for constant M (Dey &
+    Donoho's π²/6 pathway); an upper bound on the refitted process, whose E tr Σ_i <= tr Σ_0."""
+    m = np.asarray(sizes, dtype=np.float64)
+    return trace0 * np.concatenate([[0.0], np.cumsum(m / np.cumsum(m) ** 2)])
+
+
+def _accumulate_roots(m: int, estimator: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """Constant M: the factors f_{j−1} (j >= 2) of :func:`accumulate_moments` as ratios of
+    quadratics in j. Returns (c_1, num, den) with
+    E tr Σ_n / tr Σ_0 = c_1 Π_{j=2}^n Π_k (j − num_k) / Π_k (j − den_k)."""
+    if estimator == "unbiased":  # 1 − 1/(j(jM − 1)) = (j − a)(j − b) / (j (j − 1/M))
+        root = np.sqrt(1.0 + 4.0 * m)
+        return 1.0, np.array([(1 + root) / (2 * m), (1 - root) / (2 * m)]), np.array([0, 1 / m])
+    r = 1.0 / np.sqrt(m)  # MLE: 1 − 1/(M j²) = (j − r)(j + r) / j²
+    return (m - 1.0) / m, np.array([r, -r]), np.zeros(2)
+
+
+def accumulate_trace_constant(m: int, n, trace0: float = 1.0, estimator: str = "unbiased"):
+    """E tr Σ_n under accumulate with constant M, in Gamma functions (n >= 1):
+
+    unbiased: Γ(n+1−a)Γ(n+1−b)Γ(2)Γ(2−1/M) / (Γ(2−a)Γ(2−b)Γ(n+1)Γ(n+1−1/M)),
+    a, b = (1 ± √(1+4M)) / (2M);  MLE: (M−1)/M · Γ(n+1−r)Γ(n+1+r) / (Γ(2−r)Γ(2+r)Γ(n+1)²),
+    r = 1/√M (times tr Σ_0). Equals :func:`accumulate_moments` (a second derivation)."""
+    n = np.asarray(n, dtype=np.float64)
+    c1, num, den = _accumulate_roots(m, estimator)
+    log = sum(gammaln(n + 1 - c) - gammaln(2 - c) for c in num)
+    log = log - sum(gammaln(n + 1 - c) - gammaln(2 - c) for c in den)
+    return trace0 * c1 * np.exp(log)
+
+
+def accumulate_trace_limit(m: int, trace0: float = 1.0, estimator: str = "unbiased") -> float:
+    """lim_n E tr Σ_n under accumulate with constant M (the variance never collapses):
+    unbiased Γ(2 − 1/M) / (Γ(2 − a) Γ(2 − b)) tr Σ_0 ≈ (1 − (π²/6 − 1)/M) tr Σ_0;
+    MLE sin(π/√M) / (π/√M) · tr Σ_0 (Euler's product for the sine)."""
+    c1, num, den = _accumulate_roots(m, estimator)
+    return float(
+        trace0 * c1 * np.exp(sum(gammaln(2 - c) for c in den) - sum(gammaln(2 - c) for c in num))
+    )
+
+
+def accumulate_mean_limit_exact(
+    m: int, trace0: float = 1.0, estimator: str = "unbiased", terms: int = 100_000
+) -> float:
+    """lim_n E‖μ_n − μ_0‖² under accumulate with constant M and Σ refitted:
+    (1/M) Σ_{i>=0} E tr Σ_i / (i+1)², between (π²/6) lim E tr Σ_i / M and (π²/6) tr Σ_0 / M.
+    Summed exactly to ``terms`` terms; the tail uses the limit of E tr Σ_i and
+    Σ_{i>=K} 1/(i+1)² = ψ'(K+1) (error O(1/K²))."""
+    sizes = np.full(terms, m)
+    mse = accumulate_moments(sizes, trace0, estimator)[0]
+    tail = accumulate_trace_limit(m, trace0, estimator) * float(polygamma(1, terms + 1)) / m
+    return float(mse[-1] + tail)
+
+
 def accumulate_mean_limit(m: int, trace0: float = 1.0) -> float:
-    """Dey & Donoho's bounded error: with accumulation of M points per generation,
-    E‖μ_n − μ_0‖² → tr Σ_0 Σ_{i≥0} c_i / (M (i+1)²) ≤ (π²/6) tr Σ_0 / M, where c_i = E tr Σ_i / tr Σ_0
-    ≤ 1 (exact values from :func:`moments`). Returns the bound (π²/6) tr Σ_0 / M."""
+    """Dey & Donoho's bound (arXiv:2410.22812): with accumulation of M points per generation,
+    E‖μ_n − μ_0‖² <= (tr Σ_0 / M) Σ_{i=1}^n 1/i² < (π²/6) tr Σ_0 / M, with equality in the limit
+    when Σ is known (:func:`accumulate_mean_known_cov`); the refitted process stays below it
+    (:func:`accumulate_mean_limit_exact`). Returns (π²/6) tr Σ_0 / M."""
     return np.pi**2 / 6 * trace0 / m
