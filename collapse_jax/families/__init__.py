@@ -16,6 +16,7 @@ STUDIES = {
     "discrete": "collapse_jax.families.discrete.study",
     "gaussian": "collapse_jax.families.gaussian.study",
     "gmm": "collapse_jax.families.gmm.study",
+    "kde": "collapse_jax.families.kde.study",
     "vae": "collapse_jax.families.vae.study",
     "lm": "collapse_jax.families.lm.study",
 }
@@ -26,6 +27,7 @@ DESCRIPTIONS = {
     "discrete": "K-state distribution refitted from M samples each generation (Wright–Fisher)",
     "gaussian": "Gaussian refitted (mean, covariance) from M samples each generation (Theorem 3.1)",
     "gmm": "Gaussian mixture refitted by EM to its own samples (the paper's GMM experiment)",
+    "kde": "Gaussian kernel density estimate refitted to its own samples (Collapse or Thrive)",
     "vae": "Convolutional VAEs trained recursively on their own decoded MNIST digits",
     "lm": "OPT fine-tuned generation after generation on its own beam-search text",
 }
