@@ -17,8 +17,8 @@ import numpy as np
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
-from collapse_jax.core.loop import chain_stats, run_generations
-from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
+from collapse_jax.core.loop import chain_arrays, run_generations
+from collapse_jax.core.policies import Policy, Schedule, check_loop_fields, check_reuse
 from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gmm.metrics import w2_exact_batch
@@ -122,15 +122,7 @@ def setup(config: Config):
     else:
         in_sample = False
         heldout = config.heldout
-    if policy.beta > 0:
-        n_prev = np.round(sizes[1:] * policy.beta)
-        bad = np.nonzero(n_prev > sizes[:-1])[0]
-        if bad.size:
-            i = int(bad[0]) + 1
-            raise ConfigError(
-                f"policy beta {policy.beta} asks {int(n_prev[i - 1])} previous points at "
-                f"generation {i} but the previous training set has only {int(sizes[i - 1])}"
-            )
+    check_reuse(policy, sizes)
     if policy.gamma > 0 and not dataset.is_file:
         top = m0 + config.generations * max_batch
         if top >= proc.MAX_INDEX:
@@ -272,12 +264,7 @@ def run(config: Config, out_dir: str | Path | RunDir, *, progress: bool | None =
         "snapshot_points": np.stack([trace["snapshot"][i] for i in snaps]),
         "snapshot_weights": np.stack([trace["snapshot_w"][i] for i in snaps]),
     }
-    for name in (*METRICS, "w2"):
-        x = trace[name].astype(np.float64)  # records × chains
-        arrays[f"{name}_chains"] = x
-        stats = chain_stats(jnp.asarray(x), axis=1)
-        arrays[f"{name}_mean"] = np.asarray(stats.mean, np.float64)
-        arrays[f"{name}_stderr"] = np.asarray(stats.stderr, np.float64)
+    arrays.update(chain_arrays(trace, (*METRICS, "w2")))
     theory_out, reference, h1 = theory_curves(config, dataset, policy, spec, sizes, gens, arrays)
     for name, curve in theory_out.items():
         arrays[f"theory_{name}"] = curve
