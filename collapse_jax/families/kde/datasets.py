@@ -19,13 +19,18 @@ The synthetic sets follow ``sklearn.datasets.make_blobs`` / ``make_circles`` / `
   u ~ U(0, 1), the point (t cos t, t sin t) (scikit-learn's x and z columns) plus N(0, noise² I).
 
 scikit-learn's circles and moons are stratified (an even grid of angles, exactly half the points
-per component), ours i.i.d.: the same law, but a KDE fitted to a stratified sample scores held-out
-points better (BENCHMARKS.md: moons, M = 100, h = 0.1, generation-1 NLL 0.897 vs 0.814 with
-scikit-learn's own KDE), so NLL levels differ slightly from Collapse-or-Thrive's figures.
+per component), ours i.i.d.: the same law, but the held-out NLL of a KDE depends on the design
+(BENCHMARKS.md: moons, M = 100, h = 0.1, generation 1, scikit-learn's own KDE: 0.897 ± 0.003 with
+Collapse-or-Thrive's 50/50 split of ``make_moons(2M)`` against 0.814 ± 0.004 with i.i.d. draws),
+so NLL levels differ somewhat from their figures.
 
 Collapse-or-Thrive's KDE sweeps (``sweeps/fit_kdes_bandwidth/*.yaml`` of
-KoyejoLab/Collapse-or-Thrive) use noise 0.05 for circles, moons and the swiss roll and
-``n_features = 2`` for blobs, which are the defaults here.
+KoyejoLab/Collapse-or-Thrive, read in the RylanSchaeffer/KoyejoLab-Collapse-or-Thrive copy) use
+noise 0.05 for circles, moons and the swiss roll and ``n_features = 2`` for blobs, which are the
+defaults here. Their loop (``src/fit_kdes/fit_kdes.py``) fits generation 1 to a random half of
+``make_*(2M)`` (blobs: of ``make_blobs(M)``, so M/2 points) and scores the other half; their
+dataset notebook draws the swiss roll in 3-D, while this study (as issue 12 asks) uses its 2-D
+x–z plane.
 """
 
 from __future__ import annotations
