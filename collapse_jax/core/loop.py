@@ -100,6 +100,20 @@ def chain_stats(x: jax.Array, axis: int = 0) -> ChainStats:
     return ChainStats(mean, stderr, n / x.shape[axis])
 
 
+def chain_arrays(trace: dict, names) -> dict[str, np.ndarray]:
+    """For each of ``names``, the per-chain trace ``trace[name]`` (records × chains) as
+    ``NAME_chains`` with its :func:`chain_stats` over chains as ``NAME_mean`` / ``NAME_stderr``
+    (float64 host arrays, the run directory's ``metrics.npz`` layout)."""
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        x = np.asarray(trace[name]).astype(np.float64)
+        stats = chain_stats(jnp.asarray(x), axis=1)
+        out[f"{name}_chains"] = x
+        out[f"{name}_mean"] = np.asarray(stats.mean, np.float64)
+        out[f"{name}_stderr"] = np.asarray(stats.stderr, np.float64)
+    return out
+
+
 def summarize_chains(info: Any) -> Any:
     """Apply :func:`chain_stats` over axis 0 to every leaf of a per-chain info pytree."""
     return jax.tree.map(

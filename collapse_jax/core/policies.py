@@ -350,6 +350,23 @@ def mix_training_data(
     return pooled[idx], pooled
 
 
+def check_reuse(policy: Policy, sizes) -> None:
+    """With beta > 0 a batch of M_n points reuses round(beta M_n) points of T_{n-1}; refuse a
+    schedule where that is more than the M_{n-1} points T_{n-1} holds (ConfigError naming the
+    generation)."""
+    if policy.beta <= 0:
+        return
+    sizes = np.asarray(sizes)
+    n_prev = np.round(sizes[1:] * policy.beta)
+    bad = np.nonzero(n_prev > sizes[:-1])[0]
+    if bad.size:
+        i = int(bad[0]) + 1
+        raise ConfigError(
+            f"policy beta {policy.beta} asks {int(n_prev[i - 1])} previous points at generation "
+            f"{i} but the previous training set has only {int(sizes[i - 1])}"
+        )
+
+
 def check_loop_fields(config) -> tuple[Policy, Schedule]:
     """Validate the fields every generational study shares (``samples``, ``chains``,
     ``generations``, ``record_every``, ``seed``, ``policy``, ``fresh_fraction``, ``schedule``)

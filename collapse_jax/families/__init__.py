@@ -17,6 +17,7 @@ STUDIES = {
     "gaussian": "collapse_jax.families.gaussian.study",
     "gmm": "collapse_jax.families.gmm.study",
     "regression": "collapse_jax.families.regression.study",
+    "kde": "collapse_jax.families.kde.study",
     "vae": "collapse_jax.families.vae.study",
     "lm": "collapse_jax.families.lm.study",
 }
@@ -28,6 +29,7 @@ DESCRIPTIONS = {
     "gaussian": "Gaussian refitted (mean, covariance) from M samples each generation (Theorem 3.1)",
     "gmm": "Gaussian mixture refitted by EM to its own samples (the paper's GMM experiment)",
     "regression": "Linear regression (OLS / ridge) refitted on labels made by its predecessor",
+    "kde": "Gaussian kernel density estimate refitted to its own samples (Collapse or Thrive)",
     "vae": "Convolutional VAEs trained recursively on their own decoded MNIST digits",
     "lm": "OPT fine-tuned generation after generation on its own beam-search text",
 }

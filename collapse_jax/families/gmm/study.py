@@ -15,8 +15,8 @@ import numpy as np
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags, as_tuple
-from collapse_jax.core.loop import chain_stats, run_generations
-from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
+from collapse_jax.core.loop import chain_arrays, run_generations
+from collapse_jax.core.policies import Policy, Schedule, check_loop_fields, check_reuse
 from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gmm import kernel as proc
@@ -126,15 +126,7 @@ def setup(config: Config):
             f"d0 point set has {d0.points.shape[0]} points after setting {config.heldout} aside "
             f"for evaluation, fewer than samples = {int(sizes[0])}"
         )
-    if policy.beta > 0:
-        n_prev = np.round(sizes[1:] * policy.beta)
-        bad = np.nonzero(n_prev > sizes[:-1])[0]
-        if bad.size:
-            i = int(bad[0]) + 1
-            raise ConfigError(
-                f"policy beta {policy.beta} asks {int(n_prev[i - 1])} previous points at generation "
-                f"{i} but the previous training set has only {int(sizes[i - 1])}"
-            )
+    check_reuse(policy, sizes)
     max_batch = int(sizes.max())
     need = int(sizes[:-1].sum()) + max_batch  # pool slots: all fitted data + one batch of slack
     capacity = 0
@@ -271,12 +263,7 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
         "snapshot_points": np.stack([trace["snapshot"][i] for _, i in snaps]),
         "snapshot_weights": np.stack([trace["snapshot_w"][i] for _, i in snaps]),
     }
-    for name in (*METRICS, "w2"):
-        x = trace[name].astype(np.float64)  # records × chains
-        arrays[f"{name}_chains"] = x
-        stats = chain_stats(jnp.asarray(x), axis=1)
-        arrays[f"{name}_mean"] = np.asarray(stats.mean, np.float64)
-        arrays[f"{name}_stderr"] = np.asarray(stats.stderr, np.float64)
+    arrays.update(chain_arrays(trace, (*METRICS, "w2")))
     run_dir.write_metrics("metrics.npz", **arrays)
 
     summary = summarize(config, policy, sizes, gens, arrays, d0)

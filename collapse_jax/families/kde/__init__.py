@@ -1,0 +1,1 @@
+"""Kernel density estimation: Gaussian KDEs refitted to their own samples."""
