@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import time
@@ -15,7 +14,7 @@ import numpy as np
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
-from collapse_jax.core.loop import run_generations
+from collapse_jax.core.loop import precision, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, read_arrays, save_figure, series
 from collapse_jax.families import DESCRIPTIONS
@@ -106,17 +105,6 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     return apply_flags(args, base, validate)
 
 
-@contextlib.contextmanager
-def _precision(x64: bool):
-    """Set ``jax_enable_x64`` for the duration of a run and restore it afterwards."""
-    old = bool(jax.config.jax_enable_x64)
-    jax.config.update("jax_enable_x64", bool(x64))
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -125,7 +113,7 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
     d0 = _d0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
-    with _precision(config.x64):
+    with precision(config.x64):
         family = proc.make_family(
             d0, sizes, sampler=config.sampler, estimator=config.estimator, policy=policy
         )

@@ -16,7 +16,7 @@ from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import precision, run_generations
-from collapse_jax.core.policies import Schedule, check_loop_fields, split_batch
+from collapse_jax.core.policies import Schedule, check_loop_fields, check_reuse, split_batch
 from collapse_jax.core.runs import RunDir, read_arrays, series
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.regression import kernel as proc
@@ -94,15 +94,7 @@ def setup(config: Config):
         sampler = "samples" if why else "sufficient"
     max_size = int(sizes.max())
     pool = int(fitted.sum()) + max_size if (policy.accumulates and sampler == "samples") else 0
-    if policy.beta > 0:
-        need = np.round(fitted[1:] * policy.beta)
-        bad = np.nonzero(need > fitted[:-1])[0]
-        if bad.size:
-            i = int(bad[0]) + 1
-            raise ConfigError(
-                f"policy beta {policy.beta} asks {int(need[i - 1])} previous rows at generation "
-                f"{i} but the previous training set has only {int(fitted[i - 1])}"
-            )
+    check_reuse(policy, sizes)
     nbytes = max(pool, max_size) * (d + 1) * 8 * config.chains
     if nbytes > MAX_POOL_BYTES:
         raise ConfigError(
