@@ -21,7 +21,7 @@ from collapse_jax.core.runs import write_text
 from collapse_jax.families import DESCRIPTIONS, load_study
 
 #: Studies run by `collapse-jax demo`, in order (each with its module's demo_config()).
-DEMO = ("discrete", "gaussian", "gmm")
+DEMO = ("discrete", "gaussian", "gmm", "regression")
 
 
 def cmd_list() -> int:
