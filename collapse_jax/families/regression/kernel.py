@@ -16,10 +16,11 @@ Two exact paths:
   (Gram G = Σ x xᵀ, r = Σ x y, Σ y², row count), drawn directly from their law. A batch of T
   rows with Gram W = F Fᵀ labelled by w has Xᵀε ~ N(0, σ² W), so
   r = W w + σ F z and Σ y² = wᵀW w + 2σ wᵀF z + σ²(‖z‖² + χ²_{T−d}) (the residual of ε off the
-  column space is independent of Xᵀε); a fixed design keeps F = chol(XᵀX), a fresh one draws
-  W ~ Wishart(T, Σ) by Bartlett's decomposition. The cost per generation is O(d³),
-  independent of T. It applies to replace and accumulate without fresh data, rows T > d, and a
-  constant size for the fixed design (tested equal in distribution to ``samples``).
+  column space is independent of Xᵀε); a fixed design keeps XᵀX's eigendecomposition (every
+  solve and draw is then O(d²)), a fresh one draws W ~ Wishart(T, Σ) by Bartlett's
+  decomposition (O(d³)). The cost per generation does not depend on T. It applies to replace
+  and accumulate without fresh data, rows T > d, and a constant size for the fixed design
+  (tested equal in distribution to ``samples``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from collapse_jax.core.policies import (
     split_batch,
 )
 from collapse_jax.families.gaussian.kernel import bartlett
+from collapse_jax.numerics.random import log_gamma
 
 DESIGNS = ("fixed", "fresh")
 SAMPLERS = ("auto", "sufficient", "samples")
@@ -80,14 +82,24 @@ class SampleState(NamedTuple):
 
 
 class StatState(NamedTuple):
-    """Path ``sufficient``: the training set's sufficient statistics and the fixed design's
-    Cholesky factor (zeros when fresh)."""
+    """Path ``sufficient``, fresh design: the training set's sufficient statistics."""
 
     gram: Float[Array, "d d"]  # Σ x xᵀ over the training rows
     xy: Float[Array, " d"]  # Σ x y
     yy: Float[Array, ""]  # Σ y²
     rows: Float[Array, ""]  # number of training rows
-    design_factor: Float[Array, "d d"]  # F with XᵀX = F Fᵀ (fixed design)
+
+
+class FixedStatState(NamedTuple):
+    """Path ``sufficient``, fixed design: the statistics of the training set (k copies of the
+    design, so its Gram is k·XᵀX) and the eigendecomposition XᵀX = U diag(s) Uᵀ, which turns
+    every solve and draw into O(d²) products."""
+
+    xy: Float[Array, " d"]  # Σ x y
+    yy: Float[Array, ""]  # Σ y²
+    rows: Float[Array, ""]  # number of training rows (k = rows / M copies of the design)
+    basis: Float[Array, "d d"]  # U
+    spectrum: Float[Array, " d"]  # s
 
 
 def sufficient_applies(
@@ -204,23 +216,30 @@ def _sample_family(spec: RegressionSpec) -> Family:
     return Family(init, step)
 
 
+def _chi2(key, dof, dtype):
+    """χ²_dof (dof > 0) through the project's one Gamma sampler."""
+    return 2.0 * jnp.exp(log_gamma(key, jnp.asarray(dof, dtype)[None] / 2)[0])
+
+
 def _sufficient_family(spec: RegressionSpec) -> Family:
+    if spec.design == "fixed":
+        return _fixed_sufficient_family(spec)
     d = spec.dim
-    fixed = spec.design == "fixed"
     accumulate = spec.policy.mode == "accumulate"
 
     def batch_stats(key, w, factor, size):
         """(Gram, Xᵀy, Σy²) of ``size`` rows with Gram F Fᵀ labelled by ``w`` plus noise."""
         k_z, k_c = jax.random.split(key)
         z = jax.random.normal(k_z, (d,), w.dtype)
-        resid = jax.random.chisquare(k_c, (size - d).astype(w.dtype), dtype=w.dtype)
         gram = factor @ factor.T
         fz = spec.noise * (factor @ z)
         xy = gram @ w + fz
+        resid = _chi2(k_c, size - d, w.dtype)
         yy = w @ gram @ w + 2.0 * w @ fz + spec.noise**2 * (z @ z + resid)
         return gram, xy, yy
 
-    def fresh_factor(key, size, dtype):
+    def draw_factor(key, size, dtype):
+        """F = Σ^{1/2} A with A the Bartlett factor: F Fᵀ ~ Wishart(size, Σ)."""
         lower, log_diag = bartlett(key, size, d)
         a = lower.astype(dtype) + jnp.diag(jnp.exp(log_diag).astype(dtype))
         return jnp.asarray(spec.scale, dtype)[:, None] * a
@@ -229,26 +248,70 @@ def _sufficient_family(spec: RegressionSpec) -> Family:
         k_x, k_b = jax.random.split(key)
         dtype = jnp.zeros(()).dtype
         w_star = jnp.asarray(spec.w_star, dtype)
-        if fixed:
-            x = _rows(k_x, spec, spec.max_size, dtype)
-            factor = jnp.linalg.cholesky(x.T @ x)
-        else:
-            factor = fresh_factor(k_x, gen.size, dtype)
-        gram, xy, yy = batch_stats(k_b, w_star, factor, gen.size)
+        gram, xy, yy = batch_stats(k_b, w_star, draw_factor(k_x, gen.size, dtype), gen.size)
         rows = gen.size.astype(dtype)
-        design = factor if fixed else jnp.zeros((d, d), dtype)
-        state = StatState(gram, xy, yy, rows, design)
-        return state, _info(spec, w_star, gram, xy, yy, rows)
+        return StatState(gram, xy, yy, rows), _info(spec, w_star, gram, xy, yy, rows)
 
     def step(key, state: StatState, params, gen: GenInput):
         k_x, k_b = jax.random.split(key)
         w_hat = _solve(state.gram, state.xy, spec.ridge)
-        info = _info(spec, w_hat, state.gram, state.xy, state.yy, state.rows)
-        factor = state.design_factor if fixed else fresh_factor(k_x, gen.size, w_hat.dtype)
-        gram, xy, yy = batch_stats(k_b, w_hat, factor, gen.size)
+        info = _info(spec, w_hat, *state)
+        factor = draw_factor(k_x, gen.size, w_hat.dtype)
+        new = StatState(*batch_stats(k_b, w_hat, factor, gen.size), gen.size.astype(w_hat.dtype))
+        if accumulate:
+            new = jax.tree.map(jnp.add, state, new)
+        return new, info
+
+    return Family(init, step)
+
+
+def _fixed_sufficient_family(spec: RegressionSpec) -> Family:
+    """Fixed design in its eigenbasis: with v = Uᵀw, S w = U(s ⊙ v), a draw of Xᵀε is
+    σ U(√s ⊙ z) (law N(0, σ²S)) and its projection ‖P ε‖² = σ²‖z‖²."""
+    d, m = spec.dim, spec.max_size
+    accumulate = spec.policy.mode == "accumulate"
+
+    def batch_stats(key, w, basis, spectrum, size):
+        k_z, k_c = jax.random.split(key)
+        z = jax.random.normal(k_z, (d,), w.dtype)
+        v = basis.T @ w
+        root = jnp.sqrt(spectrum)
+        xy = basis @ (spectrum * v + spec.noise * root * z)
+        resid = _chi2(k_c, size - d, w.dtype)
+        yy = spectrum @ (v * v) + 2.0 * spec.noise * (root * v) @ z
+        return xy, yy + spec.noise**2 * (z @ z + resid)
+
+    def stats_info(w_hat, state: FixedStatState):
+        k = state.rows / m  # copies of the design in the training set
+        v = state.basis.T @ w_hat
+        diff = w_hat - jnp.asarray(spec.w_star, w_hat.dtype)
+        scale = jnp.asarray(spec.scale, w_hat.dtype)
+        rss = state.yy - 2.0 * w_hat @ state.xy + k * state.spectrum @ (v * v)
+        return RegressionInfo(
+            excess_risk=jnp.sum((scale * diff) ** 2),
+            param_error=jnp.sum(diff**2),
+            train_loss=rss / state.rows,
+        )
+
+    def init(key, params, gen: GenInput):
+        k_x, k_b = jax.random.split(key)
+        dtype = jnp.zeros(()).dtype
+        w_star = jnp.asarray(spec.w_star, dtype)
+        x = _rows(k_x, spec, m, dtype)
+        spectrum, basis = jnp.linalg.eigh(x.T @ x)
+        spectrum = jnp.maximum(spectrum, 0.0)
+        xy, yy = batch_stats(k_b, w_star, basis, spectrum, gen.size)
+        state = FixedStatState(xy, yy, gen.size.astype(dtype), basis, spectrum)
+        return state, stats_info(w_star, state)
+
+    def step(key, state: FixedStatState, params, gen: GenInput):
+        k = state.rows / m
+        w_hat = state.basis @ ((state.basis.T @ state.xy) / (k * state.spectrum + spec.ridge))
+        info = stats_info(w_hat, state)
+        xy, yy = batch_stats(key, w_hat, state.basis, state.spectrum, gen.size)
         rows = gen.size.astype(w_hat.dtype)
         if accumulate:
-            gram, xy, yy, rows = state.gram + gram, state.xy + xy, state.yy + yy, state.rows + rows
-        return state._replace(gram=gram, xy=xy, yy=yy, rows=rows), info
+            xy, yy, rows = state.xy + xy, state.yy + yy, state.rows + rows
+        return state._replace(xy=xy, yy=yy, rows=rows), info
 
     return Family(init, step)

@@ -169,10 +169,12 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
 
 def _fixed_gram(spec, sampler: str, state, rows: int, chains: int) -> np.ndarray:
     """The fixed-design Gram matrices X[:rows]ᵀX[:rows] of the first ``chains`` chains, from the
-    final state (the sufficient path keeps the whole design's Cholesky factor)."""
+    final state (the sufficient path keeps the whole design's eigendecomposition)."""
     if sampler == "sufficient":
-        f = np.asarray(state.design_factor[:chains], np.float64)
-        return f @ np.swapaxes(f, 1, 2)
+        u = np.asarray(state.basis[:chains], np.float64)
+        return (u * np.asarray(state.spectrum[:chains], np.float64)[:, None, :]) @ np.swapaxes(
+            u, 1, 2
+        )
     x = np.asarray(state.design[:chains], np.float64)[:, :rows]
     return np.swapaxes(x, 1, 2) @ x
 
