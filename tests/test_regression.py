@@ -147,6 +147,7 @@ def test_train_loss_expectation():
         g = a["generation"] >= 1
         z = _z(a["train_loss_mean"][g], a["train_loss_stderr"][g], 0.81 * 9 / 14)
         assert np.all(np.abs(z) < Z), (sampler, z)
+        np.testing.assert_allclose(a["theory_train_loss"][g], 0.81 * 9 / 14)
 
 
 def _per_chain(config: study.Config, sampler: str) -> dict:

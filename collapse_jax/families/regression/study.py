@@ -120,7 +120,8 @@ def setup(config: Config):
 
 
 def demo_config() -> Config:
-    """Replace vs accumulate at small scale for `collapse-jax demo` (a few seconds)."""
+    """OLS under replace at small scale for `collapse-jax demo` (a few seconds): the linear growth
+    σ²nd/(T − d − 1) against its closed form."""
     return Config(dim=10, samples=40, chains=2048, generations=30)
 
 
@@ -190,6 +191,7 @@ def theory_curves(config, spec, sampler, policy, sizes, result) -> dict:
     out: dict = {}
     if spec.ridge == 0 and plain and policy.mode == "replace":
         out["excess_risk"] = th.ols_replace(gens, sizes, d, sigma)
+        out["train_loss"] = th.ols_replace_train_loss(gens, sizes, d, sigma)
     if spec.ridge == 0 and plain and policy.mode == "accumulate" and constant:
         if spec.design == "fixed":
             out["excess_risk"] = th.ols_accumulate(gens, int(sizes[0]), d, sigma)
@@ -251,6 +253,15 @@ def checks(arrays: dict, theory: dict) -> list[rep.Check]:
                     float(theory["excess_risk"][i]),
                     float(mean[i]),
                     float(se[i]),
+                )
+            )
+        if "train_loss" in theory:
+            out.append(
+                rep.Check(
+                    f"E[training loss], n = {n}",
+                    float(theory["train_loss"][i]),
+                    float(arrays["train_loss_mean"][i]),
+                    float(arrays["train_loss_stderr"][i]),
                 )
             )
         if "excess_risk_given_design" in theory:
@@ -344,6 +355,9 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
                 "title": "training loss (mean squared residual)",
                 "x": g[keep],
                 "series": s("train_loss"),
+                "theory": [{"y": a["theory_train_loss"][keep], "label": "σ²(T − d)/T"}]
+                if "theory_train_loss" in a
+                else [],
             },
         ],
         ncols=3,

@@ -26,6 +26,14 @@ def ols_replace(generations, sizes, d: int, noise: float) -> np.ndarray:
     return cum[np.asarray(generations)]
 
 
+def ols_replace_train_loss(generations, sizes, d: int, noise: float) -> np.ndarray:
+    """E[training loss] of generation n >= 1 under OLS replace: the residual of the fit to
+    M_{n−1} rows is (I − P)ε, so E = σ²(M_{n−1} − d)/M_{n−1} (generation 0: σ², w*'s residual)."""
+    m = np.asarray(sizes, np.float64)
+    per_gen = np.concatenate([[noise**2], noise**2 * (m - d) / m])
+    return per_gen[np.asarray(generations)]
+
+
 def ols_accumulate(generations, m: int, d: int, noise: float) -> np.ndarray:
     """E‖ŵ_n − w*‖²_Σ under accumulate with a fixed design of M rows relabelled every
     generation (OLS): σ² d/(M − d − 1) · Σ_{i≤n} 1/i², bounded by π²/6 times the first
