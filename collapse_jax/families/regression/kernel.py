@@ -42,8 +42,8 @@ from collapse_jax.core.policies import (
     next_buffer,
     split_batch,
 )
-from collapse_jax.families.gaussian.kernel import bartlett
 from collapse_jax.numerics.random import log_gamma
+from collapse_jax.numerics.wishart import bartlett
 
 DESIGNS = ("fixed", "fresh")
 SAMPLERS = ("auto", "sufficient", "samples")
