@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-device", default="cpu", help="the peer's device (cpu, cuda)")
     p.add_argument("--skip-torch", action="store_true", help="time only our step (e.g. on GPU)")
     p.add_argument("--peak-gflops", type=float, default=None, help="device peak for the MFU")
+    p.add_argument(
+        "--compare-unrolled", action="store_true", help="also time the step with unrolled layers"
+    )
     args = p.parse_args(argv)
 
     import jax
@@ -94,23 +97,38 @@ def main(argv: list[str] | None = None) -> int:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     opt_cfg = T.OptimizerConfig(learning_rate=1e-5, warmup_steps=0, total_steps=1000)
     mesh = T.make_mesh()
-    state, step = LT.make_lm_train_step(LT.opt_apply_fn(config, dtype), opt_cfg, params, mesh)
     key = jax.random.key(0)
 
     def put(ids):
         return T.shard_batch({"input_ids": ids.astype(np.int32), "attention_mask": mask}, mesh)
 
-    t0 = time.perf_counter()
-    state, info = step(state, put(batches[0]), jax.random.fold_in(key, 0))
-    jax.block_until_ready(info)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(1, steps + 1):
-        state, info = step(state, put(batches[i]), jax.random.fold_in(key, i))
-    jax.block_until_ready(state)
-    ours = steps * tokens_per_step / (time.perf_counter() - t0)
-    print(f"ours ({args.dtype}): {ours:,.0f} tokens/s (first step incl. compile {compile_s:.1f} s)")
-    print(f"  loss {float(info.loss):.4f}, recompiles after warm-up: {step._cache_size() - 1}")
+    def measure(scan_layers: bool):
+        """(compile seconds, tokens/s, loss, recompiles) of our step, layers scanned or unrolled."""
+        apply_fn = LT.opt_apply_fn(config, dtype, scan_layers=scan_layers)
+        state, step = LT.make_lm_train_step(apply_fn, opt_cfg, params, mesh)
+        t0 = time.perf_counter()
+        step.lower(state, put(batches[0]), jax.random.fold_in(key, 0)).compile()
+        compile_s = time.perf_counter() - t0
+        state, info = step(state, put(batches[0]), jax.random.fold_in(key, 0))
+        jax.block_until_ready(info)
+        t0 = time.perf_counter()
+        for i in range(1, steps + 1):
+            state, info = step(state, put(batches[i]), jax.random.fold_in(key, i))
+        jax.block_until_ready(state)
+        rate = steps * tokens_per_step / (time.perf_counter() - t0)
+        return compile_s, rate, float(info.loss), step._cache_size() - 1
+
+    results = {}
+    for scan_layers in [True, False] if args.compare_unrolled else [True]:
+        results[scan_layers] = measure(scan_layers)
+        c, rate, loss, recompiles = results[scan_layers]
+        kind = "layers scanned" if scan_layers else "layers unrolled"
+        print(f"ours ({args.dtype}, {kind}): {rate:,.0f} tokens/s (step compile {c:.1f} s)")
+        print(f"  loss {loss:.4f}, recompiles after warm-up: {recompiles}")
+    if args.compare_unrolled:
+        (c_s, r_s, _, _), (c_u, r_u, _, _) = results[True], results[False]
+        print(f"  scan vs unrolled: compile {c_u / c_s:.2f}x shorter, tokens/s {r_s / r_u:.2f}x")
+    ours = results[True][1]
 
     if args.peak_gflops:
         peak, peak_desc = args.peak_gflops * 1e9, "given peak"

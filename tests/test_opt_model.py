@@ -119,6 +119,23 @@ def test_logits_match_transformers(tmp_path, overrides):
     assert_matches_transformers(ours, ref, ids, mask)
 
 
+def test_unrolled_layers_match_transformers(tmp_path):
+    """The layers scanned (the default, compiled once) and unrolled (one program per layer) both
+    equal transformers, with and without a KV cache."""
+    ref = make_hf_checkpoint(tmp_path, **OPT350_STYLE)
+    config, params = load_pretrained(tmp_path)
+    ids, mask = padded_batch(config.vocab_size)
+    for scan in (False, True):
+        model = OPTForCausalLM(config, scan_layers=scan)
+        logits, _ = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+        assert_matches_transformers(logits, ref, ids, mask)
+        cache = init_cache(config, ids.shape[0], ids.shape[1])
+        cached, _ = model.apply(
+            {"params": params}, jnp.asarray(ids), jnp.asarray(mask), cache=cache
+        )
+        assert_matches_transformers(cached, ref, ids, mask)
+
+
 def test_sharded_checkpoint_is_sharded(tmp_path):
     make_hf_checkpoint(tmp_path, **TINY, save_kwargs={"max_shard_size": "20KB"})
     assert (tmp_path / "model.safetensors.index.json").is_file()

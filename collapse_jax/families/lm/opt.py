@@ -432,6 +432,7 @@ class OPTForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32  # parameter storage dtype
     precision: Any = None  # jax.lax.Precision of matmuls (None: backend default)
     remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
+    scan_layers: bool = True  # run the decoder layers as one lax.scan (compiled once, not 12×)
 
     @nn.compact
     def __call__(
@@ -492,15 +493,18 @@ class OPTForCausalLM(nn.Module):
         keys = values = None
         if cache is not None:
             keys, values = cache.keys, cache.values
-        # Rematerialisation (activation checkpointing) of each layer in training trades compute
-        # for memory; ``deterministic`` (argument 4, counting self) must stay a Python bool.
-        layer_cls = (
-            nn.remat(OPTDecoderLayer, static_argnums=(4,)) if self.remat else OPTDecoderLayer
-        )
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else (keys, values, index)
-            layer = layer_cls(cfg, dt, pdt, self.precision, i, name=f"layers_{i}")
-            h, keys, values = layer(h, mask, layer_cache, deterministic)
+        if self.scan_layers and not self.is_initializing():
+            h, keys, values = self._scanned_layers(h, mask, keys, values, index, deterministic)
+        else:
+            # Rematerialisation (activation checkpointing) of each layer in training trades
+            # compute for memory; ``deterministic`` (argument 4, counting self) must stay a bool.
+            layer_cls = (
+                nn.remat(OPTDecoderLayer, static_argnums=(4,)) if self.remat else OPTDecoderLayer
+            )
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else (keys, values, index)
+                layer = layer_cls(cfg, dt, pdt, self.precision, i, name=f"layers_{i}")
+                h, keys, values = layer(h, mask, layer_cache, deterministic)
         if cfg.has_final_layer_norm:
             h = _layer_norm(cfg, "final_layer_norm", dt, pdt)(h)
         if cfg.has_projections:
@@ -531,6 +535,36 @@ class OPTForCausalLM(nn.Module):
         )
         new_cache = None if cache is None else KVCache(keys, values, index + t)
         return logits, new_cache
+
+    def _scanned_layers(self, h, mask, keys, values, index, deterministic: bool):
+        """The decoder layers as one ``lax.scan`` over their stacked parameters (the parameter
+        tree keeps its ``layers_{i}`` layout, so weights and checkpoints are unchanged): XLA
+        compiles one layer instead of ``num_hidden_layers`` copies. Layer i's dropout key is
+        ``fold_in(dropout_key, i)``; with a cache, layer i reads and writes its own slice."""
+        cfg = self.config
+        n = cfg.num_hidden_layers
+        params = self.variables["params"]
+        stacked = jax.tree.map(
+            lambda *ls: jnp.stack(ls), *[params[f"layers_{i}"] for i in range(n)]
+        )
+        layer = OPTDecoderLayer(cfg, self.dtype, self.param_dtype, self.precision, 0)
+        rng = None if deterministic else self.make_rng("dropout")
+        has_cache = keys is not None
+
+        def body(h, xs):
+            p, i, kv = xs
+            rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, i)}
+            layer_cache = (kv[0][None], kv[1][None], index) if has_cache else None
+            h, k, v = layer.apply({"params": p}, h, mask, layer_cache, deterministic, rngs=rngs)
+            return h, ((k[0], v[0]) if has_cache else None)
+
+        if self.remat:
+            body = jax.checkpoint(body)
+        xs = (stacked, jnp.arange(n), (keys, values) if has_cache else None)
+        h, new_kv = jax.lax.scan(body, h, xs)
+        if has_cache:
+            return h, new_kv[0], new_kv[1]
+        return h, None, None
 
 
 def init_params(

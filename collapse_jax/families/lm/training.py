@@ -90,10 +90,13 @@ def causal_lm_sums(
     return -(ll * w).sum(), w.sum()
 
 
-def opt_apply_fn(config: Any, dtype: Any = jnp.float32, *, remat: bool = False) -> ApplyFn:
+def opt_apply_fn(
+    config: Any, dtype: Any = jnp.float32, *, remat: bool = False, scan_layers: bool = True
+) -> ApplyFn:
     """``apply_fn`` for :class:`collapse_jax.families.lm.opt.OPTForCausalLM` (dropout when
-    ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass)."""
-    model = OPTForCausalLM(config, dtype=dtype, remat=remat)
+    ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass;
+    ``scan_layers`` runs the layers as one scan, ``False`` unrolls them)."""
+    model = OPTForCausalLM(config, dtype=dtype, remat=remat, scan_layers=scan_layers)
 
     def apply_fn(params, ids, mask, deterministic, key):
         rngs = None if deterministic or key is None else {"dropout": key}
