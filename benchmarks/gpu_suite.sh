@@ -24,8 +24,8 @@ run() {  # run NAME LIMIT_S ARGS...
   timeout "$limit" "$PY" "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -v Warning
   echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
-run opt_train_fp32 170 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --torch-device cuda --compare-unrolled
-run opt_train_bf16 120 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --dtype bfloat16 --skip-torch --compare-unrolled
+run opt_train_fp32 170 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --torch-device cuda --compare-scan
+run opt_train_bf16 120 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --dtype bfloat16 --skip-torch --compare-scan
 run opt_generate 110 benchmarks/bench_opt_generate.py --torch-device cuda --prompts 8
 run vae 80 benchmarks/bench_vae.py --torch-device cuda --batch 256 --steps 50
 run discrete 110 benchmarks/bench_discrete.py --chains 16384 --generations 1000 --skip-samples

@@ -91,7 +91,7 @@ def causal_lm_sums(
 
 
 def opt_apply_fn(
-    config: Any, dtype: Any = jnp.float32, *, remat: bool = False, scan_layers: bool = True
+    config: Any, dtype: Any = jnp.float32, *, remat: bool = False, scan_layers: bool = False
 ) -> ApplyFn:
     """``apply_fn`` for :class:`collapse_jax.families.lm.opt.OPTForCausalLM` (dropout when
     ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass;
