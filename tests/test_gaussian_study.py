@@ -113,9 +113,16 @@ def test_run_end_to_end(tmp_path):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "summary.json").read_text())
     for key in ("w2_sq", "mean_sq_error", "trace_cov"):
-        assert set(saved[key]) == {"generation", "mean", "stderr"}
+        assert set(saved[key]) == {"generation", "mean", "stderr", "q10", "q50", "q90"}
         assert len(saved[key]["mean"]) == len(saved[key]["generation"]) == 11
     assert len(saved["collapsed_fraction"]) == 11
+    # Per-chain final values are saved, and the quantiles of the last generation are theirs.
+    a = np.load(tmp_path / "metrics.npz")
+    assert a["final_mean_chains"].shape == (256, 1) and a["trace_cov_final_chains"].shape == (256,)
+    last = [saved["trace_cov"][q][-1] for q in ("q10", "q50", "q90")]
+    np.testing.assert_allclose(
+        last, np.quantile(a["trace_cov_final_chains"], [0.1, 0.5, 0.9]), rtol=1e-5
+    )
     assert summary["checks"] and summary["all_checks_agree"]
     report = (tmp_path / "report.md").read_text()
     assert "| claim | theory | Monte Carlo ± stderr | agrees? |" in report

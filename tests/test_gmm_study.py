@@ -67,7 +67,7 @@ def test_run_end_to_end(tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     for key in ("l2_distance", "component_std", "heldout_loglik", "weight_entropy", "w2"):
         s = saved[key]
-        assert set(s) == {"generation", "mean", "stderr"}
+        assert set(s) == {"generation", "mean", "stderr", "q10", "q50", "q90"}
         assert all(np.isfinite(s["mean"])), key
     assert saved["l2_distance"]["generation"] == [0, 2, 4, 6]
     assert saved["l2_distance"]["mean"][0] == 0.0  # generation 0 is the reference itself

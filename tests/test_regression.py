@@ -231,7 +231,15 @@ def test_study_writes_run_directory(tmp_path):
     series = summary["excess_risk"]
     assert series["generation"] == [0, 1, 2, 3, 4]
     assert series["mean"][0] == 0.0 and series["mean"][1] > 0
-    assert set(series) == {"generation", "mean", "stderr"}
+    assert set(series) == {"generation", "mean", "stderr", "q10", "q50", "q90"}
+    # The quantiles of the last generation are those of the saved per-chain values (NumPy).
+    finals = np.load(out / "metrics.npz")["excess_risk_final_chains"]
+    assert finals.shape == (64,)
+    np.testing.assert_allclose(
+        [series["q10"][-1], series["q50"][-1], series["q90"][-1]],
+        np.quantile(finals, [0.1, 0.5, 0.9]),
+        rtol=1e-12,
+    )
     assert summary["checks"] and summary["all_checks_agree"]
     assert "Theory vs Monte Carlo" in (out / "report.md").read_text()
 

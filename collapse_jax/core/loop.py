@@ -73,19 +73,27 @@ def precision(x64: bool):
 # Chain statistics
 
 
+#: Quantile levels recorded beside every mean (heavy-tailed metrics: the median and the
+#: 10–90 % band say more than the mean of a few thousand chains).
+QUANTILES = (0.1, 0.5, 0.9)
+
+
 class ChainStats(NamedTuple):
-    """Mean and standard error over chains of one metric, over its finite entries only."""
+    """Mean and standard error over chains of one metric, over its finite entries only, and
+    its quantiles (levels :data:`QUANTILES`, last axis) over the finite entries."""
 
     mean: jax.Array
     stderr: jax.Array
     finite_fraction: jax.Array
+    quantiles: jax.Array
 
 
 def chain_stats(x: jax.Array, axis: int = 0) -> ChainStats:
-    """Mean, standard error and finite fraction of ``x`` over the chain ``axis``.
+    """Mean, standard error, finite fraction and 10/50/90 % quantiles of ``x`` over the chain
+    ``axis``.
 
-    Non-finite entries (e.g. KL(p0‖p_n) once a state died) are excluded from the mean and
-    counted in ``finite_fraction``; a metric with no finite entry gets mean = stderr = NaN.
+    Non-finite entries (e.g. KL(p0‖p_n) once a state died) are excluded from the mean and the
+    quantiles and counted in ``finite_fraction``; a metric with no finite entry gets NaN.
     """
     x = jnp.asarray(x)
     finite = jnp.isfinite(x)
@@ -97,21 +105,30 @@ def chain_stats(x: jax.Array, axis: int = 0) -> ChainStats:
     stderr = jnp.sqrt(var / jnp.maximum(n, 1))
     mean = jnp.where(n > 0, mean, jnp.nan)
     stderr = jnp.where(n > 1, stderr, jnp.where(n == 1, 0.0, jnp.nan))
-    return ChainStats(mean, stderr, n / x.shape[axis])
+    levels = jnp.asarray(QUANTILES, x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else None)
+    q = jnp.nanquantile(jnp.where(finite, x, jnp.nan), levels, axis=axis)
+    return ChainStats(mean, stderr, n / x.shape[axis], jnp.moveaxis(q, 0, -1))
 
 
 def chain_arrays(trace: dict, names) -> dict[str, np.ndarray]:
     """For each of ``names``, the per-chain trace ``trace[name]`` (records × chains) as
     ``NAME_chains`` with its :func:`chain_stats` over chains as ``NAME_mean`` / ``NAME_stderr``
-    (float64 host arrays, the run directory's ``metrics.npz`` layout)."""
+    / ``NAME_quantiles`` (float64 host arrays, the run directory's ``metrics.npz`` layout)."""
     out: dict[str, np.ndarray] = {}
     for name in names:
         x = np.asarray(trace[name]).astype(np.float64)
-        stats = chain_stats(jnp.asarray(x), axis=1)
         out[f"{name}_chains"] = x
-        out[f"{name}_mean"] = np.asarray(stats.mean, np.float64)
-        out[f"{name}_stderr"] = np.asarray(stats.stderr, np.float64)
+        out.update(stats_arrays(name, chain_stats(jnp.asarray(x), axis=1)))
     return out
+
+
+def stats_arrays(name: str, stats: ChainStats) -> dict[str, np.ndarray]:
+    """``NAME_mean``, ``NAME_stderr``, ``NAME_finite_fraction`` and ``NAME_quantiles`` (levels
+    :data:`QUANTILES` on the last axis) as float64 host arrays (``metrics.npz``'s layout)."""
+    return {
+        f"{name}_{field}": np.asarray(getattr(stats, field), np.float64)
+        for field in ChainStats._fields
+    }
 
 
 def summarize_chains(info: Any) -> Any:
@@ -184,6 +201,7 @@ class ScanResult(NamedTuple):
     generations: np.ndarray  # recorded generation numbers, starting with 0
     trace: Any  # reduced info per recorded generation (leading axis = recorded generation)
     seconds: float  # wall time of the generational loop (compilation included)
+    final_info: Any = None  # every chain's info of generation G, unreduced (device arrays)
 
 
 def recorded_generations(n_generations: int, record_every: int) -> np.ndarray:
@@ -255,8 +273,10 @@ def _records(family, vstep, state, gen, chain_keys, params, inputs, record_every
         carry, _ = jax.lax.scan(one_generation, carry, None, length=record_every)
         return carry, reduce(carry[2])
 
-    (state, gen, _), trace = jax.lax.scan(one_record, (state, gen, info0), None, length=n_records)
-    return (state, gen), trace
+    (state, gen, info), trace = jax.lax.scan(
+        one_record, (state, gen, info0), None, length=n_records
+    )
+    return (state, gen), trace, info
 
 
 def scan_generations(
@@ -294,7 +314,7 @@ def scan_generations(
     vinit, vstep = _vmapped(family, sharding)
     state, info0 = vinit(_fold(chain_keys, 0), params, _at(inputs, 0))
     n_records = -(-n_generations // record_every)
-    (state, _), trace = _records(
+    (state, _), trace, _ = _records(
         family, vstep, state, jnp.int32(1), chain_keys, params, inputs, record_every, n_records
     )
     trace0 = _reduce_of(family)(info0)
@@ -334,7 +354,7 @@ def _compiled_chunk(family: Family, record_every: int, records_per_chunk: int, s
 
     @jax.jit
     def chunk(state, gen, chain_keys, params, inputs):
-        (state, gen), trace = _records(
+        (state, gen), trace, info = _records(
             family,
             vstep,
             constrain(state),
@@ -345,7 +365,7 @@ def _compiled_chunk(family: Family, record_every: int, records_per_chunk: int, s
             record_every,
             records_per_chunk,
         )
-        return (constrain(state), gen), trace
+        return (constrain(state), gen), trace, info
 
     return chunk
 
@@ -409,7 +429,7 @@ def run_generations(
     while done_records < n_records:
         if family.between_chunks is not None and done_records:
             state = family.between_chunks(state, params)
-        (state, next_gen), tr = chunk(
+        (state, next_gen), tr, last_info = chunk(
             state, jnp.asarray(gen, jnp.int32), chain_keys, params, inputs
         )
         tr = jax.device_get(tr)
@@ -438,4 +458,5 @@ def run_generations(
     trace = jax.tree.map(
         lambda a0, *rest: np.concatenate([np.asarray(a0)[None], *rest], 0), trace0, *traces
     )
-    return ScanResult(state, recorded_generations(n_generations, record_every), trace, seconds)
+    gens = recorded_generations(n_generations, record_every)
+    return ScanResult(state, gens, trace, seconds, last_info)

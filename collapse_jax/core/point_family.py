@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax.core import report as rep
-from collapse_jax.core.loop import Family, GenInput, run_generations
+from collapse_jax.core.loop import Family, GenInput, run_generations, stats_arrays
 from collapse_jax.core.policies import (
     PointBuffer,
     Policy,
@@ -121,9 +121,8 @@ def run(
     gens = result.generations
     arrays: dict[str, np.ndarray] = {"generation": gens, "sizes": sizes}
     for name, st in result.trace.items():
-        arrays[f"{name}_mean"] = np.asarray(st.mean, np.float64)
-        arrays[f"{name}_stderr"] = np.asarray(st.stderr, np.float64)
-        arrays[f"{name}_finite_fraction"] = np.asarray(st.finite_fraction, np.float64)
+        arrays.update(stats_arrays(name, st))
+        arrays[f"{name}_final_chains"] = np.asarray(result.final_info[name], np.float64)
     theory = pf.theory(gens, sizes, policy) if pf.theory is not None else {}
     for name, curve in theory.items():
         arrays[f"theory_{name}"] = np.asarray(curve, np.float64)
@@ -147,7 +146,9 @@ def run(
         "checks": [c.as_dict() for c in checks],
     }
     for name in result.trace:
-        summary[name] = series(gens, arrays[f"{name}_mean"], arrays[f"{name}_stderr"])
+        summary[name] = series(
+            gens, arrays[f"{name}_mean"], arrays[f"{name}_stderr"], arrays[f"{name}_quantiles"]
+        )
     run_dir.write_summary(summary)
     figures = run_dir.figures(lambda path: _figures(path, list(result.trace), theory))
     lines = [
@@ -175,10 +176,23 @@ def _figures(path: Path, names: list[str], theory: dict) -> list[tuple[str, str]
         {
             "title": name,
             "x": a["generation"],
-            "series": [{"mean": a[f"{name}_mean"], "stderr": a[f"{name}_stderr"], "label": "MC"}],
+            "series": [
+                {
+                    "mean": a[f"{name}_mean"],
+                    "stderr": a[f"{name}_stderr"],
+                    "quantiles": a[f"{name}_quantiles"],
+                    "label": "MC mean",
+                }
+            ],
             "theory": [{"y": a[f"theory_{name}"]}] if name in theory else [],
         }
         for name in names
     ]
     rep.curves_figure(path / "metrics.png", panels, ncols=min(3, len(panels)))
-    return [("metrics.png", "Mean over chains of each metric (±2 stderr bands; dashed: theory).")]
+    return [
+        (
+            "metrics.png",
+            "Mean over chains of each metric (±2 stderr bands; dotted: median, light band: "
+            "10–90 % of chains; dashed: theory).",
+        )
+    ]

@@ -100,8 +100,10 @@ def curves_figure(
     ncols: int = 2,
     title: str | None = None,
 ) -> Path:
-    """A grid of panels. Each panel: ``{"title", "x", "series": [{"mean", "stderr", "label"}],
-    "theory": [{"y", "label"}], "logy": bool, "logx": bool, "ylabel": str}``."""
+    """A grid of panels. Each panel: ``{"title", "x", "series": [{"mean", "stderr", "label",
+    "quantiles"}], "theory": [{"y", "label"}], "logy": bool, "logx": bool, "ylabel": str}``; a
+    series with ``quantiles`` (records × 10/50/90 %) also gets its median (dotted) and a light
+    10–90 % band over chains."""
     n = len(panels)
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
@@ -109,7 +111,13 @@ def curves_figure(
     for ax, panel in zip(axes.flat, panels, strict=False):
         x = np.asarray(panel["x"], dtype=np.float64)
         for s in panel.get("series", []):
-            band(ax, s.get("x", x), s["mean"], s["stderr"], label=s.get("label"))
+            xs = s.get("x", x)
+            line = band(ax, xs, s["mean"], s["stderr"], label=s.get("label"))
+            if s.get("quantiles") is not None:
+                q = np.asarray(s["quantiles"], dtype=np.float64)
+                color = line.get_color()
+                ax.plot(xs, q[:, 1], ":", color=color, lw=1.2, label="median over chains")
+                ax.fill_between(xs, q[:, 0], q[:, 2], color=color, alpha=0.1, label="10–90 %")
         for t in panel.get("theory", []):
             ax.plot(
                 t.get("x", x),

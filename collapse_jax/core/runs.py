@@ -121,13 +121,19 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     return Path(path)
 
 
-def series(generation, mean, stderr) -> dict[str, list]:
-    """The summary.json form of a per-generation metric."""
-    return {
+def series(generation, mean, stderr, quantiles=None, levels=(0.1, 0.5, 0.9)) -> dict[str, list]:
+    """The summary.json form of a per-generation metric: generation, mean, stderr and, when
+    ``quantiles`` (records × levels) is given, one list per level (``q10``, ``q50``, ``q90``)."""
+    out = {
         "generation": _to_jsonable(np.asarray(generation)),
         "mean": _to_jsonable(np.asarray(mean)),
         "stderr": _to_jsonable(np.asarray(stderr)),
     }
+    if quantiles is not None:
+        q = np.asarray(quantiles)
+        for j, level in enumerate(levels):
+            out[f"q{round(100 * level)}"] = _to_jsonable(q[..., j])
+    return out
 
 
 class RunDir:

@@ -184,6 +184,7 @@ def simulate(
             trace[f"{name}_mean"] = np.asarray(st.mean[:, v], np.float64)
             trace[f"{name}_stderr"] = np.asarray(st.stderr[:, v], np.float64)
             trace[f"{name}_finite_fraction"] = np.asarray(st.finite_fraction[:, v], np.float64)
+            trace[f"{name}_quantiles"] = np.asarray(st.quantiles[:, v], np.float64)
         value_sizes = np.full_like(sizes, samples[v]) if samples[v] > 0 else sizes
         sims.append(
             Simulation(
@@ -298,7 +299,9 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
         "absorption_time_stderr": t_se,
     }
     for name in METRICS:
-        summary[name] = series(gens, trace[f"{name}_mean"], trace[f"{name}_stderr"])
+        summary[name] = series(
+            gens, trace[f"{name}_mean"], trace[f"{name}_stderr"], trace[f"{name}_quantiles"]
+        )
     summary["kl_p0_model"]["finite_fraction"] = trace["kl_p0_model_finite_fraction"].tolist()
     summary["absorbed_fraction_by_generation"] = series(
         gens, trace["absorbed_mean"], trace["absorbed_stderr"]

@@ -409,7 +409,12 @@ def reduce_info(info: GaussianInfo, log_trace0: float) -> dict:
     out = {}
     for name in ("w2_sq", "mean_sq_error", "trace_cov", "log_trace_cov", "log_det_cov", "std"):
         s = chain_stats(getattr(info, name))
-        out[name] = {"mean": s.mean, "stderr": s.stderr, "finite": s.finite_fraction}
+        out[name] = {
+            "mean": s.mean,
+            "stderr": s.stderr,
+            "finite": s.finite_fraction,
+            "quantiles": s.quantiles,
+        }
     thr = jnp.log(jnp.asarray(THRESHOLDS, info.log_trace_cov.dtype)) + log_trace0
     below = info.log_trace_cov[:, None] < thr[None, :]
     out["below_fraction"] = below.mean(0)

@@ -130,8 +130,11 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
         trace = result.trace
         out = {"generation": result.generations, "sizes": sizes}
         for name in METRICS:
-            for stat in ("mean", "stderr", "finite"):
+            for stat in ("mean", "stderr", "finite", "quantiles"):
                 out[f"{name}_{stat}"] = np.asarray(trace[name][stat], np.float64)
+            # every chain's value at the last generation (the metrics are heavy-tailed)
+            out[f"{name}_final_chains"] = np.asarray(getattr(result.final_info, name), np.float64)
+        out["final_mean_chains"] = np.asarray(result.state.mean, np.float64)  # μ_G per chain
         out["below_fraction"] = np.asarray(trace["below_fraction"], np.float64)
         out["numerically_collapsed"] = np.asarray(trace["numerically_collapsed"], np.float64)
         if config.ot_samples:
@@ -277,7 +280,10 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
         "schedule": Schedule.parse(config.schedule).describe(),
         "w2_sq_kind": "exact" if (d0.gaussian or config.dim == 1) else "Gelbrich lower bound",
         **{
-            name: series(gens, arrays[f"{name}_mean"], arrays[f"{name}_stderr"]) for name in METRICS
+            name: series(
+                gens, arrays[f"{name}_mean"], arrays[f"{name}_stderr"], arrays[f"{name}_quantiles"]
+            )
+            for name in METRICS
         },
         "collapsed_fraction": arrays["below_fraction"][:, i_collapse].tolist(),
         "below_fraction": {

@@ -292,8 +292,15 @@ def summarize(config: Config, policy: Policy, sizes, gens, arrays, d0) -> dict:
         "w2_method": _w2_description(config),
     }
     for name in METRICS:
-        summary[name] = series(gens, arrays[f"{name}_mean"], arrays[f"{name}_stderr"])
-    summary["w2"] = series(gens[w2_rows], arrays["w2_mean"][w2_rows], arrays["w2_stderr"][w2_rows])
+        summary[name] = series(
+            gens, arrays[f"{name}_mean"], arrays[f"{name}_stderr"], arrays[f"{name}_quantiles"]
+        )
+    summary["w2"] = series(
+        gens[w2_rows],
+        arrays["w2_mean"][w2_rows],
+        arrays["w2_stderr"][w2_rows],
+        arrays["w2_quantiles"][w2_rows],
+    )
     final = {}
     for name in ("l2_distance", "component_std", "heldout_loglik", "weight_entropy", "w2"):
         mean, se = arrays[f"{name}_mean"], arrays[f"{name}_stderr"]

@@ -291,7 +291,10 @@ def run(config: Config, out_dir: str | Path | RunDir, *, progress: bool | None =
     for name in (*METRICS, "w2"):
         rows = np.isfinite(arrays[f"{name}_mean"])
         summary[name] = series(
-            gens[rows], arrays[f"{name}_mean"][rows], arrays[f"{name}_stderr"][rows]
+            gens[rows],
+            arrays[f"{name}_mean"][rows],
+            arrays[f"{name}_stderr"][rows],
+            arrays[f"{name}_quantiles"][rows],
         )
     run_dir.write_summary(summary)
     figures = run_dir.figures(make_figures)
