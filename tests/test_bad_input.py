@@ -488,7 +488,7 @@ LM_COMMON = {
     "tokenizer": spec("{missing}/tokenizer", "{empty_dir}"),
     "dtype": choice(),
     "batch_size": ints(1, huge=True),
-    "out": spec("{missing}/sub/out.jsonl", "{empty_dir}"),
+    "out": spec("{corrupt}.npy/out.jsonl", "{empty_dir}"),
 }
 LM_RULES = {
     "score": {
@@ -498,7 +498,7 @@ LM_RULES = {
     },
     "generate": {
         **LM_COMMON,
-        "prompt_file": spec("{missing}.txt", "{empty_dir}", "{binary}", "{empty_line}"),
+        "prompt_file": spec("{missing}.txt", "{empty_dir}", "{binary}", "{empty_file}"),
         "num_beams": ints(1, huge=True),
         "max_new_tokens": plus(ints(1, huge=True), "64"),  # prompt + 64 > 64 positions
         "min_new_tokens": plus(ints(0, huge=True), "9"),  # > max_new_tokens (8)
@@ -507,7 +507,7 @@ LM_RULES = {
         "do_sample": Rule(("=maybe",)),
         "temperature": floats(0.0, open_min=True),
         "top_k": ints(0),
-        "top_p": floats(0.0, open_min=True, maximum=1.0),
+        "top_p": floats(0.0, maximum=1.0),  # 0 keeps the likeliest token, as in transformers
         "seed": ints(0),
     },
 }
@@ -574,7 +574,7 @@ def lm_files(files, tmp_path_factory):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     (root / "text.txt").write_text("Model collapse is a degenerative process.\nHello\n")
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8")
-    (root / "empty_line.txt").write_text("Hello\n\n")
+    (root / "empty_file.txt").write_text("")
     return {
         **files,
         "model": str(root / "model"),
@@ -583,7 +583,7 @@ def lm_files(files, tmp_path_factory):
         "truncated": str(truncated),
         "text": str(root / "text.txt"),
         "binary": str(root / "binary.txt"),
-        "empty_line": str(root / "empty_line.txt"),
+        "empty_file": str(root / "empty_file.txt"),
     }
 
 
