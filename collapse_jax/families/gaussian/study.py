@@ -74,7 +74,7 @@ def validate(config: Config) -> Config:
     check_choice("estimator", config.estimator, th.ESTIMATORS)
     if not isinstance(config.x64, bool):
         raise ConfigError(f"x64 must be true or false, got {config.x64!r}")
-    check_float("d0_df", config.d0_df, 2.0, open_min=True)
+    check_float("d0_df (student-t degrees of freedom)", config.d0_df, 2.0, open_min=True)
     d = config.dim
     if config.d0_mean:
         _numbers("d0_mean", config.d0_mean, (d,))

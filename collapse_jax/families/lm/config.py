@@ -101,7 +101,10 @@ def validate(config: Config) -> Config:
         fr = (fr,)
     if isinstance(fr, str):
         fr = tuple(float(v) for v in fr.split(",") if v.strip())
-    fr = tuple(check_float(f"fresh_fractions (keep-fraction) {fr}: each", v, 0.0, 1.0) for v in fr)
+    fr = tuple(
+        check_float(f"fresh_fractions {fr}: fresh fraction (keep-fraction)", v, 0.0, 1.0)
+        for v in fr
+    )
     if not fr:
         raise ConfigError(f"fresh_fractions needs at least one value, got {fr}")
     config = dataclasses.replace(config, fresh_fractions=fr)
