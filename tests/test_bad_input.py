@@ -409,10 +409,56 @@ def test_study_flag_refuses_bad_value(
     check_refused(rc, err, name_forms(name, (flag,)), value, out)
 
 
+#: The flags of `collapse-jax run` itself (not config fields), tried on the discrete study.
+RUN_FLAGS = {
+    "--sweep": spec(
+        "samples",
+        "samples=",
+        "nope=1,2",
+        "policy=1,2",
+        "samples=1,x",
+        "samples=1.5",
+        "samples=10,0",
+        "chains=8,-1",
+        "fresh_fraction=0.1,nan",
+    ),
+    "--out": spec("{corrupt}.npy"),  # an existing file
+    "--progress": Rule(("=maybe",)),
+    "--no-progress": Rule(("=maybe",)),
+    "--no-cache": Rule(("=maybe",)),
+}
+RUN_CASES = [
+    pytest.param(flag, v, id=f"run{flag}-{v}")
+    for flag, rule in RUN_FLAGS.items()
+    for v in rule.values
+]
+
+
+@pytest.mark.parametrize(("flag", "value"), RUN_CASES)
+def test_run_flag_refuses_bad_value(flag, value, files, tmp_path, capsys, monkeypatch):
+    module = load_study("discrete")
+    monkeypatch.setattr(module, "run", _run_must_not_start)
+    value = fill(value, files)
+    out = tmp_path / "run"
+    argv = ["run", "discrete", "--chains", "8", "--generations", "5"]
+    argv += [flag + value] if value.startswith("=") else [flag, value]
+    if flag != "--out":
+        argv += ["--out", str(out)]
+    rc, err = run_cli(argv, capsys)
+    check_refused(rc, err, {flag, flag.lstrip("-")}, value, out)
+
+
 def test_case_count(capsys):
     """The number of (flag, invalid value) cases over the studies (printed for the record)."""
     n_flags = sum(len(_fields(s)) for s in STUDIES)
-    print(f"studies: {n_flags} flags x invalid values = {len(STUDY_CASES)} cases")
+    n_lm = sum(len(t) for t in LM_RULES.values())
+    total = len(STUDY_CASES) + len(RUN_CASES) + len(LM_CASES)
+    with capsys.disabled():
+        print(
+            f"\nbad input: {n_flags} study flags ({len(STUDY_CASES)} cases), "
+            f"{len(RUN_FLAGS)} run flags ({len(RUN_CASES)} cases), {n_lm} lm subcommand options "
+            f"({len(LM_CASES)} cases): {n_flags + len(RUN_FLAGS) + n_lm} flags, {total} cases"
+        )
     assert len(STUDY_CASES) >= 3 * n_flags
 
 
