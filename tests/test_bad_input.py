@@ -271,16 +271,35 @@ def _fields(study: str):
     return [(f.name, hints[f.name]) for f in dataclasses.fields(module.Config)]
 
 
+def _aliases(study: str) -> dict[str, list[str]]:
+    """Per field, its flags other than ``--field-name`` / ``--no-field-name``."""
+    parser = argparse.ArgumentParser()
+    load_study(study).add_arguments(parser)
+    out = {}
+    for a in parser._actions:
+        flag = "--" + a.dest.replace("_", "-")
+        extra = [o for o in a.option_strings if o not in (flag, "--no-" + flag[2:], "-h")]
+        if extra:
+            out[a.dest] = extra
+    return out
+
+
 def study_cases():
+    """(study, field, flag, value, context) for every invalid value of every field, and the
+    first two through each alias of a field."""
     cases = []
     for study in STUDIES:
+        aliases = _aliases(study)
         for name, typ in _fields(study):
             rule = field_rule(study, name, typ)
-            for value in rule.values if rule else ():
-                value, context = value if isinstance(value, tuple) else (value, ())
-                cases.append(
-                    pytest.param(study, name, value, context, id=f"{study}-{name}-{value}")
-                )
+            flags = ["--" + name.replace("_", "-"), *aliases.get(name, [])]
+            for flag in flags:
+                values = rule.values if rule else ()
+                for value in values if flag == flags[0] else values[:2]:
+                    value, context = value if isinstance(value, tuple) else (value, ())
+                    cases.append(
+                        pytest.param(study, name, flag, value, context, id=f"{study}{flag}-{value}")
+                    )
     return cases
 
 
@@ -394,14 +413,13 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 # Every flag of every study
 
 
-@pytest.mark.parametrize(("study", "name", "value", "context"), STUDY_CASES)
+@pytest.mark.parametrize(("study", "name", "flag", "value", "context"), STUDY_CASES)
 def test_study_flag_refuses_bad_value(
-    study, name, value, context, files, tmp_path, capsys, monkeypatch
+    study, name, flag, value, context, files, tmp_path, capsys, monkeypatch
 ):
     module = load_study(study)
     monkeypatch.setattr(module, "run", _run_must_not_start)
     value = fill(value, files)
-    flag = "--" + name.replace("_", "-")
     out = tmp_path / "run"
     arg = [flag + value] if value.startswith("=") else [flag, value]
     argv = ["run", study, "--out", str(out), "--no-progress", *context, *arg]
@@ -451,11 +469,12 @@ def test_run_flag_refuses_bad_value(flag, value, files, tmp_path, capsys, monkey
 def test_case_count(capsys):
     """The number of (flag, invalid value) cases over the studies (printed for the record)."""
     n_flags = sum(len(_fields(s)) for s in STUDIES)
+    n_aliases = sum(len(v) for s in STUDIES for v in _aliases(s).values())
     n_lm = sum(len(t) for t in LM_RULES.values())
     total = len(STUDY_CASES) + len(RUN_CASES) + len(LM_CASES)
     with capsys.disabled():
         print(
-            f"\nbad input: {n_flags} study flags ({len(STUDY_CASES)} cases), "
+            f"\nbad input: {n_flags} study flags + {n_aliases} aliases ({len(STUDY_CASES)} cases), "
             f"{len(RUN_FLAGS)} run flags ({len(RUN_CASES)} cases), {n_lm} lm subcommand options "
             f"({len(LM_CASES)} cases): {n_flags + len(RUN_FLAGS) + n_lm} flags, {total} cases"
         )

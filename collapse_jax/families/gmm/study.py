@@ -173,10 +173,10 @@ def setup(config: Config):
                 f"{MAX_POOL_BYTES / 2**30:.0f} GiB; use fewer generations, recursions or samples"
             )
     # Per recursion: the batch, training set, pool and held-out points, and EM's
-    # responsibilities (points × components).
+    # responsibilities (points × components, over the pool for accumulating policies).
     rows = 3 * max_batch + capacity
     check_memory(
-        4 * config.chains * (rows * (d0.dim + 1) + max_batch * k + config.heldout * d0.dim),
+        4 * config.chains * (rows * (d0.dim + 1 + k) + config.heldout * d0.dim),
         f"chains {config.chains} of {rows} points and components {k}",
         "use fewer chains, samples or components",
     )

@@ -142,10 +142,10 @@ def setup(config: Config):
                 f"{MAX_POOL_BYTES / 2**30:.0f} GiB; use fewer generations, chains or samples"
             )
     # Per chain: batch, training set and pool rows (d + 1 columns: the ancestor index), the
-    # held-out points and the pairwise distances of a batch.
+    # held-out points and their squared distances to every centre (the held-out NLL).
     rows = 3 * max_batch + capacity
     check_memory(
-        4 * config.chains * (rows * (dataset.dim + 1) + heldout * dataset.dim + max_batch**2),
+        4 * config.chains * (rows * (dataset.dim + 1) + heldout * (dataset.dim + rows)),
         f"chains {config.chains} of {rows} points and heldout {heldout}",
         "use fewer chains, samples or held-out points",
     )
