@@ -398,9 +398,8 @@ def check_loop_fields(config) -> tuple[Policy, Schedule]:
     """Validate the fields every generational study shares (``samples``, ``chains``,
     ``generations``, ``record_every``, ``seed``, ``policy``, ``fresh_fraction``, ``schedule``)
     and return the parsed policy and schedule."""
+    maxima = {"samples": 2**31 - 1, "generations": MAX_GENERATIONS}
     for name in ("samples", "chains", "generations", "record_every"):
-        check_int(name, getattr(config, name), 1)
-    check_int("generations", config.generations, 1, MAX_GENERATIONS)
-    check_int("samples", config.samples, 1, 2**31 - 1)
+        check_int(name, getattr(config, name), 1, maxima.get(name))
     check_int("seed", config.seed, 0)
     return Policy.parse(config.policy, config.fresh_fraction), Schedule.parse(config.schedule)

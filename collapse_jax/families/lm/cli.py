@@ -141,14 +141,13 @@ def windows(ids: list[int], block_size: int) -> Iterator[list[int]]:
         yield ids[start : start + block_size]
 
 
-def _check_memory(args, config, rows: int, positions: int) -> None:
-    """Refuse a batch whose logits and key/value cache no machine holds, before compiling."""
+def _check_memory(config, rows: int, what: str, positions: int) -> None:
+    """Refuse a batch whose logits and key/value cache no machine holds, before compiling;
+    ``what`` names the flags that make its ``rows`` sequences."""
     per_position = config.vocab_size + 2 * config.num_hidden_layers * config.hidden_size
     check_memory(
         4.0 * rows * positions * per_position,
-        f"batch-size {args.batch_size} ({rows} sequences) of {positions} positions with "
-        f"vocab_size {config.vocab_size}",
-        "use a smaller --batch-size",
+        f"{what} ({rows} sequences) of {positions} positions with vocab_size {config.vocab_size}",
     )
 
 
@@ -161,7 +160,7 @@ def cmd_score(args, out: TextIO) -> int:
     config, params, tokenizer, dtype = _load(args)
     block = config.max_position_embeddings if args.block_size is None else args.block_size
     block = check_int("block-size", block, 2, config.max_position_embeddings)
-    _check_memory(args, config, args.batch_size, block)
+    _check_memory(config, args.batch_size, f"batch-size {args.batch_size}", block)
     pieces, owner = [], []
     for i, text in enumerate(texts):
         ids = list(tokenizer(text)["input_ids"])
@@ -217,12 +216,12 @@ def cmd_generate(args, out: TextIO) -> int:
     check_float("top-p", args.top_p, 0.0, 1.0)
     check_int("seed", args.seed, 0)
     config, params, tokenizer, dtype = _load(args)
-    if 2 * args.num_beams > config.vocab_size:
-        raise ConfigError(
-            f"num-beams {args.num_beams} needs 2 × num-beams candidates, more than the model's "
-            f"vocab_size {config.vocab_size}"
-        )
-    _check_memory(args, config, args.batch_size * args.num_beams, config.max_position_embeddings)
+    _check_memory(
+        config,
+        args.batch_size * args.num_beams,
+        f"batch-size {args.batch_size} × num-beams {args.num_beams}",
+        config.max_position_embeddings,
+    )
     encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:

@@ -166,7 +166,7 @@ def _check_paths(config: Config) -> None:
     if config.model not in BUILTIN_MODELS:
         _check_local_dir("model", config.model, ("config.json",))
     if config.tokenizer:
-        names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+        names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
         _check_local_dir("tokenizer", config.tokenizer, names)
     if config.corpus not in ("synthetic", "wikitext"):
         path = Path(config.corpus).expanduser()
