@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import tomllib
@@ -66,10 +67,17 @@ def cmd_run(argv: list[str]) -> int:
     compilation.enable(not args.no_cache)
     config = module.config_from_args(args, base)
     out = Path(args.out) if args.out else default_out(target)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a run directory")
     if args.sweep:
         from collapse_jax.core.report import run_sweep  # matplotlib: only when sweeping
 
         field, values = parse_sweep(args.sweep, config)
+        for v in values:  # every value is refused before the first one runs
+            try:
+                module.validate(dataclasses.replace(config, **{field: v}))
+            except ConfigError as e:
+                raise ConfigError(f"--sweep {args.sweep!r}: {field} = {v}: {e}") from None
         run_sweep(module, config, field, values, out, progress=args.progress)
     else:
         module.run(config, out, progress=args.progress)

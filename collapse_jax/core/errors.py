@@ -13,6 +13,24 @@ class ConfigError(ValueError):
     """A configuration or input value is invalid. The CLI prints it as one line and exits 2."""
 
 
+#: Memory a configuration may ask for (its own estimate) before it is refused at validation,
+#: instead of failing to allocate after compiling: 256 GiB, beyond any one host or accelerator.
+MAX_BYTES = 2**38
+
+#: Generations of a generational run: per-generation host arrays (sizes, records) stay small.
+MAX_GENERATIONS = 10**7
+
+
+def check_memory(nbytes: float, what: str, hint: str = "") -> None:
+    """Refuse a configuration whose estimated memory ``nbytes`` exceeds :data:`MAX_BYTES`;
+    ``what`` names the values that make it (``"4096 chains of 10**9 states"``)."""
+    if nbytes > MAX_BYTES:
+        raise ConfigError(
+            f"{what} need about {nbytes / 2**30:.3g} GiB, above {MAX_BYTES / 2**30:.0f} GiB"
+            + (f"; {hint}" if hint else "")
+        )
+
+
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return ``value`` as an int, or raise naming ``name`` and the value."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):

@@ -85,7 +85,17 @@ def _field_type(config_cls, name: str):
 
 
 def parse_sweep(spec: str, config) -> tuple[str, list]:
-    """``NAME=v1,v2,...`` on a numeric config field -> (field, typed values)."""
+    """``NAME=v1,v2,...`` on a numeric config field -> (field, typed values); errors name the
+    whole specification."""
+    try:
+        return _parse_sweep(spec, config)
+    except ConfigError as e:
+        if repr(spec) in str(e):
+            raise
+        raise ConfigError(f"--sweep {spec!r}: {str(e).removeprefix('--sweep: ')}") from None
+
+
+def _parse_sweep(spec: str, config) -> tuple[str, list]:
     name, sep, values = spec.partition("=")
     field = name.strip().lstrip("-").replace("-", "_")
     if not sep or not values:

@@ -10,6 +10,7 @@ import functools
 import inspect
 import io
 import json
+import re
 import tokenize
 import typing
 from collections.abc import Callable
@@ -44,12 +45,23 @@ def field_comments(config_cls) -> dict[str, str]:
     return comments
 
 
+#: Arguments that are values, not options, although they start with "-": negative numbers in
+#: any spelling (``-inf``, ``-1e-3``, ``-.5``) and comma-separated lists (``-0.5,1.5``).
+_NEGATIVE_VALUE = re.compile(r"-(inf|infinity|nan|\.?\d)[\w.,:+-]*", re.IGNORECASE)
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse`` with one-line errors: ``PROG: error: MESSAGE`` and exit code 2, no usage
-    block (``--help`` still prints it)."""
+    block (``--help`` still prints it). A negative value (``--fresh-fraction -inf``,
+    ``--p0 -0.5,1.5``) is taken as the flag's value, so that validation can name it."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _parse_optional(self, arg_string):
+        if _NEGATIVE_VALUE.fullmatch(arg_string):
+            return None
+        return super()._parse_optional(arg_string)
 
 
 def _sequence(text: str):

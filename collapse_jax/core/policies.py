@@ -29,7 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.core.errors import ConfigError, check_float, check_int, load_array
+from collapse_jax.core.errors import (
+    MAX_GENERATIONS,
+    ConfigError,
+    check_float,
+    check_int,
+    load_array,
+)
 
 POLICY_MODES = ("replace", "mix", "accumulate", "accumulate-subsample")
 
@@ -90,7 +96,10 @@ class Policy:
                 raise ConfigError(
                     f"--fresh-fraction {gamma} conflicts with explicit policy {spec!r}; put gamma in the mix"
                 )
-            return cls("mix", a, b, c)
+            try:
+                return cls("mix", a, b, c)
+            except ConfigError as e:
+                raise ConfigError(f"policy {spec!r}: {e}") from None
         if spec not in ("replace", "accumulate", "accumulate-subsample"):
             raise ConfigError(f"unknown policy {spec!r}; choose one of {', '.join(POLICY_MODES)}")
         return cls(spec, 1.0 - gamma, 0.0, gamma)
@@ -239,11 +248,21 @@ class Schedule:
     kind: str = "constant"  # constant | linear | poly | list
     rate: float = 0.0  # linear: slope (0 means M0 per generation); poly: exponent a
     values: tuple[int, ...] = ()  # explicit sizes for kind == "list"
+    source: str = dataclasses.field(default="", compare=False)  # the spec, named in errors
 
     @classmethod
     def parse(cls, spec: str) -> Schedule:
         """``constant``, ``linear``, ``linear:SLOPE``, ``poly:A``, ``list:M0,M1,...`` or a file."""
-        spec = spec.strip()
+        spec = str(spec).strip()
+        try:
+            return dataclasses.replace(cls._parse(spec), source=spec)
+        except ConfigError as e:
+            if repr(spec) in str(e) or spec in str(e):
+                raise
+            raise ConfigError(f"schedule {spec!r}: {e}") from None
+
+    @classmethod
+    def _parse(cls, spec: str) -> Schedule:
         head, _, rest = spec.partition(":")
         if spec == "constant":
             return cls("constant")
@@ -276,6 +295,8 @@ class Schedule:
     def sizes(self, m0: int, generations: int) -> np.ndarray:
         """The sizes ``M_0 .. M_{G-1}`` as an int64 array; every entry must be >= 1."""
         m0 = check_int("samples", m0, 1)
+        generations = check_int("generations", generations, 0, MAX_GENERATIONS + 1)
+        name = repr(self.source) if self.source else self.describe()
         i = np.arange(generations, dtype=np.float64)
         if self.kind == "constant":
             out = np.full(generations, m0, dtype=np.float64)
@@ -286,15 +307,21 @@ class Schedule:
         elif self.kind == "list":
             if len(self.values) < generations:
                 raise ConfigError(
-                    f"schedule list has {len(self.values)} sizes but {generations} generations need one each"
+                    f"schedule {name} has {len(self.values)} sizes but {generations} generations "
+                    "need one each"
                 )
             out = np.asarray(self.values[:generations], dtype=np.float64)
         else:
             raise ConfigError(f"unknown schedule kind {self.kind!r}")
         if np.any(out < 1):
-            raise ConfigError(f"schedule gives a sample size {int(out.min())} < 1")
+            raise ConfigError(
+                f"schedule {name} with samples {m0} gives a sample size {int(out.min())} < 1"
+            )
         if np.any(out > 2**31 - 1):
-            raise ConfigError(f"schedule gives a sample size {out.max():.3g} beyond int32")
+            raise ConfigError(
+                f"schedule {name} with samples {m0} gives a sample size {out.max():.3g} beyond "
+                "int32"
+            )
         return out.astype(np.int64)
 
     def describe(self) -> str:
@@ -371,7 +398,8 @@ def check_loop_fields(config) -> tuple[Policy, Schedule]:
     """Validate the fields every generational study shares (``samples``, ``chains``,
     ``generations``, ``record_every``, ``seed``, ``policy``, ``fresh_fraction``, ``schedule``)
     and return the parsed policy and schedule."""
+    maxima = {"samples": 2**31 - 1, "generations": MAX_GENERATIONS}
     for name in ("samples", "chains", "generations", "record_every"):
-        check_int(name, getattr(config, name), 1)
+        check_int(name, getattr(config, name), 1, maxima.get(name))
     check_int("seed", config.seed, 0)
     return Policy.parse(config.policy, config.fresh_fraction), Schedule.parse(config.schedule)

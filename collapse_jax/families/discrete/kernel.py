@@ -58,6 +58,14 @@ class DiscreteInfo(NamedTuple):
     metrics: DiscreteMetrics
 
 
+def _integer(text: str):
+    """``text`` as an int when it spells one, else as is (for check_int to name it)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def initial_distribution(spec: str | np.ndarray, states: int | None = None) -> np.ndarray:
     """Parse an initial distribution p0.
 
@@ -84,7 +92,7 @@ def initial_distribution(spec: str | np.ndarray, states: int | None = None) -> n
             else:
                 a_str, _, seed_str = rest.partition(":")
                 a = check_float("dirichlet concentration", a_str or "1.0", 0.0, open_min=True)
-                seed = check_int("dirichlet seed", int(seed_str), 0) if seed_str else 0
+                seed = check_int("dirichlet seed", _integer(seed_str), 0) if seed_str else 0
                 p = np.random.default_rng(seed).dirichlet(np.full(k, a))
         elif spec.endswith(".npy"):
             p = load_array("p0", spec, ndim=(1,))

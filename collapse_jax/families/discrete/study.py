@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from collapse_jax.core import report as rep
-from collapse_jax.core.errors import ConfigError, check_choice, check_int
+from collapse_jax.core.errors import ConfigError, check_choice, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import chain_stats, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
@@ -59,11 +59,20 @@ def validate(config: Config) -> Config:
     """Check every field; raise ConfigError naming the bad value."""
     policy, schedule = check_loop_fields(config)
     check_choice("method", config.method, proc.METHODS)
+    check_int("states", config.states, 2)
     p0 = _p0(config)
     sizes = schedule.sizes(config.samples, config.generations)
     if policy.mode == "accumulate" and sizes.sum() > 2**31 - 1:
         raise ConfigError(f"accumulate pools {sizes.sum()} samples, beyond int32 counts")
-    del p0
+    # Per chain: counts, pool, p0 and index of every state (and M draws for method samples).
+    k = p0.shape[0]
+    per_chain = 6 * 4 * k + (3 * 4 * int(sizes.max()) if config.method == "samples" else 0)
+    check_memory(
+        config.chains * per_chain,
+        f"chains {config.chains} of states {k} (samples {int(sizes.max())}, method "
+        f"{config.method})",
+        "use fewer chains, states or samples",
+    )
     return config
 
 
@@ -72,8 +81,14 @@ def _p0(config: Config) -> np.ndarray:
     parametric = spec == "uniform" or spec.split(":")[0] in ("zipf", "dirichlet")
     if parametric:
         check_int("states", config.states, 2)
-        return proc.initial_distribution(spec, config.states)
-    return proc.initial_distribution(spec)
+        # p0 is materialised per state: refuse a K no memory holds before allocating it.
+        check_memory(8 * config.states, f"p0 {spec!r} over states {config.states}")
+    try:
+        return proc.initial_distribution(spec, config.states if parametric else None)
+    except ConfigError as e:
+        if spec in str(e):
+            raise
+        raise ConfigError(f"p0 {spec!r}: {e}") from None
 
 
 def demo_config() -> Config:

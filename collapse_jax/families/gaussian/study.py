@@ -12,7 +12,13 @@ import jax
 import numpy as np
 
 from collapse_jax.core import report as rep
-from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
+from collapse_jax.core.errors import (
+    ConfigError,
+    check_choice,
+    check_float,
+    check_int,
+    check_memory,
+)
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import precision, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
@@ -68,14 +74,45 @@ def validate(config: Config) -> Config:
     check_choice("estimator", config.estimator, th.ESTIMATORS)
     if not isinstance(config.x64, bool):
         raise ConfigError(f"x64 must be true or false, got {config.x64!r}")
+    check_float("d0_df (student-t degrees of freedom)", config.d0_df, 2.0, open_min=True)
+    d = config.dim
+    if config.d0_mean:
+        _numbers("d0_mean", config.d0_mean, (d,))
+    if config.d0_cov:
+        cov = _numbers("d0_cov", config.d0_cov, (d, d), scalar_ok=d == 1)
+        gd0._check_pd(f"d0_cov {config.d0_cov}", cov.reshape(d, d))
+    n = config.ot_samples
+    check_memory(16 * n * n, f"ot_samples {n} (an {n} × {n} transport problem)")
     d0 = _d0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
+    # Per chain: the sufficient statistics (a few d × d matrices), and for the samples sampler
+    # the batch and (accumulating) the pool of d-vectors.
+    rows = int(sizes.max()) + (int(sizes.sum()) if policy.accumulates else 0)
+    per_chain = 8 * (8 * d * d + (d * rows if config.sampler == "samples" else 0))
+    check_memory(
+        config.chains * per_chain,
+        f"chains {config.chains} in dim {d} (sampler {config.sampler}, {rows} rows)",
+        "use fewer chains or samples",
+    )
     proc.make_family(  # raises for sampler/policy/size combinations that are invalid
         d0, sizes[:2], sampler=config.sampler, estimator=config.estimator, policy=policy
     ) if config.generations >= 2 else None
     proc.validate_sizes(sizes, config.dim, config.estimator, policy)
     return config
+
+
+def _numbers(name: str, value, shape: tuple[int, ...], scalar_ok: bool = False) -> np.ndarray:
+    """``value`` as a finite float array of ``shape``; ConfigError naming ``name`` and it."""
+    try:
+        a = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must hold numbers, got {value!r}") from None
+    if a.shape != shape and not (scalar_ok and a.size == 1):
+        raise ConfigError(f"{name} {value!r} has shape {a.shape}, expected {shape}")
+    if not np.all(np.isfinite(a)):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    return a
 
 
 def _d0(config: Config) -> gd0.D0:

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax.core import report as rep
-from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
+from collapse_jax.core.errors import (
+    ConfigError,
+    check_choice,
+    check_float,
+    check_int,
+    check_memory,
+)
 from collapse_jax.core.flags import add_config_arguments, apply_flags, as_tuple
 from collapse_jax.core.loop import chain_arrays, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields, check_reuse
@@ -103,14 +109,34 @@ def validate(config: Config) -> Config:
     check_float("w2_epsilon", config.w2_epsilon, 0.0, open_min=True)
     check_int("pool_capacity", config.pool_capacity, 0)
     for g in config.snapshots:
-        check_int("snapshot generation", g, 0)
+        check_int(f"snapshots {config.snapshots}: generation", g, 0)
+    if config.d0 != "mixture":
+        for name in ("d0_weights", "d0_means", "d0_covs"):
+            if getattr(config, name):
+                raise ConfigError(
+                    f"{name} {getattr(config, name)} applies to d0 = 'mixture' only, "
+                    f"not d0 {config.d0!r}"
+                )
     setup(config)
     return config
 
 
 def setup(config: Config):
     """Everything derived from the config: (D0, policy, sizes M_0..M_G, recursion spec)."""
-    d0 = proc.original_data(config.d0, config.d0_weights, config.d0_means, config.d0_covs)
+    try:
+        d0 = proc.original_data(config.d0, config.d0_weights, config.d0_means, config.d0_covs)
+    except ConfigError as e:
+        if config.d0 != "mixture":
+            raise
+        raise ConfigError(
+            f"d0 mixture (d0_weights {config.d0_weights}, d0_means {config.d0_means}, d0_covs "
+            f"{config.d0_covs}): {e}"
+        ) from None
+    check_memory(
+        4 * d0.dim * config.chains * config.heldout,
+        f"chains {config.chains} of heldout {config.heldout} points",
+        "use fewer chains or held-out points",
+    )
     d0 = d0.split_heldout(config.heldout, config.seed)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     # M_0 .. M_G: M_n is the batch drawn at generation n (M_G is drawn but never fitted).
@@ -141,10 +167,19 @@ def setup(config: Config):
         nbytes = capacity * d0.dim * 4 * config.chains
         if nbytes > MAX_POOL_BYTES:
             raise ConfigError(
-                f"policy {policy.mode!r} needs a pool of {capacity} points per recursion "
+                f"policy {policy.mode!r} with pool_capacity {config.pool_capacity} needs a pool "
+                f"of {capacity} points per recursion "
                 f"({nbytes / 2**30:.1f} GiB for {config.chains} recursions), above "
                 f"{MAX_POOL_BYTES / 2**30:.0f} GiB; use fewer generations, recursions or samples"
             )
+    # Per recursion: the batch, training set, pool and held-out points, and EM's
+    # responsibilities (points × components, over the pool for accumulating policies).
+    rows = 3 * max_batch + capacity
+    check_memory(
+        4 * config.chains * (rows * (d0.dim + 1 + k) + config.heldout * d0.dim),
+        f"chains {config.chains} of {rows} points and components {k}",
+        "use fewer chains, samples or components",
+    )
     em = proc.EMConfig(config.covariance_type, config.tol, config.max_iter, config.reg_covar)
     spec = proc.RecursionSpec(
         n_components=k,

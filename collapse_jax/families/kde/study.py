@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax.core import report as rep
-from collapse_jax.core.errors import ConfigError, check_float, check_int
+from collapse_jax.core.errors import ConfigError, check_float, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import chain_arrays, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields, check_reuse
@@ -85,6 +85,7 @@ def validate(config: Config) -> Config:
     check_float("noise", config.noise, 0.0)
     check_float("factor", config.factor, 0.0, 1.0, open_min=True)
     check_int("blob_centers", config.blob_centers, 1)
+    check_memory(16 * config.blob_centers, f"blob_centers {config.blob_centers}")
     check_float("blob_std", config.blob_std, 0.0, open_min=True)
     check_int("heldout", config.heldout, 1)
     check_int("w2_samples", config.w2_samples, 1)
@@ -140,6 +141,14 @@ def setup(config: Config):
                 f"({nbytes / 2**30:.1f} GiB for {config.chains} chains), above "
                 f"{MAX_POOL_BYTES / 2**30:.0f} GiB; use fewer generations, chains or samples"
             )
+    # Per chain: batch, training set and pool rows (d + 1 columns: the ancestor index), the
+    # held-out points and their squared distances to every centre (the held-out NLL).
+    rows = 3 * max_batch + capacity
+    check_memory(
+        4 * config.chains * (rows * (dataset.dim + 1) + heldout * (dataset.dim + rows)),
+        f"chains {config.chains} of {rows} points and heldout {heldout}",
+        "use fewer chains, samples or held-out points",
+    )
     spec = proc.KDESpec(
         bandwidth=bandwidth,
         policy=policy,

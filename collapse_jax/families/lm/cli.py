@@ -28,7 +28,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
+from collapse_jax.core.errors import (
+    ConfigError,
+    check_choice,
+    check_float,
+    check_int,
+    check_memory,
+)
 from collapse_jax.core.flags import Parser
 from collapse_jax.core.runs import atomic_path
 
@@ -100,13 +106,18 @@ def _load(args) -> tuple[Any, Any, Any, Any]:
 
     dtype_name = check_choice("dtype", args.dtype, DTYPES)
     check_int("batch-size", args.batch_size, 1)
-    model_dir = resolve_model_dir(args.model)
-    config, params = load_pretrained(model_dir)
+    try:
+        model_dir = resolve_model_dir(args.model)
+        config, params = load_pretrained(model_dir)
+    except ConfigError as err:
+        if args.model in str(err) and "model" in str(err):
+            raise
+        raise ConfigError(f"model {args.model}: {err}") from None
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{config.vocab_size}"
+            f"tokenizer {args.tokenizer or args.model} has {len(tokenizer)} tokens but model "
+            f"{args.model} has vocab_size {config.vocab_size}: token ids would reach beyond it"
         )
     dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     return config, jax.device_put(params), tokenizer, dtype
@@ -130,13 +141,26 @@ def windows(ids: list[int], block_size: int) -> Iterator[list[int]]:
         yield ids[start : start + block_size]
 
 
+def _check_memory(config, rows: int, what: str, positions: int) -> None:
+    """Refuse a batch whose logits and key/value cache no machine holds, before compiling;
+    ``what`` names the flags that make its ``rows`` sequences."""
+    per_position = config.vocab_size + 2 * config.num_hidden_layers * config.hidden_size
+    check_memory(
+        4.0 * rows * positions * per_position,
+        f"{what} ({rows} sequences) of {positions} positions with vocab_size {config.vocab_size}",
+    )
+
+
 def cmd_score(args, out: TextIO) -> int:
     from collapse_jax.families.lm.training import opt_apply_fn, score_sequences
 
     texts = _read_lines(args.text_file, "text file")
+    if args.block_size is not None:
+        check_int("block-size", args.block_size, 2)
     config, params, tokenizer, dtype = _load(args)
     block = config.max_position_embeddings if args.block_size is None else args.block_size
     block = check_int("block-size", block, 2, config.max_position_embeddings)
+    _check_memory(config, args.batch_size, f"batch-size {args.batch_size}", block)
     pieces, owner = [], []
     for i, text in enumerate(texts):
         ids = list(tokenizer(text)["input_ids"])
@@ -180,12 +204,24 @@ def cmd_generate(args, out: TextIO) -> int:
     from collapse_jax.families.lm.opt import OPTForCausalLM
 
     prompts = _read_lines(args.prompt_file, "prompt file")
+    if not prompts:
+        raise ConfigError(f"prompt file {args.prompt_file} holds no prompts")
     check_int("num-beams", args.num_beams, 1)
     check_int("max-new-tokens", args.max_new_tokens, 1)
     check_int("min-new-tokens", args.min_new_tokens, 0, args.max_new_tokens)
     check_float("repetition-penalty", args.repetition_penalty, 0.0, open_min=True)
+    check_float("length-penalty", args.length_penalty)
+    check_float("temperature", args.temperature, 0.0, open_min=True)
+    check_int("top-k", args.top_k, 0)
+    check_float("top-p", args.top_p, 0.0, 1.0)
     check_int("seed", args.seed, 0)
     config, params, tokenizer, dtype = _load(args)
+    _check_memory(
+        config,
+        args.batch_size * args.num_beams,
+        f"batch-size {args.batch_size} × num-beams {args.num_beams}",
+        config.max_position_embeddings,
+    )
     encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
@@ -251,11 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out is None:
             return _dispatch(args, sys.stdout)
+        _check_out(args.out)
         with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as out:
             return _dispatch(args, out)
     except ConfigError as err:
         print(f"collapse-jax lm: error: {err}", file=sys.stderr)
         return 2
+
+
+def _check_out(path: str) -> None:
+    """``--out`` must be a file path whose directory exists or can be made."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"out {path} is a directory; give a file path")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"out {path}: {parent} is not a directory")
+            break
 
 
 def _dispatch(args, out: TextIO) -> int:

@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
+from collapse_jax.core.errors import (
+    ConfigError,
+    check_choice,
+    check_float,
+    check_int,
+    check_memory,
+)
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.policies import Policy
 from collapse_jax.families import DESCRIPTIONS
@@ -95,9 +101,12 @@ def validate(config: Config) -> Config:
         fr = (fr,)
     if isinstance(fr, str):
         fr = tuple(float(v) for v in fr.split(",") if v.strip())
-    fr = tuple(check_float("fresh fraction (keep-fraction)", v, 0.0, 1.0) for v in fr)
+    fr = tuple(
+        check_float(f"fresh_fractions {fr}: fresh fraction (keep-fraction)", v, 0.0, 1.0)
+        for v in fr
+    )
     if not fr:
-        raise ConfigError("fresh_fractions needs at least one value")
+        raise ConfigError(f"fresh_fractions needs at least one value, got {fr}")
     config = dataclasses.replace(config, fresh_fractions=fr)
     for v in fr:
         Policy.parse(config.policy, v)
@@ -146,7 +155,76 @@ def validate(config: Config) -> Config:
         raise ConfigError("model must be a built-in size, a directory or a hub id")
     if config.model in BUILTIN_MODELS and config.pretrain_epochs > 0:
         check_int("pretrain_blocks (built-in model)", config.pretrain_blocks, 1)
+    _check_paths(config)
+    _check_cost(config)
     return config
+
+
+def _check_paths(config: Config) -> None:
+    """Local paths given for the model, tokenizer or corpus must be what they claim (a hub id
+    is only looked up in :func:`prepare`)."""
+    if config.model not in BUILTIN_MODELS:
+        _check_local_dir("model", config.model, ("config.json",))
+    if config.tokenizer:
+        names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+        _check_local_dir("tokenizer", config.tokenizer, names)
+    if config.corpus not in ("synthetic", "wikitext"):
+        path = Path(config.corpus).expanduser()
+        if not path.is_dir():
+            raise ConfigError(
+                f"corpus {config.corpus!r} is neither synthetic, wikitext nor a directory"
+            )
+        names = [n for files in corpora._SPLIT_FILES.values() for n in files]
+        if not any((path / n).is_file() for n in names):
+            raise ConfigError(f"corpus directory {config.corpus!r} has no train/valid/test.txt")
+
+
+def _check_local_dir(what: str, value: str, needs: tuple[str, ...]) -> None:
+    """``value`` names a local directory (it exists, or looks like a path: the rule of
+    ``resolve_model_dir``) holding one of ``needs``; a hub id passes."""
+    path = Path(value).expanduser()
+    looks_local = path.exists() or value.startswith((".", "/", "~")) or value.count("/") > 1
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{what} {value!r} is not a directory")
+    if not any((path / n).is_file() for n in needs):
+        raise ConfigError(f"{what} directory {value!r} has no {' or '.join(needs)}")
+
+
+#: Fine-tuning epochs a configuration may ask for in all (seeds × arms × generations × epochs,
+#: plus pre-training): each trains on every block at least once, so 10^7 is beyond any run.
+MAX_EPOCHS = 10**7
+
+
+def _check_cost(config: Config) -> None:
+    """Refuse configurations whose time or memory no machine has, before anything loads: the
+    epochs trained in all, the logits of the largest batch (2 × block_size positions) and the
+    synthetic source's tables and text."""
+    c = config
+    epochs = c.seeds * len(c.fresh_fractions) * (c.generations + 1) * c.epochs + c.pretrain_epochs
+    if epochs > MAX_EPOCHS:
+        raise ConfigError(
+            f"seeds {c.seeds} × arms {len(c.fresh_fractions)} × generations {c.generations} × "
+            f"epochs {c.epochs} + pretrain_epochs {c.pretrain_epochs} = {epochs} epochs of "
+            f"training, above {MAX_EPOCHS}"
+        )
+    if c.corpus == "synthetic":
+        s, v = c.synthetic_states, c.synthetic_vocab
+        check_memory(
+            8.0 * (s * s + s * v) + 4.0 * c.synthetic_blocks * c.block_size,
+            f"synthetic_states {s}, synthetic_vocab {v} and synthetic_blocks "
+            f"{c.synthetic_blocks} of block_size {c.block_size}",
+        )
+    vocab = c.synthetic_vocab + 8 if c.corpus == "synthetic" else 50272
+    beams = c.num_beams if c.decoding == "beam" else 1
+    rows = max(c.batch_size // c.grad_accum_steps, c.eval_batch_size, c.generate_batch_size * beams)
+    check_memory(
+        4.0 * rows * 2 * c.block_size * vocab,
+        f"logits of batch_size {c.batch_size}, eval_batch_size {c.eval_batch_size}, "
+        f"generate_batch_size {c.generate_batch_size} × num_beams {c.num_beams} at block_size "
+        f"{c.block_size} (vocabulary {vocab})",
+    )
 
 
 def demo_config() -> Config:

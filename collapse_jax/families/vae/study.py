@@ -48,7 +48,13 @@ import numpy as np
 
 from collapse_jax.core import training as tr
 from collapse_jax.core.checkpointing import Checkpointer, arrays_to_tree, tree_to_arrays
-from collapse_jax.core.errors import ConfigError, check_choice, check_int
+from collapse_jax.core.errors import (
+    MAX_GENERATIONS,
+    ConfigError,
+    check_choice,
+    check_int,
+    check_memory,
+)
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.host_loop import (
     Progress,
@@ -109,10 +115,10 @@ class Config:
 def validate(config: Config) -> Config:
     """Check every field; raise :class:`ConfigError` naming the bad value."""
     c = config
-    check_int("generations", c.generations, 1)
+    check_int("generations", c.generations, 1, MAX_GENERATIONS)
     check_int("epochs", c.epochs, 1)
     check_int("batch size", c.batch_size, 1)
-    check_int("samples", c.samples, 1)
+    check_int("samples", c.samples, 1, 2**31 - 1)
     if c.samples < c.batch_size:
         raise ConfigError(f"samples {c.samples} must be at least the batch size {c.batch_size}")
     sizes = Schedule.parse(c.schedule).sizes(c.samples, c.generations)
@@ -141,7 +147,39 @@ def validate(config: Config) -> Config:
     check_int("classifier epochs", c.classifier_epochs, 1)
     check_int("classifier train", c.classifier_train, 0)
     check_choice("MNIST source", c.mnist_source, mnist.SOURCES)
+    if c.data_dir and not Path(c.data_dir).expanduser().is_dir():
+        raise ConfigError(f"data_dir {c.data_dir} is not a directory")
+    if c.cache_dir and Path(c.cache_dir).expanduser().exists():
+        if not Path(c.cache_dir).expanduser().is_dir():
+            raise ConfigError(f"cache_dir {c.cache_dir} exists and is not a directory")
+    _check_cost(c, sizes)
     return config
+
+
+#: Images a configuration may train on in all (generations × epochs × images × seeds, plus the
+#: classifier): 10^12 is years of training on any one machine.
+MAX_TRAINED_IMAGES = 10**12
+
+
+def _check_cost(c: Config, sizes: np.ndarray) -> None:
+    """Refuse configurations whose time or memory no machine has, before anything compiles:
+    the images trained on in all, the VAE's parameters with Adam's state and a batch's
+    activations, and the evaluation images."""
+    images = c.seeds * c.epochs * float(sizes.sum()) + c.classifier_epochs * 60000
+    if images > MAX_TRAINED_IMAGES:
+        raise ConfigError(
+            f"seeds {c.seeds} × epochs {c.epochs} × generations {c.generations} of samples "
+            f"{c.samples} (classifier_epochs {c.classifier_epochs}) train on {images:.3g} images, "
+            f"above {MAX_TRAINED_IMAGES:.0e}"
+        )
+    c1, c2, z = c.channels1, c.channels2, c.latent
+    params = 16 * c1 + 16 * c1 * c2 + 49 * c2 * 3 * z + 16 * c2 * c1 + 16 * c1
+    activations = c.batch_size * (196 * c1 + 49 * c2 + 784) * 4
+    check_memory(
+        4 * (4 * float(params) + activations),
+        f"channels1 {c1}, channels2 {c2} and latent {z} at batch_size {c.batch_size}",
+    )
+    check_memory(4 * 784 * 4 * float(c.eval_samples), f"eval_samples {c.eval_samples}")
 
 
 def demo_config() -> Config:
