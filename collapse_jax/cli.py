@@ -18,7 +18,7 @@ from collapse_jax.core.experiments import (
     resolve_target,
 )
 from collapse_jax.core.flags import Parser
-from collapse_jax.core.runs import write_text
+from collapse_jax.core.runs import RunDir, write_text
 from collapse_jax.families import DESCRIPTIONS, load_study
 
 #: Studies run by `collapse-jax demo`, in order (each with its module's demo_config()).
@@ -63,6 +63,13 @@ def cmd_run(argv: list[str]) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     _cache_flag(parser)
     module.add_arguments(parser)
+    chunk_resume = not any(a.dest == "resume" for a in parser._actions)  # else a config field
+    if chunk_resume:
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the interrupted run in --out from its last chunk checkpoint",
+        )
     args = parser.parse_args(argv[1:])
     compilation.enable(not args.no_cache)
     config = module.config_from_args(args, base)
@@ -72,6 +79,8 @@ def cmd_run(argv: list[str]) -> int:
     if args.sweep:
         from collapse_jax.core.report import run_sweep  # matplotlib: only when sweeping
 
+        if chunk_resume and args.resume:
+            raise ConfigError("--resume continues one run; it cannot be combined with --sweep")
         field, values = parse_sweep(args.sweep, config)
         for v in values:  # every value is refused before the first one runs
             try:
@@ -79,6 +88,8 @@ def cmd_run(argv: list[str]) -> int:
             except ConfigError as e:
                 raise ConfigError(f"--sweep {args.sweep!r}: {field} = {v}: {e}") from None
         run_sweep(module, config, field, values, out, progress=args.progress)
+    elif chunk_resume:
+        module.run(config, RunDir(out, resume=args.resume), progress=args.progress)
     else:
         module.run(config, out, progress=args.progress)
     print(f"wrote {out / 'report.md'}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax.core.errors import ConfigError, check_int
+from collapse_jax.core.runs import ScanCheckpoint, read_arrays, write_arrays
 
 
 class GenInput(NamedTuple):
@@ -370,6 +372,78 @@ def _compiled_chunk(family: Family, record_every: int, records_per_chunk: int, s
     return chunk
 
 
+# --------------------------------------------------------------------------------------------
+# Checkpoints of the scan runner (chunk boundaries)
+
+
+def _leaves_to_arrays(tree: Any, prefix: str) -> dict[str, np.ndarray]:
+    """Host arrays of every leaf (typed PRNG keys as their key data)."""
+    out = {}
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out[f"{prefix}_{i:05d}"] = np.asarray(jax.device_get(leaf))
+    return out
+
+
+def _arrays_to_leaves(template: Any, arrays, prefix: str) -> Any:
+    """Inverse of :func:`_leaves_to_arrays` for a tree with ``template``'s structure (leaf shapes
+    may differ: ``between_chunks`` can reshape the state)."""
+    leaves, treedef = jax.tree.flatten(template)
+    out = []
+    for i, leaf in enumerate(leaves):
+        name = f"{prefix}_{i:05d}"
+        if name not in arrays:
+            raise ConfigError(f"checkpoint lacks {name!r}: written by a different configuration?")
+        value = arrays[name]
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            value = jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(leaf))
+        elif value.dtype != leaf.dtype:
+            raise ConfigError(
+                f"checkpoint array {name!r} is {value.dtype}, expected {leaf.dtype} "
+                "(written by a different configuration?)"
+            )
+        out.append(value)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _fingerprint(n_chains, sizes, record_every, records_per_chunk) -> str:
+    import hashlib
+
+    h = hashlib.sha256(np.asarray(sizes, np.int64).tobytes()).hexdigest()[:16]
+    return f"chains={n_chains} sizes={h} record_every={record_every} chunk={records_per_chunk}"
+
+
+def _save_checkpoint(ckpt: ScanCheckpoint, state, traces, gen, done, fingerprint) -> None:
+    trace = jax.tree.map(lambda *parts: np.concatenate(parts, 0), *traces)
+    meta = {"generation": int(gen), "records": int(done), "fingerprint": fingerprint}
+    write_arrays(
+        ckpt.path,
+        meta=np.asarray(json.dumps(meta)),
+        **_leaves_to_arrays(state, "state"),
+        **_leaves_to_arrays(trace, "trace"),
+    )
+
+
+def _load_checkpoint(ckpt: ScanCheckpoint, state, trace0, fingerprint):
+    """(state, trace, generation, records done) from the checkpoint file, or None."""
+    if not ckpt.resume or not ckpt.path.exists():
+        return None
+    arrays = read_arrays(ckpt.path)
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except (KeyError, ValueError):
+        raise ConfigError(f"corrupt checkpoint {ckpt.path}: no readable metadata") from None
+    if meta.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"checkpoint {ckpt.path} was written by another run ({meta.get('fingerprint')}); "
+            f"this run is {fingerprint}"
+        )
+    state = _arrays_to_leaves(state, arrays, "state")
+    trace = _arrays_to_leaves(jax.tree.map(lambda a: np.asarray(a)[None], trace0), arrays, "trace")
+    return state, trace, int(meta["generation"]), int(meta["records"])
+
+
 def run_generations(
     family: Family,
     key: jax.Array,
@@ -381,6 +455,7 @@ def run_generations(
     chunk_generations: int | None = None,
     progress: bool | None = None,
     desc: str = "generations",
+    checkpoint: ScanCheckpoint | None = None,
 ) -> ScanResult:
     """Run ``n_chains`` independent chains of ``family`` for G = len(sizes) − 1 generations.
 
@@ -392,7 +467,10 @@ def run_generations(
     ``family.reduce``, so 10^5 generations fit in memory.
 
     ``sizes`` holds M_0 .. M_G (see :class:`GenInput`); ``params`` (leading axis = chains)
-    gives each chain its own numbers.
+    gives each chain its own numbers. With a ``checkpoint`` the state and the trace so far are
+    saved at chunk boundaries (atomically, at most every ``checkpoint.every_seconds``), and a
+    ``resume`` continues from the file: the chunks are the same, so the results are bit for bit
+    those of an uninterrupted run.
     """
     n_chains = check_int("chains", n_chains, 1)
     record_every = check_int("record_every", record_every, 1)
@@ -426,6 +504,13 @@ def run_generations(
     traces = []
     gen = 1
     done_records = 0
+    fingerprint = _fingerprint(n_chains, sizes, record_every, records_per_chunk)
+    restored = _load_checkpoint(checkpoint, state, trace0, fingerprint) if checkpoint else None
+    if restored is not None:
+        state, trace_done, gen, done_records = restored
+        state = shard_chains(jax.tree.map(jnp.asarray, state), sharding)
+        traces.append(trace_done)
+    last_save = time.perf_counter()
     while done_records < n_records:
         if family.between_chunks is not None and done_records:
             state = family.between_chunks(state, params)
@@ -438,6 +523,15 @@ def run_generations(
         done_records += take
         advanced = min(take * record_every, n_generations - gen + 1)
         gen = int(next_gen)
+        # The last chunk is never saved: a run killed after it recomputes it from the previous
+        # checkpoint (deterministically), so the final per-chain info is always at hand.
+        if (
+            checkpoint is not None
+            and done_records < n_records
+            and time.perf_counter() - last_save >= checkpoint.every_seconds
+        ):
+            _save_checkpoint(checkpoint, state, traces, gen, done_records, fingerprint)
+            last_save = time.perf_counter()
         elapsed = time.perf_counter() - t0
         g_done = min(gen - 1, n_generations)
         rate = n_chains * g_done / max(elapsed, 1e-9)

@@ -116,6 +116,7 @@ def run(
         record_every=config.record_every,
         progress=progress,
         desc=pf.name,
+        checkpoint=run_dir.scan_checkpoint(),
     )
     run_dir.final_state = result.state
     gens = result.generations

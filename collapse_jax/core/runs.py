@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -136,6 +136,15 @@ def series(generation, mean, stderr, quantiles=None, levels=(0.1, 0.5, 0.9)) -> 
     return out
 
 
+class ScanCheckpoint(NamedTuple):
+    """Where :func:`run_generations` keeps the chains' state and the recorded trace at chunk
+    boundaries (one ``.npz``, replaced atomically), and whether to continue from it."""
+
+    path: Any  # a pathlib.Path
+    resume: bool = False  # start from the file when it exists (else start afresh)
+    every_seconds: float = 30.0  # at most one save per this many seconds (0: every chunk)
+
+
 class RunDir:
     """A run directory: ``config.json``, ``metrics.npz``, ``summary.json``, figures, ``report.md``.
 
@@ -144,8 +153,9 @@ class RunDir:
     attributes. A directory run keeps the same attributes beside its files.
     """
 
-    def __init__(self, path: str | os.PathLike | None):
+    def __init__(self, path: str | os.PathLike | None, resume: bool = False):
         self.path = None if path is None else Path(path)
+        self.resume = resume  # continue the interrupted run in this directory
         if self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
         self.config: dict | None = None
@@ -163,8 +173,34 @@ class RunDir:
     def start(cls, target: RunDir | str | os.PathLike | None, config: Any, study: str) -> RunDir:
         """:meth:`of` ``target``, with the run's ``config.json`` written first."""
         run_dir = cls.of(target)
+        if run_dir.resume and run_dir.path is not None:
+            run_dir.check_same_config(config, study)
         run_dir.write_config(config, study)
         return run_dir
+
+    def check_same_config(self, config: Any, study: str) -> None:
+        """A resumed run must have the configuration it was started with (ConfigError naming
+        the fields that differ)."""
+        path = self.file("config.json")
+        if not path.exists():
+            return
+        old = read_json(path)
+        new = json.loads(json.dumps(_to_jsonable({"study": study, "config": config})))
+        if old.get("study") != study:
+            raise ConfigError(f"cannot resume {self.path}: it holds a {old.get('study')!r} run")
+        diff = [k for k in new["config"] if old.get("config", {}).get(k) != new["config"][k]]
+        if diff:
+            raise ConfigError(
+                f"cannot resume {self.path}: the configuration differs in {', '.join(diff)}"
+            )
+
+    def scan_checkpoint(self):
+        """Where a scan study keeps its chunk checkpoint (None for an in-memory run); the save
+        interval is ``$COLLAPSE_JAX_CHECKPOINT_SECONDS`` (default 30 s)."""
+        if self.path is None:
+            return None
+        every = float(os.environ.get("COLLAPSE_JAX_CHECKPOINT_SECONDS", "30"))
+        return ScanCheckpoint(self.path / "chains_checkpoint.npz", self.resume, every)
 
     def file(self, name: str) -> Path:
         if self.path is None:

@@ -150,7 +150,10 @@ def _group_reduce(n_values: int, chains: int):
 
 
 def simulate(
-    config: Config, progress: bool | None = None, sweep: tuple[str, list] | None = None
+    config: Config,
+    progress: bool | None = None,
+    sweep: tuple[str, list] | None = None,
+    checkpoint=None,
 ) -> list[Simulation]:
     """Run the chains of ``config`` — or of every value of a vmappable ``sweep`` at once, each
     value getting ``config.chains`` chains of one vmapped, sharded batch. One Simulation per value.
@@ -188,6 +191,7 @@ def simulate(
         chunk_generations=proc.COMPACT_EVERY if config.compact else None,
         progress=progress,
         desc="discrete",
+        checkpoint=checkpoint,
     )
     absorbed_at = np.asarray(result.state.absorbed_at).reshape(n_values, chains)
     absorbed_state = np.asarray(result.state.absorbed_state).reshape(n_values, chains)
@@ -220,9 +224,10 @@ def simulate(
 def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) -> dict:
     """Run the study and write config.json, metrics.npz, summary.json, figures and report.md."""
     config = validate(config)
+    run_dir = RunDir.start(out_dir, config, NAME)
     t0 = time.perf_counter()
-    (sim,) = simulate(config, progress)
-    return write_run(config, out_dir, sim, t0)
+    (sim,) = simulate(config, progress, checkpoint=run_dir.scan_checkpoint())
+    return write_run(config, run_dir, sim, t0)
 
 
 def run_sweep(

@@ -145,7 +145,7 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def simulate(config: Config, progress: bool | None = None) -> dict:
+def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> dict:
     """Run the chains; returns a dict of NumPy arrays (per recorded generation) and facts."""
     d0 = _d0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
@@ -163,6 +163,7 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
             record_every=config.record_every,
             progress=progress,
             desc="gaussian",
+            checkpoint=checkpoint,
         )
         trace = result.trace
         out = {"generation": result.generations, "sizes": sizes}
@@ -294,7 +295,7 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
     config = validate(config)
     run_dir = RunDir.start(out_dir, config, NAME)
     t0 = time.perf_counter()
-    arrays = simulate(config, progress)
+    arrays = simulate(config, progress, checkpoint=run_dir.scan_checkpoint())
     d0 = _d0(config)
     policy = Policy.parse(config.policy, config.fresh_fraction)
     gens = arrays["generation"]

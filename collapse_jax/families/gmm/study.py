@@ -253,7 +253,7 @@ def make_reduce(config: Config):
     return reduce
 
 
-def simulate(config: Config, progress: bool | None = None):
+def simulate(config: Config, progress: bool | None = None, checkpoint=None):
     """Run the recursions; return (trace of per-record arrays, generations, sizes, seconds,
     D0, policy, final per-recursion state)."""
     d0, policy, sizes, spec = setup(config)
@@ -266,6 +266,7 @@ def simulate(config: Config, progress: bool | None = None):
         record_every=config.record_every,
         progress=progress,
         desc="gmm",
+        checkpoint=checkpoint,
     )
     trace = {k: np.asarray(v) for k, v in result.trace.items()}
     return trace, result.generations, sizes, result.seconds, d0, policy, result.state
@@ -288,7 +289,9 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
     config = validate(config)
     run_dir = RunDir.start(out_dir, config, NAME)
     t0 = time.perf_counter()
-    trace, gens, sizes, seconds, d0, policy, run_dir.final_state = simulate(config, progress)
+    trace, gens, sizes, seconds, d0, policy, run_dir.final_state = simulate(
+        config, progress, checkpoint=run_dir.scan_checkpoint()
+    )
 
     snaps = snapshot_indices(gens, config.snapshots)
     arrays = {

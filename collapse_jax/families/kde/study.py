@@ -197,7 +197,7 @@ def make_reduce(config: Config):
     return reduce
 
 
-def simulate(config: Config, progress: bool | None = None):
+def simulate(config: Config, progress: bool | None = None, checkpoint=None):
     """Run the chains; return (trace of per-record arrays, generations, sizes, seconds, D0,
     policy, spec, final per-chain state)."""
     dataset, policy, sizes, spec = setup(config)
@@ -210,6 +210,7 @@ def simulate(config: Config, progress: bool | None = None):
         record_every=config.record_every,
         progress=progress,
         desc="kde",
+        checkpoint=checkpoint,
     )
     trace = {k: np.asarray(v) for k, v in result.trace.items()}
     return trace, result.generations, sizes, result.seconds, dataset, policy, spec, result.state
@@ -263,7 +264,7 @@ def run(config: Config, out_dir: str | Path | RunDir, *, progress: bool | None =
     run_dir = RunDir.start(out_dir, config, NAME)
     t0 = time.perf_counter()
     trace, gens, sizes, seconds, dataset, policy, spec, run_dir.final_state = simulate(
-        config, progress
+        config, progress, checkpoint=run_dir.scan_checkpoint()
     )
     snaps = sorted({0, *(int(i) for i in np.linspace(0, len(gens) - 1, 4).round())})
     arrays = {

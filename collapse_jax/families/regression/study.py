@@ -138,7 +138,7 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def simulate(config: Config, progress: bool | None = None) -> dict:
+def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> dict:
     """Run the chains; returns per-recorded-generation arrays, the theory curves and facts."""
     spec, sampler, sizes, policy = setup(config)
     with precision(config.x64):
@@ -150,6 +150,7 @@ def simulate(config: Config, progress: bool | None = None) -> dict:
             record_every=config.record_every,
             progress=progress,
             desc=NAME,
+            checkpoint=checkpoint,
         )
         out = {"generation": result.generations, "sizes": sizes[:-1]}
         for name in METRICS:
@@ -284,7 +285,7 @@ def run(config: Config, out_dir: str | Path | RunDir | None, *, progress: bool |
     config = validate(config)
     run_dir = RunDir.start(out_dir, config, NAME)
     t0 = time.perf_counter()
-    sim = simulate(config, progress)
+    sim = simulate(config, progress, checkpoint=run_dir.scan_checkpoint())
     arrays, theory = sim["arrays"], sim["theory"]
     run_dir.final_state = sim["state"]
     run_dir.write_metrics(
