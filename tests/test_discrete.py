@@ -236,3 +236,21 @@ def test_vmapped_sweep_matches_theory_per_value(field, values, tmp_path):
         for g in (1, 6, 12):
             assert_close(het["mean"][g], het["stderr"][g], theory[g], f"{field}={v} E[H_{g}]")
         assert (tmp_path / f"{field}={v}" / "report.md").exists()
+
+
+def test_censored_absorption_times_against_exact_chain():
+    """K = 2, a horizon too short for every chain to be absorbed: the censored fraction is
+    1 − P(T <= G) and the restricted mean E[min(T, G)] is Σ_{n<G} P(T > n), both from the exact
+    binomial chain, within 4 standard errors."""
+    cfg = study.Config(
+        states=2, p0="0.3,0.7", samples=30, chains=4096, generations=40, method="counts"
+    )
+    s = study.run(cfg, None, progress=False)
+    cdf = wf.exact_two_state_absorption_cdf(0.3, 30, 40)
+    censored = 1.0 - cdf[-1]
+    se_c = np.sqrt(censored * (1 - censored) / cfg.chains)
+    assert abs(s["censored_fraction"] - censored) < 4 * se_c
+    assert 0.05 < censored < 0.95  # the horizon censors a real fraction
+    restricted = float(np.sum(1.0 - cdf[:-1]))
+    z = (s["absorption_time_restricted_mean"] - restricted) / s["absorption_time_restricted_stderr"]
+    assert abs(z) < 4, z

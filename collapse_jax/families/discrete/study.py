@@ -303,6 +303,15 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
     times = absorbed_at[absorbed].astype(np.float64)
     t_mean = float(times.mean()) if n_abs else float("nan")
     t_se = float(times.std(ddof=1) / np.sqrt(n_abs)) if n_abs > 1 else float("nan")
+    # Censoring: chains not absorbed by generation G only tell T > G. The restricted mean
+    # E[min(T, G)] and the median (when more than half are absorbed) are unbiased under it.
+    g_end = float(config.generations)
+    capped = np.where(absorbed, absorbed_at, g_end).astype(np.float64)
+    n_all = len(capped)
+    restricted_se = float(capped.std(ddof=1) / np.sqrt(n_all)) if n_all > 1 else float("nan")
+    median = (
+        float(np.quantile(capped, 0.5, method="inverted_cdf")) if absorbed.mean() > 0.5 else None
+    )
 
     summary: dict = {
         "study": NAME,
@@ -315,8 +324,12 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
         "generations": config.generations,
         "absorbed_fraction": n_abs / len(absorbed_at),
         "absorbed_state_freq": freq.tolist(),
-        "absorption_time_mean": t_mean,
+        "absorption_time_mean": t_mean,  # over the absorbed chains only (biased low if censored)
         "absorption_time_stderr": t_se,
+        "censored_fraction": 1.0 - n_abs / len(absorbed_at),  # not absorbed by generation G
+        "absorption_time_restricted_mean": float(capped.mean()),  # E[min(T, G)], all chains
+        "absorption_time_restricted_stderr": restricted_se,
+        "absorption_time_median": median,  # None when half or more are censored (median > G)
     }
     for name in METRICS:
         summary[name] = series(
@@ -539,9 +552,17 @@ def write_report(run_dir: RunDir, config: Config, summary: dict, figures, second
         f"Simulation: {summary['seconds']:.2f} s ({summary['chain_generations_per_second']:.3g} "
         f"chain-generations/s); report written in {seconds:.1f} s.",
         "",
-        f"Absorbed chains: {summary['absorbed_fraction']:.2%}; mean absorption generation "
+        f"Absorbed chains: {summary['absorbed_fraction']:.2%} (censored at generation "
+        f"{config.generations}: {summary['censored_fraction']:.2%}); mean absorption generation "
         f"{rep.fmt(summary['absorption_time_mean'])} ± {rep.fmt(summary['absorption_time_stderr'])} "
-        "(over absorbed chains).",
+        "over the absorbed chains only (biased low when chains are censored); restricted mean "
+        f"E[min(T, G)] = {rep.fmt(summary['absorption_time_restricted_mean'])} ± "
+        f"{rep.fmt(summary['absorption_time_restricted_stderr'])} over all chains; median "
+        + (
+            f"{summary['absorption_time_median']:g}."
+            if summary["absorption_time_median"] is not None
+            else f"> {config.generations} (half or more censored)."
+        ),
         "",
         "## Theory against Monte Carlo",
         "",

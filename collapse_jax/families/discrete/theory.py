@@ -88,6 +88,19 @@ def exact_two_state_absorption_time(p: float, m: int) -> float:
     return float(1.0 + start @ t_full)
 
 
+def exact_two_state_absorption_cdf(p: float, m: int, generations: int) -> np.ndarray:
+    """P(T <= n), n = 0..G, for K = 2 under replace with constant M: model n is a point mass
+    when the counts of T_{n−1} (Bin(M, p) for T_0, then the binomial chain) are 0 or M. The
+    restricted mean E[min(T, G)] of a censored run is Σ_{n<G} (1 − P(T <= n))."""
+    trans = _binomial_transition(m, m)
+    dist = stats.binom.pmf(np.arange(m + 1), m, p)  # counts of T_0
+    cdf = [0.0]
+    for _ in range(generations):
+        cdf.append(float(dist[0] + dist[-1]))
+        dist = dist @ trans
+    return np.asarray(cdf)
+
+
 def survival_probabilities(p0, sizes, policy: Policy | None = None) -> np.ndarray:
     """P(state i alive in generation n), shape (G + 1, K), exactly.
 
