@@ -129,6 +129,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "d0_scale": floats(0.0, open_min=True),
         "d0_mean": spec("[1,", "[1, 2]", "[[1]]", '["a"]', "1e999"),
         "d0_cov": spec("[[1,", "[[1, 2], [3, 4]]", "[[-1]]", "[[0]]", '[["a"]]', "1e999"),
+        "collapse_threshold": floats(0.0, open_min=True, maximum=1.0),
         "d0_df": floats(2.0, open_min=True),
         "sampler": choice(),
         "estimator": choice(),

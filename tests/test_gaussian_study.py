@@ -198,3 +198,17 @@ def test_accumulate_report_has_closed_forms_and_pi2_6(tmp_path):
     assert "π²/6 bound (Dey & Donoho, arXiv:2410.22812)" in report
     replace = study.run(dataclasses.replace(cfg, policy="replace"), tmp_path / "replace")
     assert replace["accumulate"] is None
+
+
+def test_user_collapse_threshold(tmp_path):
+    """`--collapse-threshold ε`: the collapsed fraction at the last generation is the fraction
+    of the saved per-chain final traces below ε tr Σ_0 (tr Σ_0 = d for the default D0)."""
+    cfg = study.Config(
+        dim=2, samples=8, chains=256, generations=60, record_every=6, collapse_threshold=3e-4
+    )
+    summary = study.run(cfg, tmp_path)
+    finals = np.load(tmp_path / "metrics.npz")["trace_cov_final_chains"]
+    expected = float(np.mean(finals < 3e-4 * 2.0))
+    assert 0.05 < expected < 0.95  # the threshold splits the chains
+    assert summary["collapsed_fraction"][-1] == pytest.approx(expected, abs=1e-9)
+    assert "0.0003" in summary["below_fraction"]

@@ -404,7 +404,7 @@ def make_family(
     return Family(init, step)
 
 
-def reduce_info(info: GaussianInfo, log_trace0: float) -> dict:
+def reduce_info(info: GaussianInfo, log_trace0: float, thresholds=THRESHOLDS) -> dict:
     """Mean/stderr over chains of each metric, plus chain fractions below trace thresholds."""
     out = {}
     for name in ("w2_sq", "mean_sq_error", "trace_cov", "log_trace_cov", "log_det_cov", "std"):
@@ -415,7 +415,7 @@ def reduce_info(info: GaussianInfo, log_trace0: float) -> dict:
             "finite": s.finite_fraction,
             "quantiles": s.quantiles,
         }
-    thr = jnp.log(jnp.asarray(THRESHOLDS, info.log_trace_cov.dtype)) + log_trace0
+    thr = jnp.log(jnp.asarray(thresholds, info.log_trace_cov.dtype)) + log_trace0
     below = info.log_trace_cov[:, None] < thr[None, :]
     out["below_fraction"] = below.mean(0)
     out["numerically_collapsed"] = info.collapsed.mean()

@@ -58,6 +58,7 @@ class Config:
     schedule: str = "constant"  # constant | linear[:SLOPE] | poly:A | list:M0,M1,... | file.npy
     x64: bool = True  # float64 (jax_enable_x64) for the run; float32 otherwise
     record_every: int = 10  # keep metrics of every k-th generation (and the last)
+    collapse_threshold: float = 1e-6  # ε: a chain has collapsed when tr Σ_n < ε tr Σ_0
     seed: int = 0  # PRNG seed; same seed, same results
     ot_samples: int = (
         0  # > 0: sample-based OT (ott-jax) W₂² at the last generation, this many points
@@ -70,6 +71,7 @@ def validate(config: Config) -> Config:
     check_int("dim", config.dim, 1, 64)
     check_int("ot_samples", config.ot_samples, 0)
     check_float("d0_scale", config.d0_scale, 0.0, open_min=True)
+    check_float("collapse_threshold", config.collapse_threshold, 0.0, 1.0, open_min=True)
     check_choice("sampler", config.sampler, proc.SAMPLERS)
     check_choice("estimator", config.estimator, th.ESTIMATORS)
     if not isinstance(config.x64, bool):
@@ -115,6 +117,11 @@ def _numbers(name: str, value, shape: tuple[int, ...], scalar_ok: bool = False) 
     return a
 
 
+def thresholds(config: Config) -> tuple[float, ...]:
+    """The trace ratios whose chain fractions are recorded: 1e-3, 1e-6, 1e-12 and ε."""
+    return tuple(sorted({*proc.THRESHOLDS, float(config.collapse_threshold)}, reverse=True))
+
+
 def _d0(config: Config) -> gd0.D0:
     cov = tuple(tuple(r) for r in config.d0_cov) if config.d0_cov else None
     return gd0.make_d0(
@@ -154,7 +161,9 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> d
         family = proc.make_family(
             d0, sizes, sampler=config.sampler, estimator=config.estimator, policy=policy
         )
-        reduce = functools.partial(proc.reduce_info, log_trace0=float(np.log(d0.trace)))
+        reduce = functools.partial(
+            proc.reduce_info, log_trace0=float(np.log(d0.trace)), thresholds=thresholds(config)
+        )
         result = run_generations(
             family._replace(reduce=reduce),
             jax.random.key(config.seed),
@@ -305,12 +314,12 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
     run_dir.write_metrics(
         "metrics.npz",
         **arrays,
-        thresholds=np.asarray(proc.THRESHOLDS),
+        thresholds=np.asarray(thresholds(config)),
         dim=np.asarray(config.dim),
         **{f"theory_{k}": v for k, v in theory.items()},
     )
     checks_list = checks(config, arrays, theory)
-    i_collapse = proc.THRESHOLDS.index(1e-6)
+    i_collapse = thresholds(config).index(config.collapse_threshold)
     summary = {
         "study": NAME,
         "d0": d0.describe(),
@@ -325,7 +334,8 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
         },
         "collapsed_fraction": arrays["below_fraction"][:, i_collapse].tolist(),
         "below_fraction": {
-            f"{t:g}": arrays["below_fraction"][:, j].tolist() for j, t in enumerate(proc.THRESHOLDS)
+            f"{t:g}": arrays["below_fraction"][:, j].tolist()
+            for j, t in enumerate(thresholds(config))
         },
         "numerically_collapsed_fraction": arrays["numerically_collapsed"].tolist(),
         "theory": {k: v.tolist() for k, v in theory.items()},
@@ -469,7 +479,7 @@ def write_report(run_dir, config, summary, checks_list, figures, seconds) -> Non
     g_last = summary["trace_cov"]["generation"][last]
     lines += [
         f"At generation {g_last}: {summary['collapsed_fraction'][last]:.1%} of chains have "
-        f"tr Σ_n < 1e-6 tr Σ_0; numerically collapsed chains: "
+        f"tr Σ_n < {config.collapse_threshold:g} tr Σ_0; numerically collapsed chains: "
         f"{summary['numerically_collapsed_fraction'][last]:.1%}; mean log tr Σ_n = "
         f"{rep.fmt(summary['log_trace_cov']['mean'][last])}.",
         "",
