@@ -257,9 +257,11 @@ def accumulate_summary(config: Config, d0: gd0.D0, arrays: dict, theory: dict) -
 
 
 def _rel_var(sizes) -> np.ndarray:
-    """Relative variance of σ_n² under replace (unbiased): Π_{i<n} (1 + 2/k_i) − 1."""
+    """Relative variance of σ_n² under replace (unbiased): Π_{i<n} (1 + 2/k_i) − 1 (inf once
+    it overflows: only compared with MAX_REL_VAR)."""
     k = np.asarray(sizes, np.float64) - 1
-    return np.concatenate([[0.0], np.expm1(np.cumsum(np.log1p(2 / k)))])
+    with np.errstate(over="ignore"):
+        return np.concatenate([[0.0], np.expm1(np.cumsum(np.log1p(2 / k)))])
 
 
 def checks(config: Config, arrays: dict, theory: dict) -> list[rep.Check]:
