@@ -40,6 +40,40 @@ def test_cholesky_and_solve_match_lapack(d):
         np.testing.assert_allclose(x, np.linalg.solve(ref, b), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("d", DIMS)
+def test_cho_solve_matches_lapack(d):
+    rng = np.random.default_rng(100 + d)
+    a = rng.normal(size=(4, d, d))
+    spd = a @ np.swapaxes(a, -1, -2) + 1e-1 * np.eye(d)
+    b = rng.normal(size=(4, d, 2))
+    with jax.enable_x64(True):
+        x = np.asarray(jax.jit(lambda m, v: linalg.cho_solve(linalg.cholesky(m), v))(spd, b))
+    ref = np.linalg.solve(spd, b)
+    # backward-stable solves: error ≲ cond(A)·ε relative to the solution's size
+    cond = np.linalg.cond(spd).max()
+    np.testing.assert_allclose(x, ref, rtol=0, atol=100 * cond * 2.2e-16 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("rows", ["tall", "short"])
+def test_gram_eigh_matches_lapack(d, rows):
+    """Eigenvalues of xᵀx within 1e-12 of the largest (float64) against LAPACK's ``eigh``;
+    the eigenvectors orthonormal and reconstructing xᵀx; rank-deficient x (fewer rows than
+    columns) gives the zero eigenvalues too."""
+    rng = np.random.default_rng(200 + d)
+    m = 3 * d + 2 if rows == "tall" else max(1, d // 2)
+    x = rng.normal(size=(5, m, d)) * np.arange(1, d + 1) ** -1.0
+    with jax.enable_x64(True):
+        lam, vec = (np.asarray(v) for v in jax.jit(linalg.gram_eigh)(x))
+    g = np.swapaxes(x, -1, -2) @ x
+    ref = np.linalg.eigvalsh(g)
+    top = ref.max(-1, keepdims=True)
+    np.testing.assert_allclose(lam, ref, rtol=0, atol=1e-12 * top.max())
+    eye = np.broadcast_to(np.eye(d), vec.shape)
+    np.testing.assert_allclose(np.swapaxes(vec, -1, -2) @ vec, eye, atol=1e-12)
+    np.testing.assert_allclose((vec * lam[:, None, :]) @ np.swapaxes(vec, -1, -2), g, atol=1e-12 * top.max())
+
+
 def test_cholesky_of_indefinite_matrix_is_all_nan():
     bad = jnp.asarray([[1.0, 2.0], [2.0, 1.0]])
     assert np.isnan(np.asarray(linalg.cholesky(bad))).all()
@@ -118,6 +152,48 @@ def test_gmm_chain_kernels_have_no_lapack_call():
     x = GenInput(jnp.int32(1), jnp.int32(sizes[1]), jnp.bool_(True))
     text = _lowered_text(jax.vmap(family.step, (0, 0, None, None)), keys, state, None, x)
     assert "lapack" not in text
+
+
+def _regression_family(**changes):
+    from collapse_jax.families.regression import kernel as rproc
+    from collapse_jax.families.regression import study as rstudy
+
+    config = rstudy.Config(dim=5, samples=20, chains=8, generations=3, **changes)
+    spec, sampler, sizes, _ = rstudy.setup(config)
+    return rproc.make_family(spec, sampler), sizes
+
+
+def _kde_family():
+    from collapse_jax.families.kde import kernel as kproc
+    from collapse_jax.families.kde import study as kstudy
+
+    dataset, _, sizes, spec = kstudy.setup(kstudy.Config(chains=8, generations=3, samples=20))
+    return kproc.make_family(spec, dataset), sizes
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _regression_family(sampler="sufficient", design="fixed"),
+        lambda: _regression_family(sampler="sufficient", design="fresh"),
+        lambda: _regression_family(sampler="samples", design="fixed"),
+        lambda: _regression_family(sampler="samples", design="fresh", ridge=1.0),
+        _kde_family,
+    ],
+    ids=["regression-sufficient-fixed", "regression-sufficient-fresh", "regression-samples-fixed",
+         "regression-samples-fresh-ridge", "kde"],
+)
+def test_regression_and_kde_chain_kernels_have_no_lapack_call(make):
+    """Batched LAPACK under chain sharding stalls (module docstring of numerics/linalg.py):
+    the regression and KDE kernels, like the Gaussian and GMM ones, emit none."""
+    family, sizes = make()
+    keys = jax.random.split(jax.random.key(0), 8)
+    x0 = GenInput(jnp.int32(0), jnp.int32(sizes[0]), jnp.bool_(True))
+    vinit = jax.vmap(family.init, (0, None, None))
+    state, _ = jax.eval_shape(vinit, keys, None, x0)
+    x = GenInput(jnp.int32(1), jnp.int32(sizes[1]), jnp.bool_(True))
+    assert "lapack" not in _lowered_text(vinit, keys, None, x0)
+    assert "lapack" not in _lowered_text(jax.vmap(family.step, (0, 0, None, None)), keys, state, None, x)
 
 
 def test_two_host_devices_gaussian_d10_finishes(tmp_path):

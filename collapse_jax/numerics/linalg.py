@@ -95,35 +95,27 @@ def solve_lower(l: Float[Array, "... d d"], b: Float[Array, "... d m"]) -> Float
     return jax.lax.fori_loop(0, d, row, jnp.zeros(batch + b.shape[-2:], b.dtype))
 
 
-def singular_values(a: Float[Array, "... m n"], max_sweeps: int = 40) -> Float[Array, "... n"]:
-    """Singular values of ``a`` (unsorted) by one-sided Jacobi (Hestenes) rotations.
+def cho_solve(l: Float[Array, "... d d"], b: Float[Array, "... d m"]) -> Float[Array, "... d m"]:
+    """X with (L Lᵀ) X = B from the lower Cholesky factor L: L Y = B, then Lᵀ X = Y. The upper
+    solve is the lower one with rows and columns reversed (J Lᵀ J is lower triangular)."""
+    y = solve_lower(l, b)
+    lt_rev = jnp.flip(jnp.swapaxes(l, -1, -2), axis=(-2, -1))
+    return jnp.flip(solve_lower(lt_rev, jnp.flip(y, axis=-2)), axis=-2)
 
-    Pairs of columns are rotated until all are orthogonal; the singular values are then the
-    column norms. For matrices of the form B·D with B well conditioned and D diagonal (our
-    Σ_0^{1/2} N diag(e^ℓ), whose scales ℓ spread apart as a chain collapses) the small singular
-    values come out with high *relative* accuracy (Demmel & Veselić 1992). The n/2 disjoint
-    pairs of a round are rotated at once; between rounds the columns move one place round a
-    circle with the first held fixed (round-robin tournament order), so every pair meets once
-    per sweep. Sweeps repeat until every pair is orthogonal to √ε (the column norms are then
-    exact to O(ε): they move by the square of the remaining cosines) or ``max_sweeps``.
-    """
-    a = jnp.asarray(a)
-    n = a.shape[-1]
-    if n == 1:
-        return jnp.sqrt(jnp.sum(a * a, axis=-2))
-    scale = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
-    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
-    x = a / scale
-    if n % 2:  # a zero column never rotates and adds a zero singular value, dropped at the end
-        x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
-    half = x.shape[-1] // 2
-    tol = jnp.sqrt(jnp.finfo(x.dtype).eps)
+
+def _jacobi_columns(y, m: int, max_sweeps: int):
+    """One-sided Jacobi (Hestenes) on the (even number of) columns of ``y``: each rotation is
+    computed from the first ``m`` rows and applied to all rows. Returns the rotated columns in
+    their final (round-robin) order."""
+    half = y.shape[-1] // 2
+    tol = jnp.sqrt(jnp.finfo(y.dtype).eps)
 
     def one_round(carry, _):
         p, q, off = carry  # column i of p is paired with column i of q
-        alpha = jnp.sum(p * p, axis=-2)
-        beta = jnp.sum(q * q, axis=-2)
-        gamma = jnp.sum(p * q, axis=-2)
+        pm, qm = p[..., :m, :], q[..., :m, :]
+        alpha = jnp.sum(pm * pm, axis=-2)
+        beta = jnp.sum(qm * qm, axis=-2)
+        gamma = jnp.sum(pm * qm, axis=-2)
         norm = jnp.sqrt(alpha * beta)
         cos = jnp.where(norm > 0, jnp.abs(gamma) / jnp.where(norm > 0, norm, 1.0), 0.0)
         off = jnp.maximum(off, jnp.max(cos, axis=-1))
@@ -150,13 +142,67 @@ def singular_values(a: Float[Array, "... m n"], max_sweeps: int = 40) -> Float[A
     def unfinished(state):
         return (state[2] > tol) & (state[3] < max_sweeps)
 
-    inf = jnp.asarray(jnp.inf, x.dtype)
-    p, q, _, _ = jax.lax.while_loop(unfinished, sweep, (x[..., :half], x[..., half:], inf, 0))
-    sv = jnp.sqrt(jnp.sum(jnp.concatenate([p, q], axis=-1) ** 2, axis=-2))
+    inf = jnp.asarray(jnp.inf, y.dtype)
+    p, q, _, _ = jax.lax.while_loop(unfinished, sweep, (y[..., :half], y[..., half:], inf, 0))
+    return jnp.concatenate([p, q], axis=-1)
+
+
+def singular_values(a: Float[Array, "... m n"], max_sweeps: int = 40) -> Float[Array, "... n"]:
+    """Singular values of ``a`` (unsorted) by one-sided Jacobi (Hestenes) rotations.
+
+    Pairs of columns are rotated until all are orthogonal; the singular values are then the
+    column norms. For matrices of the form B·D with B well conditioned and D diagonal (our
+    Σ_0^{1/2} N diag(e^ℓ), whose scales ℓ spread apart as a chain collapses) the small singular
+    values come out with high *relative* accuracy (Demmel & Veselić 1992). The n/2 disjoint
+    pairs of a round are rotated at once; between rounds the columns move one place round a
+    circle with the first held fixed (round-robin tournament order), so every pair meets once
+    per sweep. Sweeps repeat until every pair is orthogonal to √ε (the column norms are then
+    exact to O(ε): they move by the square of the remaining cosines) or ``max_sweeps``.
+    """
+    a = jnp.asarray(a)
+    n = a.shape[-1]
+    if n == 1:
+        return jnp.sqrt(jnp.sum(a * a, axis=-2))
+    scale = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
+    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+    x = a / scale
+    if n % 2:  # a zero column never rotates and adds a zero singular value, dropped at the end
+        x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
+    cols = _jacobi_columns(x, x.shape[-2], max_sweeps)
+    sv = jnp.sqrt(jnp.sum(cols**2, axis=-2))
     # the padding column (if any) is now somewhere in the circle: drop the smallest value
     if n % 2:
         sv = jnp.sort(sv, axis=-1)[..., 1:]
     return sv * scale[..., 0]
+
+
+def gram_eigh(x: Float[Array, "... m n"], max_sweeps: int = 40):
+    """Eigenvalues (ascending) and eigenvectors (columns) of the Gram matrix xᵀx, from x itself.
+
+    One-sided Jacobi on the columns of x (as :func:`singular_values`) with the rotations
+    accumulated in V: x V = U S, so xᵀx = V S² Vᵀ. Working on x rather than xᵀx keeps the small
+    eigenvalues' relative accuracy and, like the rest of this module, emits no LAPACK call (the
+    batched ``syevd`` stalls under sharding, see the module docstring).
+    """
+    x = jnp.asarray(x)
+    m, n = x.shape[-2], x.shape[-1]
+    scale = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+    width = n + n % 2  # a zero padding column never rotates (its products with x are 0)
+    xs = jnp.zeros((*x.shape[:-1], width), x.dtype).at[..., :n].set(x / scale)
+    v = jnp.broadcast_to(jnp.eye(width, dtype=x.dtype), (*x.shape[:-2], width, width))
+    cols = _jacobi_columns(jnp.concatenate([xs, v], axis=-2), m, max_sweeps)
+    lam = jnp.sum(cols[..., :m, :] ** 2, axis=-2) * scale[..., 0] ** 2
+    vecs = cols[..., m : m + n, :]
+    if n % 2:  # drop the padding column: the one whose V entry in the padding row is 1
+        keep = jnp.argsort(jnp.abs(cols[..., m + n, :]), axis=-1)[..., :n]
+        lam = jnp.take_along_axis(lam, keep, axis=-1)
+        vecs = jnp.take_along_axis(vecs, keep[..., None, :], axis=-1)
+    order = jnp.argsort(lam, axis=-1)
+    return (
+        jnp.take_along_axis(lam, order, axis=-1),
+        jnp.take_along_axis(vecs, order[..., None, :], axis=-1),
+    )
 
 
 def nuclear_norm(a: Float[Array, "... m n"]) -> Float[Array, "..."]:

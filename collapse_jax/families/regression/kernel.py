@@ -42,6 +42,7 @@ from collapse_jax.core.policies import (
     next_buffer,
     split_batch,
 )
+from collapse_jax.numerics import linalg
 from collapse_jax.numerics.random import log_gamma
 from collapse_jax.numerics.wishart import bartlett
 
@@ -121,8 +122,7 @@ def _solve(gram, xy, ridge):
     """argmin_w Σ (y − xᵀw)² + λ‖w‖² from the Gram matrix and Xᵀy."""
     d = gram.shape[0]
     a = gram + ridge * jnp.eye(d, dtype=gram.dtype)
-    c = jax.scipy.linalg.cho_factor(a, lower=True)
-    return jax.scipy.linalg.cho_solve(c, xy)
+    return linalg.cho_solve(linalg.cholesky(a), xy[..., None])[..., 0]
 
 
 def _info(spec: RegressionSpec, w_hat, gram, xy, yy, rows) -> RegressionInfo:
@@ -298,7 +298,7 @@ def _fixed_sufficient_family(spec: RegressionSpec) -> Family:
         dtype = jnp.zeros(()).dtype
         w_star = jnp.asarray(spec.w_star, dtype)
         x = _rows(k_x, spec, m, dtype)
-        spectrum, basis = jnp.linalg.eigh(x.T @ x)
+        spectrum, basis = linalg.gram_eigh(x)
         spectrum = jnp.maximum(spectrum, 0.0)
         xy, yy = batch_stats(k_b, w_star, basis, spectrum, gen.size)
         state = FixedStatState(xy, yy, gen.size.astype(dtype), basis, spectrum)
