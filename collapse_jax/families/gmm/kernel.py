@@ -42,6 +42,7 @@ from collapse_jax.families.gmm.em import (
 from collapse_jax.families.gmm.metrics import (
     GMM,
     component_std,
+    component_stds,
     l2_distance_squared,
     log_prob,
     mean_log_likelihood,
@@ -188,6 +189,7 @@ class GMMChainState(NamedTuple):
     data: PointBuffer  # T_n (and the pool) by the shared policies
     gmm: GMM  # model n (the warm start of generation n + 1)
     reference: GMM  # generation-0 mixture of the L2 distance (D0, or a fit to the D0 points)
+    first_fit: GMM  # model 1, fitted to the original data (the reference until generation 1)
     heldout: Float[Array, "H d"]  # held-out original points
 
 
@@ -196,6 +198,9 @@ class GMMInfo(NamedTuple):
 
     l2_distance: Float[Array, ""]  # ‖p_0 - p_n‖²₂ (closed form)
     component_std: Float[Array, ""]  # Σ_k π_k √(tr Σ_k / d)
+    component_std_min: Float[Array, ""]  # smallest component's √(tr Σ_k / K) (authors' form)
+    component_std_max: Float[Array, ""]  # largest component's √(tr Σ_k / K) (authors' form)
+    l2_to_first_fit: Float[Array, ""]  # ‖p_1 − p_n‖²₂ to the generation-1 fit (NaN at n = 0)
     heldout_loglik: Float[Array, ""]  # mean log p_n(x) over held-out original points
     weight_entropy: Float[Array, ""]  # -Σ_k π_k log π_k
     train_loglik: Float[Array, ""]  # mean log p_n over the training set it was fitted to
@@ -268,10 +273,15 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
             return subsample(key, points, jnp.ones(points.shape[0], dtype), n)
         return points[jax.random.randint(key, (n,), 0, points.shape[0])]
 
-    def measure(key, gmm, ref, heldout, train_ll, em_iter, em_conv, gen, batch, batch_w):
+    def measure(key, gmm, ref, first, heldout, train_ll, em_iter, em_conv, gen, batch, batch_w):
+        stds = component_stds(gmm)
+        l2_first = l2_distance_squared(first, gmm)
         return GMMInfo(
             l2_distance=l2_distance_squared(ref, gmm),
             component_std=component_std(gmm),
+            component_std_min=jnp.min(stds),
+            component_std_max=jnp.max(stds),
+            l2_to_first_fit=jnp.where(gen >= 1, l2_first, jnp.nan).astype(l2_first.dtype),
             heldout_loglik=mean_log_likelihood(gmm, heldout),
             weight_entropy=weight_entropy(gmm),
             train_loglik=train_ll,
@@ -308,6 +318,7 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
             k_w2,
             ref,
             ref,
+            ref,
             heldout,
             train_ll,
             jnp.asarray(0, jnp.int32),
@@ -317,7 +328,8 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
             w0,
         )
         data = initial_buffer(x0, w0, policy, B, spec.pool_capacity)
-        return GMMChainState(data, start, ref, heldout), info
+        # first_fit holds a K-component placeholder until generation 1 replaces it.
+        return GMMChainState(data, start, ref, start, heldout), info
 
     def step(
         key: jax.Array, state: GMMChainState, params, gen_in: GenInput
@@ -331,12 +343,14 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
             gmm, em = fit_em(data.x, data.w, state.gmm, spec.em)
         else:
             gmm, em = fit(k_fit, data.x, data.w, K, spec.em, spec.init)
+        first = jax.tree.map(lambda a, b: jnp.where(gen == 1, a, b), gmm, state.first_fit)
         model_points = sample(k_model, gmm, B)
         batch, batch_w = new_batch(k_prev, k_orig, model_points, draw_original, data, size, policy)
         info = measure(
             k_w2,
             gmm,
             state.reference,
+            first,
             state.heldout,
             em.loglik,
             em.n_iter,
@@ -346,7 +360,7 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
             batch_w,
         )
         data = next_buffer(k_sub, data, batch, batch_w, size, policy)
-        return state._replace(data=data, gmm=gmm), info
+        return state._replace(data=data, gmm=gmm, first_fit=first), info
 
     return Family(init, step)
 

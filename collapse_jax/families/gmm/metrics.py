@@ -100,6 +100,15 @@ def component_std(gmm: GMM) -> Float[Array, ""]:
     return jnp.sum(gmm.weights * jnp.sqrt(jnp.maximum(tr, 0.0) / d))
 
 
+def component_stds(gmm: GMM) -> Float[Array, " K"]:
+    """Each component's √(tr Σ_k / K), K the number of components: the per-component spread
+    the paper's authors plot (their notebook divides the trace by K; in the paper's setting
+    K = d = 2, so it is the component's root-mean-square standard deviation per coordinate)."""
+    k = gmm.covs.shape[0]
+    tr = jnp.trace(gmm.covs, axis1=-2, axis2=-1)
+    return jnp.sqrt(jnp.maximum(tr, 0.0) / k)
+
+
 def weight_entropy(gmm: GMM) -> Float[Array, ""]:
     """Entropy of the mixture weights -Σ_k π_k log π_k (nats; 0·log 0 = 0)."""
     return -jnp.sum(xlogy(gmm.weights, gmm.weights))
