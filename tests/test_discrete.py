@@ -181,7 +181,7 @@ def test_compaction_preserves_metrics():
 def test_metrics_never_nan_and_kl_infinite_once_state_dies():
     m = discrete_metrics(jnp.array([0.0, 1.0, 0.0]), jnp.array([0.2, 0.5, 0.3]))
     assert np.isinf(m.kl_p0_model) and np.isfinite(m.kl_model_p0)
-    assert float(m.absorbed) == 1.0 and float(m.tail_mass_kept) == pytest.approx(0.5)
+    assert float(m.is_delta) == 1.0 and float(m.tail_mass_kept) == pytest.approx(0.5)
     assert float(m.total_variation) == pytest.approx(0.5)
     summary_fraction = per_chain([0.5, 0.5], 4, 64, 30, seed=10)
     kl = np.asarray(summary_fraction.trace.kl_p0_model)
@@ -254,3 +254,30 @@ def test_censored_absorption_times_against_exact_chain():
     restricted = float(np.sum(1.0 - cdf[:-1]))
     z = (s["absorption_time_restricted_mean"] - restricted) / s["absorption_time_restricted_stderr"]
     assert abs(z) < 4, z
+    # Absorption by generation n ("ever") is the exact CDF P(T <= n) at every generation; under
+    # replace a delta is absorbing, so the fraction that is a delta now is the same number.
+    ever = np.asarray(s["absorbed_ever"]["mean"])
+    assert s["absorbed_ever"]["generation"] == list(range(41))
+    se = np.sqrt(cdf * (1 - cdf) / cfg.chains)
+    np.testing.assert_array_less(np.abs(ever - cdf), 4 * se + 1e-12)
+    np.testing.assert_array_equal(np.asarray(s["is_delta"]["mean"]), ever)
+
+
+def test_delta_now_is_not_absorbing_under_accumulate_subsample():
+    """Under accumulate-subsample a training set that is one state's copies can regain states
+    from the pool, so "a delta now" falls below "a delta by generation n" (each a fraction of
+    chains; the gap beyond 4 standard errors of a difference of proportions)."""
+    cfg = study.Config(
+        states=2,
+        p0="0.5,0.5",
+        samples=10,
+        chains=2000,
+        generations=60,
+        policy="accumulate-subsample",
+        method="counts",
+    )
+    s = study.run(cfg, None, progress=False)
+    now, ever = s["is_delta"]["mean"][-1], s["absorbed_ever"]["mean"][-1]
+    se = np.sqrt(now * (1 - now) / cfg.chains + ever * (1 - ever) / cfg.chains)
+    assert ever - now > 4 * se, (now, ever)
+    assert np.all(np.diff(s["absorbed_ever"]["mean"]) >= 0)  # "ever" never decreases

@@ -75,7 +75,9 @@ def test_run_end_to_end(tmp_path):
     assert saved["w2"]["generation"][0] == 0 and saved["w2"]["generation"][-1] == 6
     arrays = np.load(out / "metrics.npz")
     for name in study.METRICS:
-        fitted = arrays[f"{name}_chains"][1:] if name == "l2_to_first_fit" else arrays[f"{name}_chains"]
+        fitted = (
+            arrays[f"{name}_chains"][1:] if name == "l2_to_first_fit" else arrays[f"{name}_chains"]
+        )
         assert np.all(np.isfinite(fitted)), name
     assert np.isnan(arrays["l2_to_first_fit_chains"][0]).all()  # no fit at generation 0
     assert arrays["w2_chains"].shape == (4, 8)
@@ -215,8 +217,8 @@ def _l2_scipy(p, q):
     def cross(a, b):
         return sum(
             wa * wb * multivariate_normal.pdf(ma - mb, cov=ca + cb)
-            for wa, ma, ca in zip(*a)
-            for wb, mb, cb in zip(*b)
+            for wa, ma, ca in zip(*a, strict=True)
+            for wb, mb, cb in zip(*b, strict=True)
         )
 
     return cross(p, p) + cross(q, q) - 2 * cross(p, q)
@@ -226,9 +228,7 @@ def test_authors_definitions_against_numpy(tmp_path):
     """The authors' per-component √(tr Σ_k / K) (smallest and largest) and the L2 distance to
     the generation-1 fit, recorded at the last generation, equal NumPy/SciPy computed from the
     final models and first fits the run kept; the L2 to the first fit is 0 at generation 1."""
-    config = study.validate(
-        dataclasses.replace(TINY, generations=5, record_every=1, components=2)
-    )
+    config = study.validate(dataclasses.replace(TINY, generations=5, record_every=1, components=2))
     trace, gens, _, _, _, _, state = study.simulate(config, progress=False)
     covs = np.asarray(state.gmm.covs, np.float64)  # chains × K × d × d (model G)
     stds = np.sqrt(np.trace(covs, axis1=-2, axis2=-1) / covs.shape[1])

@@ -71,7 +71,9 @@ def test_gram_eigh_matches_lapack(d, rows):
     np.testing.assert_allclose(lam, ref, rtol=0, atol=1e-12 * top.max())
     eye = np.broadcast_to(np.eye(d), vec.shape)
     np.testing.assert_allclose(np.swapaxes(vec, -1, -2) @ vec, eye, atol=1e-12)
-    np.testing.assert_allclose((vec * lam[:, None, :]) @ np.swapaxes(vec, -1, -2), g, atol=1e-12 * top.max())
+    np.testing.assert_allclose(
+        (vec * lam[:, None, :]) @ np.swapaxes(vec, -1, -2), g, atol=1e-12 * top.max()
+    )
 
 
 def test_cholesky_of_indefinite_matrix_is_all_nan():
@@ -180,8 +182,13 @@ def _kde_family():
         lambda: _regression_family(sampler="samples", design="fresh", ridge=1.0),
         _kde_family,
     ],
-    ids=["regression-sufficient-fixed", "regression-sufficient-fresh", "regression-samples-fixed",
-         "regression-samples-fresh-ridge", "kde"],
+    ids=[
+        "regression-sufficient-fixed",
+        "regression-sufficient-fresh",
+        "regression-samples-fixed",
+        "regression-samples-fresh-ridge",
+        "kde",
+    ],
 )
 def test_regression_and_kde_chain_kernels_have_no_lapack_call(make):
     """Batched LAPACK under chain sharding stalls (module docstring of numerics/linalg.py):
@@ -193,7 +200,9 @@ def test_regression_and_kde_chain_kernels_have_no_lapack_call(make):
     state, _ = jax.eval_shape(vinit, keys, None, x0)
     x = GenInput(jnp.int32(1), jnp.int32(sizes[1]), jnp.bool_(True))
     assert "lapack" not in _lowered_text(vinit, keys, None, x0)
-    assert "lapack" not in _lowered_text(jax.vmap(family.step, (0, 0, None, None)), keys, state, None, x)
+    assert "lapack" not in _lowered_text(
+        jax.vmap(family.step, (0, 0, None, None)), keys, state, None, x
+    )
 
 
 def test_two_host_devices_gaussian_d10_finishes(tmp_path):

@@ -23,7 +23,7 @@ class DiscreteMetrics(NamedTuple):
     kl_model_p0: Array  # KL(p_n || p0), always finite
     kl_p0_model: Array  # KL(p0 || p_n), +inf once a state with p0 > 0 died
     tail_mass_kept: Array  # sum of p0(i) over states still alive
-    absorbed: Array  # 1.0 when p_n is a delta
+    is_delta: Array  # 1.0 when p_n is a delta now (not absorbing under accumulate-subsample)
 
 
 def xlogy(x, y):
@@ -62,5 +62,5 @@ def discrete_metrics(
         kl_model_p0=jnp.maximum(kl_fwd, 0.0),
         kl_p0_model=jnp.maximum(kl_rev, 0.0),
         tail_mass_kept=tail,
-        absorbed=(support == 1).astype(p.dtype),
+        is_delta=(support == 1).astype(p.dtype),
     )

@@ -33,7 +33,7 @@ METRICS = (
     "kl_model_p0",
     "kl_p0_model",
     "tail_mass_kept",
-    "absorbed",
+    "is_delta",
 )
 
 
@@ -204,6 +204,15 @@ def simulate(
             trace[f"{name}_stderr"] = np.asarray(st.stderr[:, v], np.float64)
             trace[f"{name}_finite_fraction"] = np.asarray(st.finite_fraction[:, v], np.float64)
             trace[f"{name}_quantiles"] = np.asarray(st.quantiles[:, v], np.float64)
+        # P(the model has been a delta at some generation <= n): absorption "ever", which under
+        # accumulate-subsample differs from is_delta (a delta there can gain states back).
+        ever = (absorbed_at[v][None, :] >= 0) & (
+            absorbed_at[v][None, :] <= result.generations[:, None]
+        )
+        trace["absorbed_ever_mean"] = ever.mean(1).astype(np.float64)
+        trace["absorbed_ever_stderr"] = np.sqrt(
+            trace["absorbed_ever_mean"] * (1 - trace["absorbed_ever_mean"]) / max(chains - 1, 1)
+        )
         value_sizes = np.full_like(sizes, samples[v]) if samples[v] > 0 else sizes
         sims.append(
             Simulation(
@@ -336,8 +345,8 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
             gens, trace[f"{name}_mean"], trace[f"{name}_stderr"], trace[f"{name}_quantiles"]
         )
     summary["kl_p0_model"]["finite_fraction"] = trace["kl_p0_model_finite_fraction"].tolist()
-    summary["absorbed_fraction_by_generation"] = series(
-        gens, trace["absorbed_mean"], trace["absorbed_stderr"]
+    summary["absorbed_ever"] = series(
+        gens, trace["absorbed_ever_mean"], trace["absorbed_ever_stderr"]
     )
     summary["theory"] = {k: v.tolist() for k, v in theory.items()}
     summary["checks"] = [
@@ -353,7 +362,7 @@ def checks(config, p0, policy, gens, trace, theory, absorbed_at, absorbed_state)
     picks = _check_points(gens, theory.get("heterozygosity"))
     k = len(p0)
     for name, lo, hi, label in (
-        ("heterozygosity", 0.0, 1.0, "E[H_n]"),
+        ("heterozygosity", 0.0, 1.0, "E[Het_n] = E[1 − Σ p_n²]"),
         ("support_size", 1.0, float(k), "E[support_n] (exact marginal chains)"),
     ):
         if name not in theory:
@@ -411,7 +420,7 @@ def checks(config, p0, policy, gens, trace, theory, absorbed_at, absorbed_state)
 
 
 def _check_points(gens, het) -> list[int]:
-    """Recorded generations where a closed form is informative: n = 1 and where E[H_n] has
+    """Recorded generations where a closed form is informative: n = 1 and where E[Het_n] has
     fallen to about 1/2 and 1/5 of H_0 (late generations are dominated by rare chains)."""
     picks = {1} if len(gens) > 1 else set()
     if het is not None and het[0] > 0:
@@ -448,7 +457,7 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         }
 
     het_theory = (
-        [{"y": a["theory_heterozygosity"], "label": "exact E[H_n]"}]
+        [{"y": a["theory_heterozygosity"], "label": "exact E[Het_n]"}]
         if "theory_heterozygosity" in a
         else []
     )
@@ -470,7 +479,7 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         path / "theory.png",
         [
             {
-                "title": "heterozygosity 1 − Σp²",
+                "title": "heterozygosity Het_n = 1 − Σp²",
                 "x": g,
                 "series": [s("heterozygosity")],
                 "theory": het_theory,
@@ -507,7 +516,11 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
                 "x": g,
                 "series": [s("tail_mass_kept")],
             },
-            {"title": "fraction of chains absorbed", "x": g, "series": [s("absorbed")]},
+            {
+                "title": "fraction of chains whose model is a delta",
+                "x": g,
+                "series": [s("is_delta", "a delta now"), s("absorbed_ever", "a delta by n (ever)")],
+            },
         ],
         ncols=3,
     )

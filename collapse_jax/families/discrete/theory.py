@@ -21,7 +21,7 @@ def expected_sum_squares(p0, sizes, policy: Policy | None = None) -> np.ndarray:
     and g = γM fresh draws Y ~ Mult(g, p0):
       M² F_{n+1} = a(1 − F_n) + a² F_n + b(M' − b)/(M' − 1)(1 − F_n) + b² F_n
                  + 2ab F_n + 2(a + b) g F_0 + g(1 − F_0) + g² F_0.
-    Under ``replace`` this is F_{n+1} = F_n + (1 − F_n)/M_n, i.e. E[H_n] = H_0 Π_{i<n} (1 − 1/M_i).
+    Under ``replace`` this is F_{n+1} = F_n + (1 − F_n)/M_n, i.e. E[Het_n] = Het_0 Π_{i<n} (1 − 1/M_i).
     """
     policy = policy or Policy()
     if policy.accumulates:
@@ -56,7 +56,8 @@ def expected_sum_squares(p0, sizes, policy: Policy | None = None) -> np.ndarray:
 
 
 def expected_heterozygosity(p0, sizes, policy: Policy | None = None) -> np.ndarray:
-    """E[H_n] = 1 − E[Σ p_n²] for n = 0..G; under ``replace``, H_0 Π_{i<n}(1 − 1/M_i)."""
+    """E[Het_n] = 1 − E[Σ p_n²] (heterozygosity) for n = 0..G; under ``replace``,
+    Het_0 Π_{i<n}(1 − 1/M_i)."""
     return 1.0 - expected_sum_squares(p0, sizes, policy)
 
 

@@ -428,9 +428,7 @@ def claims(gens: np.ndarray, arrays: dict) -> list[dict]:
         ("l2_to_first_fit", fits[1:2], +1, "the L2 distance to the first fit grows"),
     ):
         if rows.size == 0 or rows[0] >= last:
-            out.append(
-                {"claim": text, "metric": name, "verdict": "not shown at this length"}
-            )
+            out.append({"claim": text, "metric": name, "verdict": "not shown at this length"})
             continue
         i = int(rows[0])
         mean, se = _paired_log_change(arrays[f"{name}_chains"], i, last)
