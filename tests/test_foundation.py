@@ -301,3 +301,14 @@ def test_demo_combines_every_study_report(tmp_path, monkeypatch, capsys):
         assert (tmp_path / name / "summary.json").exists()
     for link in [part.split(")")[0] for part in report.split("](")[1:]]:
         assert (tmp_path / link).exists(), link
+
+
+def test_every_scan_study_records_every_generation_by_default():
+    """Recording defaults agree across studies: no generation silently dropped unless the user
+    thins the record with --record-every."""
+    from collapse_jax.families import STUDIES, load_study
+
+    for name in STUDIES:
+        config = load_study(name).Config()
+        if hasattr(config, "record_every"):
+            assert config.record_every == 1, name

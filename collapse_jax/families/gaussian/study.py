@@ -57,7 +57,7 @@ class Config:
     fresh_fraction: float = 0.0  # gamma: fraction of every new batch drawn fresh from D0
     schedule: str = "constant"  # constant | linear[:SLOPE] | poly:A | list:M0,M1,... | file.npy
     x64: bool = True  # float64 (jax_enable_x64) for the run; float32 otherwise
-    record_every: int = 10  # keep metrics of every k-th generation (and the last)
+    record_every: int = 1  # keep metrics of every k-th generation (and the last)
     collapse_threshold: float = 1e-6  # ε: a chain has collapsed when tr Σ_n < ε tr Σ_0
     seed: int = 0  # PRNG seed; same seed, same results
     ot_samples: int = (

@@ -83,7 +83,7 @@ class Config:
     tol: float = 1e-5  # EM stops when the mean log-likelihood changes by less than this
     max_iter: int = 100  # maximum EM iterations per generation
     reg_covar: float = 1e-6  # added to covariance diagonals (scikit-learn's reg_covar)
-    record_every: int = 10  # keep metrics of every k-th generation (and the last)
+    record_every: int = 1  # keep metrics of every k-th generation (and the last)
     seed: int = 0  # PRNG seed; same seed, same results
     d0: str = "paper"  # paper | two-gaussians | mixture | path to an (N, d) .npy of points
     d0_weights: tuple = ()  # d0 = mixture: weights, e.g. [0.3, 0.7]
