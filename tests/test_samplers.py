@@ -71,12 +71,23 @@ def test_threefry_known_answer():
 def test_binomial_edge_cases():
     key = jax.random.key(0)
     n = jnp.array([0, 0, 7, 7, 2**31 - 1, 2**31 - 1, 2**31 - 1, 5], jnp.int32)
-    p = jnp.array([0.0, 0.7, 0.0, 1.0, 0.0, 1.0, 0.5, 1.5], jnp.float32)
+    p = jnp.array([0.0, 0.7, 0.0, 1.0, 0.0, 1.0, 0.5, 1.0], jnp.float32)
     x = np.asarray(samplers.binomial(key, n, p))
     assert x.dtype == np.int32
     np.testing.assert_array_equal(x[[0, 1, 2, 3, 4, 5, 7]], [0, 0, 0, 7, 0, 2**31 - 1, 5])
     # n = 2^31 - 1, p = 1/2: within 10 standard deviations of the mean.
     assert abs(int(x[6]) - 2**30) < 10 * np.sqrt(2**31 / 4)
+
+
+@pytest.mark.parametrize("p", [1.5, -0.1, float("nan")])
+def test_binomial_refuses_probability_outside_unit_interval(p):
+    with pytest.raises(ValueError, match="binomial p must be in"):
+        samplers.binomial(jax.random.key(0), jnp.array([5, 5]), jnp.array([0.5, p]))
+
+
+def test_binomial_refuses_negative_trials():
+    with pytest.raises(ValueError, match="binomial n must be >= 0"):
+        samplers.binomial(jax.random.key(0), jnp.array([-1, 5]), 0.5)
 
 
 # (n, p) grid: inversion (n p < 10), BTRS (n p >= 10), p > 1/2 by symmetry, tiny p, n = 1.

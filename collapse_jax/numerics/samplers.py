@@ -352,13 +352,25 @@ def binomial(key: jax.Array, n: Int[Array, "..."], p: Float[Array, "..."]) -> In
 
     Args:
         key: a PRNG key of any implementation.
-        n: number of trials, int32 in [0, 2**31 - 1] (negative values are treated as 0).
-        p: success probability, clipped to [0, 1].
+        n: number of trials, int32 in [0, 2**31 - 1].
+        p: success probability in [0, 1].
 
     Returns:
         int32 array of the broadcast shape. Algorithm: BTRS (Hörmann 1993) for
         ``n min(p, 1-p) >= 10``, inversion otherwise (see :func:`_binomial_lanes`).
+
+    Raises:
+        ValueError: for concrete (untraced) arguments out of range: p outside [0, 1] or NaN,
+        n negative. Traced values cannot be checked: inside ``jit`` p is clipped to [0, 1]
+        (the conditional probabilities of :func:`multinomial` may round a hair past 1) and a
+        negative n counts as 0.
     """
+    if not isinstance(p, jax.core.Tracer):
+        bad = ~((np.asarray(p) >= 0) & (np.asarray(p) <= 1))
+        if bad.any():
+            raise ValueError(f"binomial p must be in [0, 1], got {np.asarray(p)[bad].flat[0]!r}")
+    if not isinstance(n, jax.core.Tracer) and (np.asarray(n) < 0).any():
+        raise ValueError(f"binomial n must be >= 0, got {np.asarray(n).min()!r}")
     n = jnp.asarray(n, jnp.int32)
     p = _prep_prob(p)
     shape = jnp.broadcast_shapes(n.shape, p.shape)
