@@ -228,6 +228,59 @@ def test_sampled_first_token_follows_warped_distribution(tiny):
     np.testing.assert_array_less(np.abs(freq - p), 4 * np.sqrt(p * (1 - p) / n) + 1e-12)
 
 
+def test_sampled_two_token_continuations_follow_transformers_joint_law(tiny):
+    """Multi-step sampling (the cache path of step 2 included) against the exact joint law of
+    the first two new tokens from Hugging Face's model and warpers: p(t1)·p(t2 | t1), each
+    step's probabilities processed by temperature, top-k and top-p, EOS ending the row.
+    n draws: |frequency − p| < 4·sqrt(p(1 − p)/n) for every pair (binomial stderr)."""
+    n, temperature, top_k, top_p = 6000, 0.2, 6, 0.9
+    ids, mask = tiny.ids[:1], tiny.mask[:1]
+    out = decoding.generate(
+        tiny.model,
+        tiny.params,
+        ids,
+        mask,
+        max_new_tokens=2,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_return_sequences=n,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        key=jax.random.key(5),
+    )
+
+    def warped_probs(prefix):
+        with torch.no_grad():
+            t = torch.tensor(prefix)
+            logits = tiny.hf(t, attention_mask=torch.ones_like(t)).logits[:, -1]
+        w = transformers.TemperatureLogitsWarper(temperature)(None, logits)
+        w = transformers.TopKLogitsWarper(top_k)(None, w)
+        w = transformers.TopPLogitsWarper(top_p)(None, w)
+        return torch.softmax(w, -1)[0].numpy().astype(np.float64)
+
+    prompt = ids[:, mask[0] == 1]
+    p1 = warped_probs(prompt)
+    joint = {}
+    for t1 in np.nonzero(p1)[0]:
+        if t1 == EOS:
+            joint[(EOS, PAD)] = p1[t1]
+            continue
+        p2 = warped_probs(np.concatenate([prompt, [[t1]]], axis=1))
+        for t2 in np.nonzero(p2)[0]:
+            joint[(int(t1), int(t2))] = p1[t1] * p2[t2]
+    assert len(joint) > 6 and abs(sum(joint.values()) - 1) < 1e-6  # two steps of real choice
+    pairs = [tuple(int(v) for v in row) for row in np.asarray(out.new_tokens)[:, :2]]
+    assert set(pairs) <= set(joint), set(pairs) - set(joint)
+    counts = {k: 0 for k in joint}
+    for pair in pairs:
+        counts[pair] += 1
+    p = np.array(list(joint.values()))
+    freq = np.array([counts[k] for k in joint]) / n
+    np.testing.assert_array_less(np.abs(freq - p), 4 * np.sqrt(p * (1 - p) / n) + 1e-12)
+
+
 def test_warpers_match_transformers():
     rng = np.random.default_rng(1)
     logits = (3 * rng.standard_normal((6, 50))).astype(np.float32)
