@@ -281,3 +281,21 @@ def test_delta_now_is_not_absorbing_under_accumulate_subsample():
     se = np.sqrt(now * (1 - now) / cfg.chains + ever * (1 - ever) / cfg.chains)
     assert ever - now > 4 * se, (now, ever)
     assert np.all(np.diff(s["absorbed_ever"]["mean"]) >= 0)  # "ever" never decreases
+
+
+def test_report_claims_agree_with_theory():
+    """The discrete report's theory rows (heterozygosity, support size, absorption
+    probabilities, the diffusion absorption time with its stated model error) are all present
+    and all agree on a run where every chain is absorbed."""
+    cfg = study.Config(states=3, p0="0.5,0.3,0.2", samples=10, chains=2000, generations=120)
+    s = study.run(cfg, None, progress=False)
+    assert s["absorbed_fraction"] == 1.0
+    kinds = {c["claim"].split(",")[0].split(" (")[0] for c in s["checks"]}
+    assert {
+        "E[Het_n] = E[1 − Σ p_n²]",
+        "E[support_n]",
+        "P(absorbed at state 0) = p0(0)",
+        "mean absorption time ≈ −2M Σ(1−p)ln(1−p)",
+    } <= kinds, kinds
+    bad = [c for c in s["checks"] if not c["agrees"]]
+    assert not bad, bad

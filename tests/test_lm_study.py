@@ -176,3 +176,27 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path, m
                 ref_out / "work" / "seed0" / ("gen00" if g == 0 else "arm0/gen01") / "generated.npy"
             ),
         )
+
+
+def test_test_perplexity_rises_over_generations(tmp_path):
+    """At tiny scale with 4 seeds and 3 generations, test perplexity rises from generation 0 to
+    the last: the paired change over seeds, recomputed here from the saved per-seed values, is
+    beyond 2 of its standard errors (the study's threshold), and the report's verdict says so."""
+    config = dataclasses.replace(TINY, seeds=4, generations=3)
+    summary = lm.run(config, tmp_path / "run", progress=False)
+    ppl = read_arrays(tmp_path / "run" / "metrics.npz")["test_perplexity"][0]  # seeds × gens
+    change = ppl[:, -1] - ppl[:, 0]
+    z = change.mean() / (change.std(ddof=1) / np.sqrt(change.size))
+    assert z > 2, (ppl, z)
+    claim = summary["arms"][0]["claims"][0]
+    assert claim["verdict"] == "yes" and claim["seeds"] == 4
+    assert "| yes |" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_perplexity_claim_verdicts():
+    from collapse_jax.families.lm.evaluation import perplexity_claim
+
+    assert perplexity_claim(1.0, 0.4, 4, 3)["verdict"] == "yes"
+    assert perplexity_claim(-1.0, 0.4, 4, 3)["verdict"] == "no"
+    assert perplexity_claim(0.5, 0.4, 4, 3)["verdict"] == "not shown at this length"
+    assert perplexity_claim(1.0, 0.0, 1, 3)["verdict"] == "one seed: no standard error"

@@ -172,6 +172,34 @@ def mean_stderr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(st.mean, np.float64), np.asarray(st.stderr, np.float64)
 
 
+#: A change counts as shown beyond this many standard errors over seeds (neural regimes run a
+#: handful of seeds; the VAE study uses the same threshold).
+Z_SHOWN = 2.0
+
+
+def perplexity_claim(change: float, stderr: float, seeds: int, last: int) -> dict:
+    """The paper's claim that test perplexity rises over generations, judged by the paired
+    change over seeds from generation 0 to ``last``: "yes" / "no" beyond :data:`Z_SHOWN`
+    standard errors of the right / wrong sign, "not shown at this length" in between, and no
+    verdict from one seed (no standard error)."""
+    if seeds < 2:
+        verdict = "one seed: no standard error"
+    elif change > Z_SHOWN * stderr:
+        verdict = "yes"
+    elif change < -Z_SHOWN * stderr:
+        verdict = "no"
+    else:
+        verdict = "not shown at this length"
+    return {
+        "claim": f"test perplexity rises, generation 0 → {last}",
+        "change": change,
+        "stderr": stderr,
+        "seeds": seeds,
+        "z": change / stderr if stderr > 0 else None,
+        "verdict": verdict,
+    }
+
+
 def summarize(config: Config, setup: Setup, arrays: dict) -> dict:
     """summary.json: per-arm series (mean ± stderr over seeds) and the headline changes."""
     gens = arrays["generation"]
@@ -189,6 +217,7 @@ def summarize(config: Config, setup: Setup, arrays: dict) -> dict:
         change = ppl[:, -1] - ppl[:, 0]
         m, se = mean_stderr(change[:, None])
         arm["perplexity_change"] = {"mean": float(m[0]), "stderr": float(se[0])}
+        arm["claims"] = [perplexity_claim(float(m[0]), float(se[0]), ppl.shape[0], int(gens[-1]))]
         arm["repeated_ngram_fraction"] = series(
             gens, *mean_stderr(arrays["repeated_ngram_fraction"][a])
         )

@@ -202,10 +202,10 @@ def write_report(rd: RunDir, config: Config, setup: Setup, summary: dict) -> Non
         "",
         "No closed-form theory exists for this regime; the table reports the measured change "
         "of test perplexity from generation 0 to the last generation (mean ± stderr over "
-        "seeds).",
+        "seeds); it rises when the change is beyond 2 standard errors.",
         "",
-        f"| arm | test perplexity, gen 0 | test perplexity, gen {G} | change ± stderr |",
-        "|---|---|---|---|",
+        f"| arm | test perplexity, gen 0 | test perplexity, gen {G} | change ± stderr | rises? |",
+        "|---|---|---|---|---|",
     ]
     for a, f in enumerate(config.fresh_fractions):
         ppl = arrays["test_perplexity"][a]
@@ -213,7 +213,8 @@ def write_report(rd: RunDir, config: Config, setup: Setup, summary: dict) -> Non
         ch = summary["arms"][a]["perplexity_change"]
         lines.append(
             f"| {_arm_label(f)} | {rep.fmt(m[0])} ± {rep.fmt(se[0])} | {rep.fmt(m[-1])} ± "
-            f"{rep.fmt(se[-1])} | {ch['mean']:+.4g} ± {ch['stderr']:.2g} |"
+            f"{rep.fmt(se[-1])} | {ch['mean']:+.4g} ± {ch['stderr']:.2g} | "
+            f"{summary['arms'][a]['claims'][0]['verdict']} |"
         )
     if "true_nll_generated" in arrays:
         lines += [
