@@ -1,7 +1,7 @@
-"""Runs that survive a kill: each scan study is started as a real `collapse-jax run` process,
-killed with SIGKILL at random moments after its chunk checkpoints appear, resumed with
-`--resume`, and its final metrics.npz and summary.json compared bit for bit with an
-uninterrupted run (summary timings aside)."""
+"""Runs that survive a kill: each study (the five scan studies, the VAE and the language model)
+is started as a real `collapse-jax run` process, killed with SIGKILL at random moments after its
+checkpoints appear, resumed with `--resume`, and its final metrics.npz and summary.json compared
+bit for bit with an uninterrupted run (summary timings aside)."""
 
 import json
 import os
@@ -27,30 +27,47 @@ STUDIES = {
     "regression": ["--dim", "5", "--samples", "50", "--sampler", "samples", "--chains", "512",
                    "--generations", "2000", "--record-every", "20"],
 }  # fmt: skip
+#: The neural studies at tiny sizes: several epoch checkpoints per run, a few seconds each.
+NEURAL = {
+    "vae": ["--generations", "3", "--epochs", "3", "--batch-size", "32", "--samples", "256",
+            "--channels1", "4", "--channels2", "8", "--latent", "4", "--eval-samples", "64",
+            "--eval-test", "64", "--diversity-samples", "32", "--classifier-epochs", "1",
+            "--classifier-train", "512", "--seeds", "2", "--mnist-source", "sklearn-digits"],
+    "lm": ["--model", "micro", "--block-size", "8", "--synthetic-vocab", "16",
+           "--synthetic-blocks", "64", "--train-blocks", "16", "--eval-blocks", "16",
+           "--pretrain-blocks", "16", "--pretrain-epochs", "2", "--generations", "3",
+           "--epochs", "3", "--seeds", "2", "--fresh-fractions", "0.0", "--batch-size", "8",
+           "--generate-batch-size", "8", "--eval-batch-size", "8", "--n-prompts", "2",
+           "--num-beams", "2"],
+}  # fmt: skip
 #: Timing fields, the only ones that may differ between an interrupted and a whole run.
 TIMINGS = {"seconds", "chain_generations_per_second"}
 
 
 def _cmd(study, out, *extra):
+    args = STUDIES.get(study) or NEURAL[study]
+    if study == "vae":  # the trained classifier is cached next to the runs, not in the home
+        args = [*args, "--cache-dir", str(out.parent / "cache")]
     return [sys.executable, "-m", "collapse_jax.cli", "run", study, "--out", str(out),
-            "--no-progress", *STUDIES[study], *extra]  # fmt: skip
+            "--no-progress", *args, *extra]  # fmt: skip
 
 
 def _env():
     return {**os.environ, "COLLAPSE_JAX_CHECKPOINT_SECONDS": "0", "PYTHONUNBUFFERED": "1"}
 
 
-def _kill_after_checkpoint(cmd, ckpt, rng, timeout=240.0) -> bool:
-    """Start ``cmd``; once a new chunk checkpoint has been written, wait a random moment and
-    SIGKILL it. Returns False when the run finished before it could be killed."""
-    before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+def _kill_after_checkpoint(cmd, progress, rng, timeout=240.0, wait=0.4) -> bool:
+    """Start ``cmd``; once ``progress()`` (a snapshot of the checkpoints on disk) has changed,
+    wait a random moment (up to ``wait`` s) and SIGKILL it. Returns False when the run finished
+    before it could be killed."""
+    before = progress()
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             return False
-        if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
-            time.sleep(rng.uniform(0.0, 0.4))
+        if progress() != before:
+            time.sleep(rng.uniform(0.0, wait))
             if proc.poll() is not None:
                 return False
             proc.send_signal(signal.SIGKILL)
@@ -61,9 +78,22 @@ def _kill_after_checkpoint(cmd, ckpt, rng, timeout=240.0) -> bool:
     raise AssertionError(f"no checkpoint within {timeout} s: {proc.stderr.read().decode()[-2000:]}")
 
 
+def _mtime(path):
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def _committed_steps(out):
+    """Every committed checkpoint step under ``out`` (Orbax commits a step by renaming its
+    temporary directory to the step number) and every finished per-seed result file."""
+    if not out.exists():
+        return frozenset()
+    steps = {str(p) for p in out.rglob("*") if p.is_dir() and p.name.isdigit()}
+    return frozenset(steps | {str(p) for p in out.rglob("*.npz")})
+
+
 def _final(out):
     with np.load(out / "metrics.npz") as z:
-        arrays = {k: z[k] for k in z.files}
+        arrays = {k: z[k] for k in z.files if k not in TIMINGS}
     summary = json.loads((out / "summary.json").read_text())
     return arrays, {k: v for k, v in summary.items() if k not in TIMINGS}
 
@@ -78,7 +108,7 @@ def test_sigkill_then_resume_is_bit_identical(study, tmp_path):
     kills = 0
     for attempt in range(2):
         extra = ("--resume",) if attempt else ()
-        if not _kill_after_checkpoint(_cmd(study, out, *extra), ckpt, rng):
+        if not _kill_after_checkpoint(_cmd(study, out, *extra), lambda: _mtime(ckpt), rng):
             break
         kills += 1
         # Killed mid-run: nothing that looks complete, and the checkpoint is whole.
@@ -108,3 +138,33 @@ def test_resume_refuses_another_configuration(tmp_path):
     assert res.returncode == 2
     assert "cannot resume" in res.stderr and "generations" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("study", list(NEURAL))
+def test_neural_sigkill_then_resume_is_bit_identical(study, tmp_path):
+    """The VAE and LM studies killed with SIGKILL at random moments after epoch checkpoints
+    are committed (twice when the run lasts), resumed with --resume: metrics.npz and
+    summary.json equal an uninterrupted run's bit for bit, and a killed run never leaves a
+    summary.json or report.md behind."""
+    whole = tmp_path / "whole"
+    done = subprocess.run(_cmd(study, whole), env=_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = tmp_path / "killed"
+    rng = random.Random(study)
+    kills = 0
+    for attempt in range(2):
+        extra = ("--resume",) if attempt else ()
+        cmd = _cmd(study, out, *extra)
+        if not _kill_after_checkpoint(cmd, lambda: _committed_steps(out), rng, wait=1.0):
+            break
+        kills += 1
+        assert not (out / "summary.json").exists() and not (out / "report.md").exists()
+    assert kills >= 1, "the run finished before any kill; make it longer"
+    done = subprocess.run(_cmd(study, out, "--resume"), env=_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    a_whole, s_whole = _final(whole)
+    a_res, s_res = _final(out)
+    assert sorted(a_whole) == sorted(a_res)
+    for k in a_whole:
+        np.testing.assert_array_equal(a_res[k], a_whole[k], err_msg=k)
+    assert s_res == s_whole
