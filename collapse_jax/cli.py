@@ -104,7 +104,14 @@ def cmd_demo(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     compilation.enable(not args.no_cache)
     out = Path(args.out)
-    names = args.only.split(",") if args.only else list(DEMO)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    names = [n.strip() for n in args.only.split(",")] if args.only is not None else list(DEMO)
+    for name in names:  # every name is checked before the first study runs
+        if name not in DEMO:
+            raise ConfigError(
+                f"--only {args.only!r}: {name!r} is not a demo study ({', '.join(DEMO)})"
+            )
     sections = ["# collapse_jax demo", ""]
     for name in names:
         module = load_study(name)

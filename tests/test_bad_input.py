@@ -467,17 +467,45 @@ def test_run_flag_refuses_bad_value(flag, value, files, tmp_path, capsys, monkey
     check_refused(rc, err, {flag, flag.lstrip("-")}, value, out)
 
 
+#: The flags of `collapse-jax demo`.
+DEMO_FLAGS = {
+    "--only": spec("nope", "discrete,nope", "", "vae", ","),
+    "--out": spec("{corrupt}.npy"),  # an existing file
+    "--no-cache": Rule(("=maybe",)),
+}
+DEMO_CASES = [
+    pytest.param(flag, v, id=f"demo{flag}-{v}")
+    for flag, rule in DEMO_FLAGS.items()
+    for v in rule.values
+]
+
+
+@pytest.mark.parametrize(("flag", "value"), DEMO_CASES)
+def test_demo_flag_refuses_bad_value(flag, value, files, tmp_path, capsys, monkeypatch):
+    """Every demo study is checked before the first runs (a stub fails the test if one does)."""
+    for name in cli.DEMO:
+        monkeypatch.setattr(load_study(name), "run", _run_must_not_start)
+    value = fill(value, files)
+    out = tmp_path / "demo"
+    argv = ["demo", flag + value] if value.startswith("=") else ["demo", flag, value]
+    if flag != "--out":
+        argv += ["--out", str(out)]
+    rc, err = run_cli(argv, capsys)
+    check_refused(rc, err, {flag, flag.lstrip("-")}, value, out)
+
+
 def test_case_count(capsys):
     """The number of (flag, invalid value) cases over the studies (printed for the record)."""
     n_flags = sum(len(_fields(s)) for s in STUDIES)
     n_aliases = sum(len(v) for s in STUDIES for v in _aliases(s).values())
     n_lm = sum(len(t) for t in LM_RULES.values())
-    total = len(STUDY_CASES) + len(RUN_CASES) + len(LM_CASES)
+    total = len(STUDY_CASES) + len(RUN_CASES) + len(DEMO_CASES) + len(LM_CASES)
     with capsys.disabled():
         print(
             f"\nbad input: {n_flags} study flags + {n_aliases} aliases ({len(STUDY_CASES)} cases), "
-            f"{len(RUN_FLAGS)} run flags ({len(RUN_CASES)} cases), {n_lm} lm subcommand options "
-            f"({len(LM_CASES)} cases): {n_flags + len(RUN_FLAGS) + n_lm} flags, {total} cases"
+            f"{len(RUN_FLAGS)} run flags ({len(RUN_CASES)} cases), {len(DEMO_FLAGS)} demo flags "
+            f"({len(DEMO_CASES)} cases), {n_lm} lm subcommand options ({len(LM_CASES)} cases): "
+            f"{n_flags + len(RUN_FLAGS) + len(DEMO_FLAGS) + n_lm} flags, {total} cases"
         )
     assert len(STUDY_CASES) >= 3 * n_flags
 
