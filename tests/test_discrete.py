@@ -299,3 +299,19 @@ def test_report_claims_agree_with_theory():
     } <= kinds, kinds
     bad = [c for c in s["checks"] if not c["agrees"]]
     assert not bad, bad
+
+
+def test_auto_method_by_batch_size():
+    """method = auto: draw-and-recount up to AUTO_SAMPLES_MAX points per generation, the exact
+    multinomial above; the summary and report say which ran."""
+    assert study.resolve_method("auto", study.AUTO_SAMPLES_MAX) == "samples"
+    assert study.resolve_method("auto", study.AUTO_SAMPLES_MAX + 1) == "counts"
+    assert study.resolve_method("counts", 10) == "counts"
+    s = study.run(study.Config(states=3, samples=20, chains=8, generations=2), None, progress=False)
+    assert s["method"] == "samples"
+    s = study.run(
+        study.Config(states=3, samples=20, chains=8, generations=2, schedule="list:20,300,20"),
+        None,
+        progress=False,
+    )
+    assert s["method"] == "counts"
