@@ -161,7 +161,7 @@ RULES: dict[str, dict[str, Rule]] = {
         ),
         "heldout": ints(1, huge=True),
         "w2_samples": ints(1, huge=True),
-        "w2_every": plus(ints(0), "15"),  # record_every is 10
+        "w2_every": plus(ints(0), ("15", ("--record-every", "10"))),  # not a multiple
         "w2_method": choice(),
         "w2_chains": ints(0),
         "w2_epsilon": floats(0.0, open_min=True),
