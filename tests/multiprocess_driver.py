@@ -82,7 +82,12 @@ def scan_runner(out: Path) -> dict[str, np.ndarray]:
         reduce=functools.partial(gk.reduce_info, log_trace0=float(np.log(d0.trace)))
     )
     g = run_generations(
-        gfam, jax.random.key(2), chains, sizes, record_every=3, chunk_generations=6,
+        gfam,
+        jax.random.key(2),
+        chains,
+        sizes,
+        record_every=3,
+        chunk_generations=6,
         progress=False,
     )
     res |= flat("gaussian/trace", g.trace) | flat("gaussian/state", g.state)
@@ -90,61 +95,45 @@ def scan_runner(out: Path) -> dict[str, np.ndarray]:
     return res
 
 
-def lm_trainer_and_decoder() -> dict[str, np.ndarray]:
-    """A tiny OPT on the data-parallel mesh over every device of every process: the core
-    sharded step (dropout, two micro-batches, each process feeding its own rows), then
-    ``fit_epochs`` with the same step and validation by ``score_blocks`` (the study's selection
-    of the best epoch), then the study's greedy and beam decoders on the selected parameters."""
-    from collapse_jax.core import training as T
-    from collapse_jax.core.loop import tree_to_host
+def lm_trainer_and_decoder(out: Path) -> dict[str, np.ndarray]:
+    """A tiny OPT on the data-parallel mesh over every device of every process, through the LM
+    study's own functions: ``train_model`` (the core sharded step with dropout and two
+    micro-batches, each process feeding its own rows; ``fit_epochs`` selecting the epoch with
+    the lowest validation NLL by ``score_blocks``; an Orbax checkpoint after every epoch, written
+    by all processes together), then the study's greedy and beam decoders on the parameters
+    replicated over the mesh."""
+    from collapse_jax.core.host_loop import Progress
     from collapse_jax.families.lm import training as LT
     from collapse_jax.families.lm.config import Config
     from collapse_jax.families.lm.generations import make_decode_fn
     from collapse_jax.families.lm.opt import OPTConfig
 
-    res = {}
     tiny = OPTConfig(**TINY_OPT)
-    opt_cfg = T.OptimizerConfig(
-        learning_rate=3e-3, warmup_steps=2, total_steps=9, grad_accum_steps=2
-    )
     params0 = jax.device_get(LT.init_model_params(tiny, 0))
-    mesh = T.make_mesh()
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, tiny.vocab_size, size=(3, 16, 12)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[:, 3, -5:] = 0  # right padding
-    mask[:, 5, :4] = 0  # left padding
-    ids[mask == 0] = tiny.pad_token_id
-
-    def batch(i):
-        rows = LT._process_rows({"input_ids": ids[i % 3], "attention_mask": mask[i % 3]})
-        return T.shard_batch(rows, mesh)
-
-    state, step = LT.make_lm_train_step(LT.opt_apply_fn(tiny), opt_cfg, params0, mesh)
-    losses = []
-    for i in range(3):
-        state, info = step(state, batch(i), jax.random.key(i))
-        losses.append(info.loss)
-    res["step/loss"] = np.asarray(tree_to_host(losses))
-    res |= flat("step/params", state.params)
-
+    train = rng.integers(3, tiny.vocab_size, size=(24, 12)).astype(np.int32)
     valid = rng.integers(3, tiny.vocab_size, size=(12, 12)).astype(np.int32)
-    done = T.fit_epochs(
-        step,
-        T.start_fit(state, keep_best=True),
-        epochs=2,
-        batches=lambda epoch: (batch(epoch + i) for i in range(3)),
-        step_key=lambda epoch, i: jax.random.key(10 + 3 * epoch + i),
-        validate=lambda p: LT.corpus_nll(*LT.score_blocks(tiny, p, valid, 8)),
-    )
-    res["fit_epochs/train_loss"] = np.asarray(done.train_loss)
-    res["fit_epochs/val_loss"] = np.asarray(done.val_loss)
-    res["fit_epochs/best_epoch"] = np.asarray(done.best_epoch)
-    res |= flat("fit_epochs/best_params", done.best_params)
-    res |= flat("fit_epochs/final_params", done.train.params)
+    res = flat("init/params", params0)
 
-    # The study's decoders (parameters replicated over the mesh, as the study places them).
-    params = LT.device_params(done.best_params)
+    study = Config(batch_size=8, eval_batch_size=8, grad_accum_steps=2)
+    tuned = LT.train_model(
+        tiny,
+        params0,
+        train,
+        valid,
+        epochs=3,
+        learning_rate=3e-3,
+        config=study,
+        key=jax.random.key(7),
+        order_seed=(1, 2),
+        ckpt_dir=out / "train_model",
+        progress=Progress(False, "train"),
+    )
+    res["train_model/train_loss"], res["train_model/val_loss"] = tuned.train_loss, tuned.val_loss
+    res["train_model/best_epoch"] = np.asarray(tuned.best_epoch)
+    res |= flat("train_model/params", tuned.params)
+
+    params = LT.device_params(tuned.params)
     nll, count = LT.score_blocks(tiny, params, valid, 8)
     res["score_blocks/nll"], res["score_blocks/count"] = nll, count
     tokenizer = types.SimpleNamespace(eos_token_id=2, pad_token_id=tiny.pad_token_id)
@@ -168,10 +157,12 @@ def main(out: str, n_processes: int, process_id: int, port: int) -> None:
     t0 = time.perf_counter()
     res |= scan_runner(out)
     t1 = time.perf_counter()
-    res |= lm_trainer_and_decoder()
+    res |= lm_trainer_and_decoder(out)
     t2 = time.perf_counter()
-    print(f"process {process_id}/{n_processes}: scan {t1 - t0:.1f} s, lm {t2 - t1:.1f} s",
-          file=sys.stderr)
+    print(
+        f"process {process_id}/{n_processes}: scan {t1 - t0:.1f} s, lm {t2 - t1:.1f} s",
+        file=sys.stderr,
+    )
     np.savez(out / f"process_{process_id}.npz", **res)
 
 

@@ -484,8 +484,9 @@ def train_model(
 
     def on_epoch(f: FitState) -> None:
         progress.note(f"loss {f.train_loss[-1]:.3f} val {f.val_loss[-1]:.3f}")
-        if is_main():
-            ckpt.save(f.epochs_done, *fit_checkpoint(f))
+        # Every process saves: Orbax synchronises them and the primary one writes (a save by
+        # process 0 alone waits forever for the others).
+        ckpt.save(f.epochs_done, *fit_checkpoint(f))
 
     with Checkpointer(ckpt_dir, max_to_keep=1) as ckpt:
         if ckpt.latest() is not None:
