@@ -43,8 +43,7 @@ def flat(prefix: str, tree) -> dict[str, np.ndarray]:
 def scan_runner(out: Path) -> dict[str, np.ndarray]:
     """16 chains for 20 generations of the discrete family (exact count samplers, the host-side
     compaction check between chunks, a per-chain trace, a checkpoint at every chunk and a resume
-    from it) and of
-    the Gaussian family (its reduced statistics over chains, every third generation)."""
+    from it) and of the Gaussian family (statistics over chains, every third generation)."""
     from collapse_jax.core.loop import run_generations
     from collapse_jax.core.policies import Policy
     from collapse_jax.core.runs import ScanCheckpoint
@@ -72,6 +71,7 @@ def scan_runner(out: Path) -> dict[str, np.ndarray]:
     # Checkpoint at every chunk (the last one is never saved), then resume from the file.
     ckpt = out / "discrete_checkpoint.npz"
     run(checkpoint=ScanCheckpoint(ckpt, every_seconds=0.0))
+    assert ckpt.exists(), "no checkpoint was written"
     resumed = run(checkpoint=ScanCheckpoint(ckpt, resume=True))
     res |= flat("discrete/resumed_trace", resumed.trace) | flat("discrete/resumed", resumed.state)
 
