@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from collapse_jax.core.checkpointing import arrays_to_tree, tree_to_arrays
 from collapse_jax.core.errors import ConfigError
+from collapse_jax.core.loop import place
 from collapse_jax.core.runs import RunDir, read_json
 from collapse_jax.core.training import FitState
 
@@ -133,7 +134,7 @@ def restore_fit(
     train state placed with ``sharding`` when given)."""
     train = arrays_to_tree(template.train, arrays, "state")
     if sharding is not None:
-        train = jax.device_put(train, sharding)
+        train = place(train, sharding)
     best_val = meta["best_val"]
     return FitState(
         train,

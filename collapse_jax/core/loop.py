@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from collapse_jax.core.errors import ConfigError, check_int
 from collapse_jax.core.runs import ScanCheckpoint, read_arrays, write_arrays
@@ -161,10 +162,53 @@ def chain_sharding(n_chains: int):
 
 
 def shard_chains(tree: Any, sharding) -> Any:
-    """Place every leaf (leading axis = chains) with ``sharding``; a no-op when it is ``None``."""
+    """Place every leaf (leading axis = chains) with ``sharding``; a no-op when it is ``None``.
+
+    In a multi-process run every process passes the same whole value (computed from the same
+    key and settings) and keeps the rows of its own devices; a leaf already placed with
+    ``sharding`` stays as it is.
+    """
     if sharding is None:
         return tree
-    return jax.device_put(tree, sharding)
+    return place(tree, sharding)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` (one sharding, or a tree of them matching ``tree``)
+    that also works when the devices span several processes: there every process passes the
+    same whole value and keeps the parts of its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: _global_array(x, shardings), tree)
+    return jax.tree.map(_global_array, tree, shardings)
+
+
+def _global_array(x, sharding) -> jax.Array:
+    """A global array with ``sharding`` from a value that every process holds whole."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _global_array(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = to_host(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """One array as a whole host array, in every process: an array spread over the devices of
+    several processes is gathered (a collective: every process must call it, in the same
+    order); typed PRNG keys are not accepted (take their ``key_data`` first)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def tree_to_host(tree: Any) -> Any:
+    """:func:`to_host` of every leaf (``jax.device_get`` for a run over several processes)."""
+    return jax.tree.map(to_host, tree)
 
 
 def per_device(fn: Callable, sharding, n_replicated: int = 0) -> Callable:
@@ -382,7 +426,7 @@ def _leaves_to_arrays(tree: Any, prefix: str) -> dict[str, np.ndarray]:
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
-        out[f"{prefix}_{i:05d}"] = np.asarray(jax.device_get(leaf))
+        out[f"{prefix}_{i:05d}"] = to_host(leaf)
     return out
 
 
@@ -415,14 +459,26 @@ def _fingerprint(n_chains, sizes, record_every, records_per_chunk) -> str:
 
 
 def _save_checkpoint(ckpt: ScanCheckpoint, state, traces, gen, done, fingerprint) -> None:
+    """Every process gathers the state; the first one writes the file."""
     trace = jax.tree.map(lambda *parts: np.concatenate(parts, 0), *traces)
     meta = {"generation": int(gen), "records": int(done), "fingerprint": fingerprint}
+    state_arrays = _leaves_to_arrays(state, "state")
+    if jax.process_index() != 0:
+        return
     write_arrays(
         ckpt.path,
         meta=np.asarray(json.dumps(meta)),
-        **_leaves_to_arrays(state, "state"),
+        **state_arrays,
         **_leaves_to_arrays(trace, "trace"),
     )
+
+
+def _agreed(flag: bool) -> bool:
+    """The first process's ``flag`` in every process (a decision that leads to a collective
+    must be the same everywhere, and clocks differ)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def _load_checkpoint(ckpt: ScanCheckpoint, state, trace0, fingerprint):
@@ -492,7 +548,7 @@ def run_generations(
     init_fn, reduce_fn = _compiled_init(family, sharding)
     chunk = _compiled_chunk(family, record_every, records_per_chunk, sharding)
     state, info0 = init_fn(_fold(chain_keys, 0), params, _at(inputs, 0))
-    trace0 = jax.device_get(reduce_fn(info0))
+    trace0 = tree_to_host(reduce_fn(info0))
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -517,7 +573,7 @@ def run_generations(
         (state, next_gen), tr, last_info = chunk(
             state, jnp.asarray(gen, jnp.int32), chain_keys, params, inputs
         )
-        tr = jax.device_get(tr)
+        tr = tree_to_host(tr)
         take = min(records_per_chunk, n_records - done_records)
         traces.append(jax.tree.map(lambda a, take=take: a[:take], tr))
         done_records += take
@@ -528,7 +584,7 @@ def run_generations(
         if (
             checkpoint is not None
             and done_records < n_records
-            and time.perf_counter() - last_save >= checkpoint.every_seconds
+            and _agreed(time.perf_counter() - last_save >= checkpoint.every_seconds)
         ):
             _save_checkpoint(checkpoint, state, traces, gen, done_records, fingerprint)
             last_save = time.perf_counter()

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from collapse_jax.core.errors import ConfigError, check_float, check_int
+from collapse_jax.core.loop import place, tree_to_host
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -281,7 +282,7 @@ def init_train_state(
         return new_train_state(params, optimizer)
     state_sharding = train_state_sharding(params, optimizer, mesh, shardings)
     init = jax.jit(lambda p: new_train_state(p, optimizer), out_shardings=state_sharding)
-    params = jax.device_put(params, state_sharding.params)
+    params = place(params, state_sharding.params)
     return init(params)
 
 
@@ -399,7 +400,7 @@ class FitState(NamedTuple):
 def start_fit(state: TrainState, *, keep_best: bool = False) -> FitState:
     """The :class:`FitState` before the first epoch; ``keep_best`` copies the starting
     parameters to the host as the selection's fallback (needed with validation)."""
-    best = jax.device_get(state.params) if keep_best else None
+    best = tree_to_host(state.params) if keep_best else None
     return FitState(state, 0, best, math.inf, 0, (), ())
 
 
@@ -432,14 +433,14 @@ def fit_epochs(
             losses.append(info.loss)
             if on_step is not None:
                 on_step(epoch, i, info)
-        train_loss = (*fit.train_loss, float(np.mean(jax.device_get(losses))))
+        train_loss = (*fit.train_loss, float(np.mean(tree_to_host(losses))))
         best = (fit.best_params, fit.best_val, fit.best_epoch)
         val_loss = fit.val_loss
         if validate is not None:
             val = float(validate(state.params))
             val_loss = (*val_loss, val)
             if not select_by_validation or val <= fit.best_val:
-                best = (jax.device_get(state.params), val, epoch + 1)
+                best = (tree_to_host(state.params), val, epoch + 1)
         fit = FitState(state, epoch + 1, *best, train_loss, val_loss)
         if on_epoch is not None:
             on_epoch(fit)

@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, Int
 from collapse_jax.core.checkpointing import Checkpointer
 from collapse_jax.core.errors import ConfigError, check_int
 from collapse_jax.core.host_loop import Progress, fit_checkpoint, restore_fit
+from collapse_jax.core.loop import place, to_host, tree_to_host
 from collapse_jax.core.training import (
     DATA_AXIS,
     FitState,
@@ -230,7 +231,7 @@ def fit_lm(
         step_key=lambda epoch, i: jax.random.fold_in(k_dropout, epoch * per_epoch + i),
         on_step=on_step,
     )
-    return FitResult(fit.train.params, np.asarray(jax.device_get(losses)), fit.train)
+    return FitResult(fit.train.params, np.asarray(tree_to_host(losses)), fit.train)
 
 
 def sequence_log_likelihoods(
@@ -309,7 +310,7 @@ def score_sequences(
             mask[row, : len(sequences[i])] = 1
         if mesh is not None:
             ids, mask = shard_batch((ids, mask), mesh)
-        s, c = jax.device_get(fn(params, ids, mask))
+        s, c = tree_to_host(fn(params, ids, mask))
         nll[idx] = np.asarray(s, np.float64)[: len(idx)]
         count[idx] = np.round(np.asarray(c)[: len(idx)]).astype(np.int64)
     return SequenceScores(nll, count)
@@ -362,17 +363,14 @@ def sync(name: str) -> None:
 
 
 def gather(x) -> np.ndarray:
-    """A device array as one host array in every process."""
-    if getattr(x, "is_fully_replicated", False):
-        return np.asarray(x.addressable_data(0))
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+    """A device array as one host array in every process (a collective when it is spread
+    over several processes)."""
+    return to_host(x)
 
 
 def device_params(params):
     """Put host parameters on the devices once (replicated over the mesh)."""
-    return jax.device_put(params, replicated(default_mesh()))
+    return place(params, replicated(default_mesh()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,8 +484,9 @@ def train_model(
 
     def on_epoch(f: FitState) -> None:
         progress.note(f"loss {f.train_loss[-1]:.3f} val {f.val_loss[-1]:.3f}")
-        if is_main():
-            ckpt.save(f.epochs_done, *fit_checkpoint(f))
+        # Every process saves: Orbax synchronises them and the primary one writes (a save by
+        # process 0 alone waits forever for the others).
+        ckpt.save(f.epochs_done, *fit_checkpoint(f))
 
     with Checkpointer(ckpt_dir, max_to_keep=1) as ckpt:
         if ckpt.latest() is not None:
