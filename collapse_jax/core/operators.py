@@ -1,0 +1,499 @@
+"""Data operators: what acts between "sample from model n" and "train model n + 1", written once
+for every family they apply to — curation (best-of-K by Bradley–Terry with a reward),
+verification (an imperfect verifier with true- and false-positive rates), temperature and
+top-k / top-p truncation of the fitted model, and weighted fresh real data.
+
+The loop of ``ARCHITECTURE.md`` becomes ``new = operators(sample(model_n, M_n))`` before the data
+policy. Two representations are served:
+
+* **categorical** laws (the discrete family, exact counts): each operator maps the fitted p to
+  another categorical law p̃ from which the M_n samples are drawn exactly as one multinomial
+  (:func:`categorical`): temperature p^{1/τ}, top-k / top-p truncation, curation
+  p̃(i) = p(i) H_K(i) (:func:`curation_factor`, the one-dimensional integral computed by
+  quadrature) and verification p̃ ∝ p·(tpr on good states, fpr on bad ones);
+* **points** (GMM, KDE, user families, the Gaussian ``samples`` sampler): :func:`point_samples`
+  draws K candidates per kept point and keeps one by a Gumbel-max draw (exactly the
+  Bradley–Terry choice), and gives each kept point V verifier tries (the first accepted candidate
+  is kept; a point with none accepted is dropped: weight 0). For a Gaussian model the K → ∞ limit
+  of curation with a linear or quadratic reward is again Gaussian (:func:`tilt_gaussian`).
+
+Configs: every generational study carries :class:`OperatorFields` (one flag each, from
+``core/flags.py``); :func:`parse` validates them at the boundary into a frozen
+:class:`Operators` (one-line ``ConfigError`` naming the value) and refuses an operator the family
+cannot take (:func:`check_supported`). With every operator off a family runs exactly its old code
+path (same random stream, same numbers). Derivations: ``theory/operators.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from collapse_jax.core.errors import ConfigError, check_float, check_int, load_array
+
+#: Operator names as the reports, the refusals and the config keys spell them.
+OPERATORS = ("curate", "verify", "temperature", "top_k", "top_p", "real_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorFields:
+    """The operator fields of every generational study (base class of its ``Config``)."""
+
+    curate: str = "off"  # best-of-K curation: off | K (candidates per kept sample) | inf (K → ∞)
+    reward: str = ""  # curation reward: per-state vector or .npy (discrete); linear:B1,..,Bd or quadratic:A:C1,..,Cd (points)
+    verify: str = "off"  # imperfect verifier: off | TPR,FPR (accept rates on good and bad samples)
+    good: str = ""  # what the verifier calls correct: states I,J,A-B (discrete); halfspace:A1,..,Ad:C or ball:R:C1,..,Cd (points)
+    verify_draws: int = 16  # points: verifier tries per kept point (none accepted: dropped)
+    temperature: float = 1.0  # τ: sample from p^{1/τ} (1 = off)
+    top_k: int = 0  # keep the k most probable states before sampling (0 = off)
+    top_p: float = 1.0  # keep the smallest set of most probable states with mass >= top_p (1 = off)
+    real_weight: float = 0.0  # w: weight of n fresh real points against m = n/k synthetic ones (0 = off)
+    real_ratio: float = 1.0  # k: real points per synthetic point under real_weight (m = round(n/k))
+
+
+# --------------------------------------------------------------------------------------------
+# Parsed operators
+
+
+@dataclasses.dataclass(frozen=True)
+class PointReward:
+    """r(x) = bᵀx (``linear``) or r(x) = −(a/2)‖x − c‖² (``quadratic``)."""
+
+    kind: str  # linear | quadratic
+    scale: float  # a of the quadratic (0 for linear)
+    vector: tuple[float, ...]  # b (linear) or the centre c (quadratic)
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "..."]:
+        v = jnp.asarray(self.vector, x.dtype)
+        if self.kind == "linear":
+            return x @ v
+        return -0.5 * self.scale * jnp.sum((x - v) ** 2, axis=-1)
+
+    def natural(self) -> tuple[float, np.ndarray]:
+        """(a, b) of r(x) = bᵀx − (a/2)‖x‖² + const."""
+        v = np.asarray(self.vector, np.float64)
+        return (0.0, v) if self.kind == "linear" else (self.scale, self.scale * v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """The verifier's correct samples: {aᵀx >= c} (``halfspace``) or {‖x − c‖ <= r} (``ball``)."""
+
+    kind: str  # halfspace | ball
+    vector: tuple[float, ...]  # a (half-space normal) or c (ball centre)
+    value: float  # c (half-space offset) or r (ball radius)
+
+    def contains(self, x: Float[Array, "... d"]) -> jax.Array:
+        v = jnp.asarray(self.vector, x.dtype)
+        if self.kind == "halfspace":
+            return x @ v >= self.value
+        return jnp.sum((x - v) ** 2, axis=-1) <= self.value**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Curation:
+    """Best-of-K: draw K candidates, keep one with probability ∝ e^{r} (Bradley–Terry)."""
+
+    k: float  # candidates per kept sample (an integer >= 1, or inf: the reward-tilted limit)
+    reward: tuple[float, ...] | PointReward  # per-state rewards (categorical) or r(x) (points)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """An imperfect verifier: accepts a correct sample with probability tpr, another with fpr."""
+
+    tpr: float  # true-positive rate
+    fpr: float  # false-positive rate
+    good: tuple[bool, ...] | Region  # correct states (categorical) or region (points)
+    draws: int = 16  # points: tries per kept point
+
+
+@dataclasses.dataclass(frozen=True)
+class Operators:
+    """The operators of one run (hashable: part of a family's static description)."""
+
+    curate: Curation | None = None  # best-of-K curation
+    verify: Verification | None = None  # verifier filter
+    temperature: float = 1.0  # τ (1: off)
+    top_k: int = 0  # top-k truncation (0: off)
+    top_p: float = 1.0  # top-p truncation (1: off)
+    real_weight: float = 0.0  # w on fresh real data (0: off)
+    real_ratio: float = 1.0  # k: n real points per n/k synthetic ones
+
+    def active(self) -> tuple[str, ...]:
+        """The names of the operators that are on (:data:`OPERATORS` order)."""
+        on = {
+            "curate": self.curate is not None,
+            "verify": self.verify is not None,
+            "temperature": self.temperature != 1.0,
+            "top_k": self.top_k > 0,
+            "top_p": self.top_p < 1.0,
+            "real_weight": self.real_weight > 0,
+        }
+        return tuple(name for name in OPERATORS if on[name])
+
+    @property
+    def on_categorical(self) -> bool:
+        """Whether the categorical law is transformed before sampling."""
+        return bool(set(self.active()) - {"real_weight"})
+
+    @property
+    def on_points(self) -> bool:
+        """Whether model samples go through the point operator (finite-K curation, verify)."""
+        finite = self.curate is not None and math.isfinite(self.curate.k)
+        return finite or self.verify is not None
+
+    def describe(self) -> list[str]:
+        """One line per active operator, for the report."""
+        out = []
+        if self.curate is not None:
+            k = "∞ (the reward-tilted law)" if math.isinf(self.curate.k) else str(int(self.curate.k))
+            r = self.curate.reward
+            rtxt = (
+                f"{r.kind} reward, a = {r.scale:g}, vector {list(r.vector)}"
+                if isinstance(r, PointReward)
+                else f"per-state rewards {_short(r)}"
+            )
+            out.append(f"curate: best-of-{k} by Bradley–Terry, {rtxt}")
+        if self.verify is not None:
+            v = self.verify
+            g = v.good
+            gtxt = (
+                f"{g.kind} {list(g.vector)}, {g.value:g}"
+                if isinstance(g, Region)
+                else f"{sum(g)} good states of {len(g)}"
+            )
+            tries = f", {v.draws} tries per point" if isinstance(g, Region) else ""
+            out.append(f"verify: tpr {v.tpr:g}, fpr {v.fpr:g}, correct = {gtxt}{tries}")
+        if self.temperature != 1.0:
+            out.append(f"temperature: τ = {self.temperature:g}")
+        if self.top_k > 0:
+            out.append(f"top-k: k = {self.top_k}")
+        if self.top_p < 1.0:
+            out.append(f"top-p: p = {self.top_p:g}")
+        if self.real_weight > 0:
+            out.append(
+                f"real-weight: w = {self.real_weight:g} on n fresh real points, "
+                f"m = n/{self.real_ratio:g} synthetic"
+            )
+        return out
+
+
+def _short(v) -> str:
+    v = list(v)
+    return str([round(x, 4) for x in v]) if len(v) <= 8 else f"[{v[0]:.4g}, …] ({len(v)} states)"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation at the boundary
+
+
+def check_supported(family: str, ops: Operators, supported) -> None:
+    """Refuse an operator the family cannot take (one line naming the family and operator)."""
+    for name in ops.active():
+        if name not in supported:
+            raise ConfigError(
+                f"the {family} family cannot take the {name} operator ({_value_of(ops, name)}); "
+                f"it takes {', '.join(supported) or 'no operator'}"
+            )
+
+
+def _value_of(ops: Operators, name: str) -> str:
+    if name == "curate":
+        return f"curate {ops.curate.k:g}"
+    if name == "verify":
+        return f"verify {ops.verify.tpr:g},{ops.verify.fpr:g}"
+    return f"{name} {getattr(ops, name):g}"
+
+
+def parse(config, family: str, supported, *, states: int | None = None, dim: int | None = None):
+    """The :class:`Operators` of a config carrying :class:`OperatorFields`.
+
+    ``states`` (K) is given by categorical families, ``dim`` (d) by point families; they fix
+    how ``reward`` and ``good`` are read. Raises a one-line ConfigError naming a bad value, and
+    refuses the operators not in ``supported`` for ``family``.
+    """
+    c = config
+    temperature = check_float("temperature", c.temperature, 0.0, open_min=True)
+    top_k = check_int("top_k", c.top_k, 0)
+    top_p = check_float("top_p", c.top_p, 0.0, 1.0, open_min=True)
+    real_weight = check_float("real_weight", c.real_weight, 0.0, 1.0)
+    real_ratio = check_float("real_ratio", c.real_ratio, 0.0, open_min=True)
+    draws = check_int("verify_draws", c.verify_draws, 1, 4096)
+    if states is not None and top_k > states:
+        raise ConfigError(f"top_k {top_k} exceeds the {states} states")
+    curate = _curation(c.curate, c.reward, states, dim)
+    verify = _verification(c.verify, c.good, states, dim, draws)
+    if curate is None and str(c.reward).strip():
+        raise ConfigError(f"reward {c.reward!r} is given but curate is off; set curate K or inf")
+    if verify is None and str(c.good).strip():
+        raise ConfigError(f"good {c.good!r} is given but verify is off; set verify TPR,FPR")
+    if real_weight == 0 and real_ratio != 1.0:
+        raise ConfigError(f"real_ratio {real_ratio:g} is given but real_weight is off (0)")
+    ops = Operators(curate, verify, temperature, top_k, top_p, real_weight, real_ratio)
+    check_supported(family, ops, supported)
+    return ops
+
+
+def _curation(spec, reward, states, dim) -> Curation | None:
+    text = str(spec).strip()
+    if text == "off":
+        return None
+    if text == "inf":
+        k = math.inf
+    else:
+        try:
+            k = int(text)
+        except ValueError:
+            raise ConfigError(f"curate {spec!r} must be off, an integer K >= 1 or inf") from None
+        if k < 1 or k > 1_000_000:
+            raise ConfigError(f"curate {spec!r} must be off, an integer K in 1..1e6, or inf")
+    if not str(reward).strip():
+        raise ConfigError(f"curate {spec!r} needs a reward (--reward)")
+    return Curation(k, _reward(reward, states, dim))
+
+
+def _floats(name: str, text: str, what: str) -> tuple[float, ...]:
+    try:
+        v = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} {text!r}: {what} must be comma-separated numbers") from None
+    if not all(math.isfinite(x) for x in v):
+        raise ConfigError(f"{name} {text!r}: {what} must be finite")
+    return v
+
+
+def _reward(spec, states, dim):
+    text = str(spec).strip()
+    head, _, rest = text.partition(":")
+    if states is not None:  # a reward per state
+        if text.endswith(".npy") and Path(text).suffix == ".npy":
+            r = tuple(float(x) for x in load_array("reward", text, ndim=(1,)))
+        else:
+            r = _floats("reward", text, "per-state rewards")
+        if len(r) != states:
+            raise ConfigError(f"reward {text!r} has {len(r)} entries but there are {states} states")
+        if not all(math.isfinite(x) for x in r):
+            raise ConfigError(f"reward {text!r} must be finite")
+        if max(r) - min(r) > MAX_REWARD_SPREAD:
+            raise ConfigError(
+                f"reward {text!r} spreads over {max(r) - min(r):g} > {MAX_REWARD_SPREAD:g} nats"
+            )
+        return r
+    if head == "linear":
+        b = _floats("reward", rest, "linear:B1,..,Bd")
+        if len(b) != dim:
+            raise ConfigError(f"reward {text!r} has {len(b)} coefficients, the data dimension is {dim}")
+        return PointReward("linear", 0.0, b)
+    if head == "quadratic":
+        a_text, _, c_text = rest.partition(":")
+        a = check_float(f"reward {text!r} curvature", a_text, 0.0, open_min=True)
+        c = _floats("reward", c_text, "quadratic:A:C1,..,Cd")
+        if len(c) != dim:
+            raise ConfigError(f"reward {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}")
+        return PointReward("quadratic", a, c)
+    raise ConfigError(f"reward {text!r} must be linear:B1,..,Bd or quadratic:A:C1,..,Cd")
+
+
+def _verification(spec, good, states, dim, draws) -> Verification | None:
+    text = str(spec).strip()
+    if text == "off":
+        return None
+    rates = _floats("verify", text, "TPR,FPR")
+    if len(rates) != 2 or not all(0.0 <= x <= 1.0 for x in rates) or sum(rates) <= 0:
+        raise ConfigError(f"verify {text!r} must be TPR,FPR in [0, 1], not both 0")
+    if not str(good).strip():
+        raise ConfigError(f"verify {text!r} needs the correct samples (--good)")
+    return Verification(rates[0], rates[1], _good(good, states, dim), draws)
+
+
+def _good(spec, states, dim):
+    text = str(spec).strip()
+    if states is not None:
+        mask = [False] * states
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            try:
+                a, b = int(lo), int(hi) if sep else int(lo)
+            except ValueError:
+                raise ConfigError(f"good {text!r} must be state indices like 0,3,5-9") from None
+            if not 0 <= a <= b < states:
+                raise ConfigError(f"good {text!r} names states outside 0..{states - 1}")
+            for i in range(a, b + 1):
+                mask[i] = True
+        return tuple(mask)
+    head, _, rest = text.partition(":")
+    if head == "halfspace":
+        a_text, _, c_text = rest.rpartition(":")
+        a = _floats("good", a_text, "halfspace:A1,..,Ad:C")
+        c = check_float(f"good {text!r} offset", c_text)
+        if len(a) != dim or not any(a):
+            raise ConfigError(f"good {text!r} needs a non-zero normal of {dim} coordinates")
+        return Region("halfspace", a, c)
+    if head == "ball":
+        r_text, _, c_text = rest.partition(":")
+        r = check_float(f"good {text!r} radius", r_text, 0.0, open_min=True)
+        c = _floats("good", c_text, "ball:R:C1,..,Cd")
+        if len(c) != dim:
+            raise ConfigError(f"good {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}")
+        return Region("ball", c, r)
+    raise ConfigError(f"good {text!r} must be halfspace:A1,..,Ad:C or ball:R:C1,..,Cd")
+
+
+# --------------------------------------------------------------------------------------------
+# Categorical laws (exact)
+
+#: Quadrature of H_K: nodes per unit of log t (trapezoid; the integrand is analytic and decays
+#: doubly exponentially on the right and exponentially on the left, so the rule converges
+#: geometrically in the node density).
+_NODES_PER_UNIT = 16
+_LOG_T_LOW = -40.0  # e^{-40}: the integrand's left tail below it is < 1e-17 of the total
+MAX_REWARD_SPREAD = 60.0  # max r − min r over states, in nats (the quadrature's range)
+
+
+def curation_factor(p: Float[Array, " K"], r: Float[Array, " K"], k: int) -> Float[Array, " K"]:
+    """H_K(i) = E[K e^{r_i} / (e^{r_i} + Σ_{j<K} e^{r_{X_j}})], X_j iid ~ p (K − 1 of them).
+
+    With 1/a = ∫_0^∞ e^{−ta} dt and independence,
+    H_K(i) = K ∫_0^∞ e^{r_i} e^{−t e^{r_i}} φ(t)^{K−1} dt, φ(t) = Σ_j p_j e^{−t e^{r_j}},
+    computed by the trapezoidal rule in s = log t (theory/operators.md, "Curation"). The
+    rewards are shifted so that max r = 0 (H_K does not change). Exact to quadrature error
+    (below 1e-9 relative in float64, float32 rounding otherwise).
+    """
+    r = r - jnp.max(jnp.where(p > 0, r, -jnp.inf))
+    r = jnp.where(p > 0, r, 0.0)
+    # s from −40 to MAX_REWARD_SPREAD + 5, where e^{s + r_i} >= e^5 for every state (the
+    # parser refuses rewards spread over more than MAX_REWARD_SPREAD nats): one static grid.
+    hi = MAX_REWARD_SPREAD + 5.0
+    n = int((hi - _LOG_T_LOW) * _NODES_PER_UNIT) + 1
+    s = jnp.linspace(_LOG_T_LOW, hi, n, dtype=p.dtype)
+    h = s[1] - s[0]
+    t = jnp.exp(s)
+    logp = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
+    log_phi = jax.scipy.special.logsumexp(logp[None, :] - t[:, None] * jnp.exp(r)[None, :], axis=1)
+    # integrand in s: K e^{s + r_i} exp(−e^{s + r_i}) φ(e^s)^{K−1}
+    u = s[:, None] + r[None, :]
+    log_f = u - jnp.exp(u) + (k - 1) * log_phi[:, None]
+    f = jnp.exp(log_f)
+    total = h * (jnp.sum(f, axis=0) - 0.5 * (f[0] + f[-1]))
+    return k * total
+
+
+def tilt(p: Float[Array, " K"], r: Float[Array, " K"]) -> Float[Array, " K"]:
+    """The K → ∞ curation law p ∝ p·e^r."""
+    logw = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)) + r, -jnp.inf)
+    return jax.nn.softmax(logw)
+
+
+def temper(p: Float[Array, " K"], tau: float) -> Float[Array, " K"]:
+    """p^{1/τ} / Σ p^{1/τ} (zero states stay zero)."""
+    logw = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)) / tau, -jnp.inf)
+    return jax.nn.softmax(logw)
+
+
+def truncate(p: Float[Array, " K"], top_k: int = 0, top_p: float = 1.0) -> Float[Array, " K"]:
+    """Keep the ``top_k`` most probable states (ties: the lower index), then the smallest set of
+    most probable states whose mass reaches ``top_p`` (a state is kept when the mass of the states
+    before it, in decreasing order, is below ``top_p``); renormalise."""
+    keep = p > 0
+    if top_k > 0:
+        _, idx = jax.lax.top_k(p, top_k)
+        keep = keep & jnp.zeros(p.shape, bool).at[idx].set(True)
+    q = jnp.where(keep, p, 0.0)
+    if top_p < 1.0:
+        q = q / jnp.sum(q)
+        order = jnp.argsort(-q, stable=True)
+        before = jnp.cumsum(q[order]) - q[order]
+        kept_sorted = before < top_p
+        keep = keep & jnp.zeros(p.shape, bool).at[order].set(kept_sorted)
+        q = jnp.where(keep, p, 0.0)
+    return q / jnp.sum(q)
+
+
+def categorical(p, ops: Operators, reward=None, good=None) -> Float[Array, " K"]:
+    """The law of one sample after the operators, in the order temperature, top-k, top-p,
+    curation, verification (each exact; theory/operators.md). ``reward`` and ``good`` are the
+    per-slot reward vector and correct-state mask (gathered through a compacted state axis).
+
+    Verification keeps drawing until a sample is accepted (the training set keeps its size):
+    p̃ ∝ p·a with a = tpr on good states and fpr on the others; when the verifier would accept
+    nothing (Σ p·a = 0) the law is left unfiltered.
+    """
+    if ops.temperature != 1.0:
+        p = temper(p, ops.temperature)
+    if ops.top_k > 0 or ops.top_p < 1.0:
+        p = truncate(p, ops.top_k, ops.top_p)
+    if ops.curate is not None:
+        if math.isinf(ops.curate.k):
+            p = tilt(p, reward)
+        else:
+            p = p * curation_factor(p, reward, int(ops.curate.k))
+            p = p / jnp.sum(p)
+    if ops.verify is not None:
+        a = jnp.where(good, ops.verify.tpr, ops.verify.fpr).astype(p.dtype)
+        q = p * a
+        z = jnp.sum(q)
+        p = jnp.where(z > 0, q / jnp.where(z > 0, z, 1.0), p)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Points
+
+
+def point_samples(
+    key: jax.Array, sample: Callable[[jax.Array, int], jax.Array], n: int, ops: Operators
+) -> tuple[jax.Array, jax.Array]:
+    """``n`` points of the model after finite-K curation and verification, and their weights.
+
+    Curation: K candidates per point, the kept one drawn by Gumbel-max on r (exactly the
+    Bradley–Terry choice, probability e^{r_k} / Σ_j e^{r_j}). Verification: ``draws`` curated
+    candidates per point, each accepted with probability tpr (inside the region) or fpr; the first
+    accepted is kept, and a point with none accepted gets weight 0 (probability (1 − A)^draws
+    for acceptance rate A). ``sample(key, m)`` draws m model points (leading axis).
+    """
+    curate = ops.curate if ops.curate is not None and math.isfinite(ops.curate.k) else None
+
+    def curated(key, m):
+        if curate is None:
+            return sample(key, m)
+        k_draw, k_pick = jax.random.split(key)
+        k = int(curate.k)
+        x = sample(k_draw, m * k)
+        x = x.reshape(m, k, *x.shape[1:])
+        score = curate.reward(x) + jax.random.gumbel(k_pick, (m, k), x.dtype)
+        return jnp.take_along_axis(x, jnp.argmax(score, 1)[:, None, None], 1)[:, 0]
+
+    if ops.verify is None:
+        x = curated(key, n)
+        return x, jnp.ones((n,), x.dtype)
+    v = ops.verify
+    k_draw, k_accept = jax.random.split(key)
+    x = curated(k_draw, n * v.draws)
+    x = x.reshape(n, v.draws, *x.shape[1:])
+    rate = jnp.where(v.good.contains(x), v.tpr, v.fpr)
+    accept = jax.random.uniform(k_accept, (n, v.draws), x.dtype) < rate
+    first = jnp.argmax(accept, 1)
+    kept = jnp.take_along_axis(x, first[:, None, None], 1)[:, 0]
+    return kept, jnp.any(accept, 1).astype(x.dtype)
+
+
+def tilt_gaussian(mean: Float[Array, " d"], lchol: Float[Array, "d d"], reward: PointReward):
+    """The K → ∞ curation law of N(μ, Σ = L Lᵀ) with reward r(x) = bᵀx − (a/2)‖x‖² + const:
+    N(μ̃, Σ̃) with Σ̃ = (Σ⁻¹ + aI)⁻¹ = L (I + a LᵀL)⁻¹ Lᵀ and μ̃ = μ + Σ̃ (b − aμ).
+    Returns (μ̃, L̃) with L̃ L̃ᵀ = Σ̃ (L̃ = L C⁻ᵀ, C the Cholesky factor of I + a LᵀL)."""
+    a, b = reward.natural()
+    b = jnp.asarray(b, mean.dtype)
+    if a == 0.0:
+        return mean + lchol @ (lchol.T @ b), lchol
+    d = mean.shape[0]
+    c = jnp.linalg.cholesky(jnp.eye(d, dtype=mean.dtype) + a * (lchol.T @ lchol))
+    lt = jax.scipy.linalg.solve_triangular(c, lchol.T, lower=True).T  # L C^{-T}
+    return mean + lt @ (lt.T @ (b - a * mean)), lt
