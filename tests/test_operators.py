@@ -220,7 +220,9 @@ def test_discrete_one_generation_counts(fields):
     m, chains = 200, 4096
     counts = one_step_counts(_ops(**fields), COUNTS, m, chains)
     p = COUNTS / COUNTS.sum()
-    law = np_temper_truncate(p, fields.get("temperature", 1.0), fields.get("top_k", 0), fields.get("top_p", 1.0))
+    law = np_temper_truncate(
+        p, fields.get("temperature", 1.0), fields.get("top_k", 0), fields.get("top_p", 1.0)
+    )
     law = np_curation_law(law, [0, -1, 1, 2, 0.5], int(fields["curate"]))
     if "verify" in fields:
         law = law * np.array([0.2, 0.2, 0.9, 0.9, 0.9])
@@ -247,3 +249,325 @@ def test_temperature_fixed_points():
         far = special.softmax(np.log(p0) * tau**-20)
         expected = np.eye(5)[0] if tau < 1 else np.full(5, 0.2)
         np.testing.assert_allclose(far, expected, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# The Gaussian family
+
+
+def gaussian_one_step(fields, mean, cov, m, chains, sampler="sufficient", seed=0):
+    """Means and covariances fitted at generation 2 from a fixed model N(mean, cov), per chain
+    (float64)."""
+    from collapse_jax.families.gaussian import d0 as gd0
+    from collapse_jax.families.gaussian import kernel as gk
+    from collapse_jax.families.gaussian import study as gstudy
+
+    d = len(mean)
+    cfg = gstudy.Config(dim=d, **fields)
+    ops = op.parse(cfg, "gaussian", gk.OPERATORS, dim=d)
+    with precision(True):
+        d0 = gd0.make_d0("normal", d, 1.0)
+        fam = gk.make_family(d0, [m, m, m], sampler=sampler, policy=Policy(), ops=ops)
+        keys = jax.random.split(jax.random.key(seed), 2 * chains)
+        state, _ = jax.vmap(fam.init, (0, None, None))(
+            keys[:chains], None, GenInput(jnp.int32(0), jnp.int32(m), jnp.asarray(False))
+        )
+        model, _ = gk.model_from_chol(jnp.asarray(mean), jnp.linalg.cholesky(jnp.asarray(cov)))
+        state = state._replace(
+            mean=jnp.broadcast_to(model.mean, state.mean.shape),
+            chol=jnp.broadcast_to(model.chol, state.chol.shape),
+            log_scale=jnp.broadcast_to(model.log_scale, state.log_scale.shape),
+        )
+        gen = GenInput(jnp.int32(2), jnp.int32(m), jnp.asarray(False))
+        new, _ = jax.jit(jax.vmap(fam.step, (0, 0, None, None)))(keys[chains:], state, None, gen)
+        lchol = new.chol * jnp.exp(new.log_scale)[:, None, :]
+        covs = np.asarray(lchol @ jnp.swapaxes(lchol, 1, 2))
+        assert not np.any(np.asarray(new.collapsed))
+        return np.asarray(new.mean), covs
+
+
+def mean_se(x):
+    return x.mean(0), x.std(0, ddof=1) / np.sqrt(x.shape[0])
+
+
+def test_gaussian_curation_limit_quadratic_reward():
+    """K → ∞ with r(x) = −(a/2)‖x − c‖²: one generation's fitted mean and (unbiased) covariance
+    have expectations μ̃ = Σ̃(Σ⁻¹μ + a c), Σ̃ = (Σ⁻¹ + aI)⁻¹ (NumPy)."""
+    mean = np.array([0.5, -1.0])
+    cov = np.array([[2.0, 0.6], [0.6, 1.0]])
+    a, c = 0.8, np.array([2.0, 1.0])
+    means, covs = gaussian_one_step(
+        {"curate": "inf", "reward": f"quadratic:{a}:{c[0]},{c[1]}"}, mean, cov, 30, 4000
+    )
+    sigma = np.linalg.inv(np.linalg.inv(cov) + a * np.eye(2))
+    mu = sigma @ (np.linalg.solve(cov, mean) + a * c)
+    assert_within(*mean_se(means), mu, "tilted mean")
+    assert_within(*mean_se(covs.reshape(-1, 4)), sigma.ravel(), "tilted covariance")
+
+
+def test_gaussian_curation_limit_linear_reward_drift():
+    """K → ∞ with r(x) = bx in 1-D: μ̃ = μ + σ² b and σ̃ = σ, so with the unbiased estimator
+    E μ_G = μ_0 + (G − 1) σ_0² b (generation 1 is the fit to real data)."""
+    b, g, chains = 0.3, 6, 2000
+    res = cj.run(
+        "gaussian",
+        samples=20,
+        chains=chains,
+        generations=g,
+        record_every=1,
+        seed=1,
+        curate="inf",
+        reward=f"linear:{b}",
+        d0_scale=1.5,
+    )
+    mu = res.arrays["final_mean_chains"][:, 0]
+    assert_within(mu.mean(), mu.std(ddof=1) / np.sqrt(chains), (g - 1) * 1.5**2 * b, "drift")
+    assert "curate" in res.summary["operators"][0]
+
+
+def test_gaussian_verify_halfspace():
+    """Verification of a 1-D model by {x >= c} with tpr, fpr: the fitted mean's expectation is
+    the mean of p̃ ∝ φ·(tpr 1{x >= c} + fpr 1{x < c}) (SciPy normal integrals)."""
+    from scipy import stats
+
+    mu, sigma, c, tpr, fpr = 0.2, 1.3, 0.5, 0.9, 0.3
+    means, _ = gaussian_one_step(
+        {"verify": f"{tpr},{fpr}", "good": f"halfspace:1:{c}"},
+        [mu],
+        [[sigma**2]],
+        40,
+        4000,
+        sampler="samples",
+    )
+    al = (c - mu) / sigma
+    upper = mu * stats.norm.sf(al) + sigma * stats.norm.pdf(al)  # ∫_c^∞ x φ
+    lower = mu * stats.norm.cdf(al) - sigma * stats.norm.pdf(al)
+    theory = (tpr * upper + fpr * lower) / (tpr * stats.norm.sf(al) + fpr * stats.norm.cdf(al))
+    assert_within(*mean_se(means[:, 0]), theory, "verified mean")
+
+
+def test_gaussian_best_of_k_points_against_numpy_tournament():
+    """Finite K on points (the shared point operator) against an independent NumPy tournament:
+    the fitted mean's expectation is the mean of the best-of-K law."""
+    mu, sigma, k, a, c = 0.0, 1.0, 3, 1.0, 1.5
+    means, _ = gaussian_one_step(
+        {"curate": str(k), "reward": f"quadratic:{a}:{c}"},
+        [mu],
+        [[sigma**2]],
+        40,
+        4000,
+        sampler="samples",
+    )
+    rng = np.random.default_rng(5)
+    n = 400_000
+    x = rng.normal(mu, sigma, (n, k))
+    w = np.exp(-0.5 * a * (x - c) ** 2)
+    pick = (rng.random(n)[:, None] > np.cumsum(w / w.sum(1, keepdims=True), 1)).sum(1)
+    kept = x[np.arange(n), pick]
+    m1, s1 = mean_se(means[:, 0])
+    assert_within(m1, np.hypot(s1, kept.std() / np.sqrt(n)), kept.mean(), "best-of-3 mean")
+
+
+def test_real_weight_stationary_error_and_optimum():
+    """He, Xu & Cheng's weighted real data: E‖μ_n − μ_0‖² reaches
+    (σ²/n)[w² + k(1 − w)²]/[w(2 − w)] (derived in theory/operators.md), minimised at
+    w* = (√(k² + 4k) − k)/2 (checked by SciPy's minimiser)."""
+    from scipy import optimize
+
+    n, k, w, chains = 12, 3.0, 0.45, 4000
+    res = cj.run(
+        "gaussian",
+        samples=n,
+        chains=chains,
+        generations=25,
+        record_every=1,
+        seed=2,
+        real_weight=w,
+        real_ratio=k,
+    )
+    stationary = (w**2 + k * (1 - w) ** 2) / (w * (2 - w)) / n
+    z = assert_within(
+        res.arrays["mean_sq_error_mean"][-1],
+        res.arrays["mean_sq_error_stderr"][-1],
+        stationary,
+        "stationary MSE",
+    )
+    assert all(ch["agrees"] for ch in res.checks)
+    for kk in (0.5, 1.0, 3.0, 10.0):
+        f = lambda ww, kk=kk: (ww**2 + kk * (1 - ww) ** 2) / (ww * (2 - ww))  # noqa: E731
+        best = optimize.minimize_scalar(
+            f, bounds=(1e-6, 1 - 1e-9), method="bounded", options={"xatol": 1e-10}
+        ).x
+        assert abs(best - (math.sqrt(kk * kk + 4 * kk) - kk) / 2) < 1e-6
+    assert abs((math.sqrt(5) - 1) / 2 - 0.6180339887) < 1e-9 and z < Z
+
+
+# --------------------------------------------------------------------------------------------
+# Operators off: the numbers of before (computed on the code before operators existed, same
+# seeds and settings), and refusals
+
+
+#: (study, settings, metric, value at the last generation) from the pre-operator code path.
+BEFORE = [
+    (
+        "discrete",
+        dict(states=10, p0="zipf:1.1", samples=50, chains=64, generations=20, seed=3),
+        "heterozygosity_mean",
+        0.5531250834465027,
+    ),
+    (
+        "gaussian",
+        dict(samples=20, chains=64, generations=20, seed=3, record_every=1),
+        "mean_sq_error_mean",
+        1.0624145814513462,
+    ),
+    (
+        "gaussian",
+        dict(
+            samples=20,
+            chains=64,
+            generations=20,
+            seed=3,
+            record_every=1,
+            sampler="samples",
+            fresh_fraction=0.1,
+        ),
+        "trace_cov_mean",
+        1.0552717107919907,
+    ),
+    (
+        "gmm",
+        dict(samples=60, chains=8, generations=3, seed=3, record_every=1),
+        "heldout_loglik_mean",
+        -3.326697587966919,
+    ),
+    (
+        "kde",
+        dict(samples=60, chains=8, generations=3, seed=3, record_every=1),
+        "pairwise_sq_distance_mean",
+        2.0676417350769043,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("study", "settings", "metric", "value"),
+    BEFORE,
+    ids=[f"{b[0]}-{i}" for i, b in enumerate(BEFORE)],
+)
+def test_operators_off_give_the_numbers_of_before(study, settings, metric, value):
+    res = cj.run(study, **settings)
+    assert float(res.arrays[metric][-1]) == value
+    assert res.summary["operators"] == []
+    if study == "discrete":  # identity settings are "off" too: the same numbers
+        same = cj.run(study, temperature=1.0, top_p=1.0, top_k=0, verify="off", **settings)
+        assert float(same.arrays[metric][-1]) == value
+
+
+@pytest.mark.parametrize(
+    ("study", "settings", "operator"),
+    [
+        ("gaussian", {"temperature": 0.5}, "temperature"),
+        ("gmm", {"top_k": 2}, "top_k"),
+        ("kde", {"real_weight": 0.5}, "real_weight"),
+        ("regression", {"curate": "4", "reward": "linear:1"}, "curate"),
+        ("discrete", {"real_weight": 0.5}, "real_weight"),
+        ("gmm", {"curate": "inf", "reward": "linear:1,0"}, "curate inf"),
+        ("gaussian", {"verify": "0.9,0.1", "good": "halfspace:1:0"}, "verify"),  # sufficient
+    ],
+)
+def test_family_refuses_an_operator(study, settings, operator):
+    with pytest.raises(ConfigError) as e:
+        cj.run(study, chains=8, generations=2, **settings)
+    msg = str(e.value)
+    assert "\n" not in msg and study in msg and operator in msg, msg
+
+
+# --------------------------------------------------------------------------------------------
+# Point families (GMM, KDE, user): the shared point operator
+
+
+def test_point_operator_law_against_numpy():
+    """point_samples on a 1-D standard normal: curated-and-verified points have the law
+    ∝ p·H_K·(tpr on the region, fpr off it); compared with an independent NumPy tournament
+    followed by rejection, and the dropped fraction with (1 − A)^V."""
+    fields = {
+        "curate": "2",
+        "reward": "linear:1.0",
+        "verify": "0.8,0.2",
+        "good": "ball:1:0",
+        "verify_draws": 3,
+    }
+    from collapse_jax.core.point_family import PointConfig
+
+    ops = op.parse(PointConfig(**fields), "point", op.POINT_OPERATORS, dim=1)
+    n = 200_000
+    x, w = jax.jit(
+        lambda k: op.point_samples(k, lambda kk, m: jax.random.normal(kk, (m, 1)), n, ops)
+    )(jax.random.key(3))
+    x, w = np.asarray(x[:, 0], np.float64), np.asarray(w, np.float64)
+    rng = np.random.default_rng(7)
+    cand = rng.normal(size=(4 * n, 2))
+    pick = np.where(rng.random(4 * n) < np.exp(cand[:, 1]) / np.exp(cand).sum(1), 1, 0)
+    cur = cand[np.arange(4 * n), pick]
+    acc = rng.random(4 * n) < np.where(np.abs(cur) <= 1, 0.8, 0.2)
+    ref = cur[acc]
+    kept = x[w > 0]
+    se = np.hypot(kept.std() / np.sqrt(len(kept)), ref.std() / np.sqrt(len(ref)))
+    assert_within(kept.mean(), se, ref.mean(), "curated+verified mean")
+    se2 = np.hypot(kept.var() * np.sqrt(2 / len(kept)), ref.var() * np.sqrt(2 / len(ref)))
+    assert_within(kept.var(), se2, ref.var(), "curated+verified variance")
+    a = acc.mean()
+    drop = (1 - a) ** 3
+    # the dropped fraction against (1 − A)^V, A from the NumPy reference (its error included)
+    se_a = np.sqrt(a * (1 - a) / (4 * n))
+    se3 = np.hypot(np.sqrt(drop * (1 - drop) / n), 3 * (1 - a) ** 2 * se_a)
+    assert_within(1 - w.mean(), se3, drop, "dropped fraction")
+
+
+def test_gmm_and_user_family_take_curation():
+    """The GMM study and a user point family run with curate and verify: the reward pulls the
+    mixture's mass towards it, and the report lists the operators."""
+    cur = cj.run(
+        "gmm",
+        samples=100,
+        chains=8,
+        generations=3,
+        seed=1,
+        components=1,
+        record_every=1,
+        curate="4",
+        reward="linear:2,0",
+        verify="0.9,0.1",
+        good="halfspace:1,0:0",
+    )
+    assert len(cur.summary["operators"]) == 2
+    # best-of-4 with r = 2x moves the mean by more than σ per generation; the plain recursion's
+    # L2 distance after 3 generations of 100 points is about 0.01
+    assert cur.arrays["l2_distance_mean"][-1] > 0.1
+
+    from collapse_jax.core.point_family import PointFamily
+
+    def fit(x, w):
+        m = jnp.sum(w[:, None] * x, 0) / jnp.sum(w)
+        return m
+
+    pf = PointFamily(
+        "shift",
+        fit,
+        lambda k, m, n: m[None, :] + jax.random.normal(k, (n, 1)),
+        lambda m: {"mean": m[0]},
+        jnp.zeros(1),
+    )
+    with pytest.raises(ConfigError, match="shift family cannot take the curate inf"):
+        cj.run(pf, samples=50, chains=8, generations=2, curate="inf", reward="linear:1")
+    # best-of-K with r = x on N(μ, 1): E[μ_{n+1} − μ_n] = E[max-by-Gumbel] (NumPy tournament)
+    k, chains = 3, 512
+    res = cj.run(pf, samples=50, chains=chains, generations=2, curate=str(k), reward="linear:1")
+    rng = np.random.default_rng(11)
+    cand = rng.normal(size=(400_000, k))
+    g = cand + rng.gumbel(size=cand.shape)
+    shift = cand[np.arange(len(cand)), g.argmax(1)].mean()
+    mu = res.arrays["mean_final_chains"]
+    # μ_2 = μ_1 + shift + noise/√50 with μ_1 ~ N(0, 1/50): E μ_2 = shift
+    assert_within(mu.mean(), mu.std(ddof=1) / np.sqrt(chains), shift, "user family best-of-3")

@@ -40,6 +40,10 @@ from collapse_jax.core.errors import ConfigError, check_float, check_int, load_a
 
 #: Operator names as the reports, the refusals and the config keys spell them.
 OPERATORS = ("curate", "verify", "temperature", "top_k", "top_p", "real_weight")
+#: What every family whose data are points takes through :func:`point_samples`.
+POINT_OPERATORS = ("curate", "verify")
+#: Point families whose K → ∞ curation law has a closed form (:func:`tilt_gaussian`).
+TILTABLE = ("gaussian",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +58,19 @@ class OperatorFields:
     temperature: float = 1.0  # τ: sample from p^{1/τ} (1 = off)
     top_k: int = 0  # keep the k most probable states before sampling (0 = off)
     top_p: float = 1.0  # keep the smallest set of most probable states with mass >= top_p (1 = off)
-    real_weight: float = 0.0  # w: weight of n fresh real points against m = n/k synthetic ones (0 = off)
+    real_weight: float = (
+        0.0  # w: weight of n fresh real points against m = n/k synthetic ones (0 = off)
+    )
     real_ratio: float = 1.0  # k: real points per synthetic point under real_weight (m = round(n/k))
 
 
 # --------------------------------------------------------------------------------------------
 # Parsed operators
+
+
+def _rows(v: jax.Array, x: jax.Array) -> jax.Array:
+    """``v`` (d,) shaped to broadcast against the points ``x`` (..., d)."""
+    return v.reshape((1,) * (x.ndim - 1) + v.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +85,7 @@ class PointReward:
         v = jnp.asarray(self.vector, x.dtype)
         if self.kind == "linear":
             return x @ v
-        return -0.5 * self.scale * jnp.sum((x - v) ** 2, axis=-1)
+        return -0.5 * self.scale * jnp.sum((x - _rows(v, x)) ** 2, axis=-1)
 
     def natural(self) -> tuple[float, np.ndarray]:
         """(a, b) of r(x) = bᵀx − (a/2)‖x‖² + const."""
@@ -94,7 +105,7 @@ class Region:
         v = jnp.asarray(self.vector, x.dtype)
         if self.kind == "halfspace":
             return x @ v >= self.value
-        return jnp.sum((x - v) ** 2, axis=-1) <= self.value**2
+        return jnp.sum((x - _rows(v, x)) ** 2, axis=-1) <= self.value**2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +165,11 @@ class Operators:
         """One line per active operator, for the report."""
         out = []
         if self.curate is not None:
-            k = "∞ (the reward-tilted law)" if math.isinf(self.curate.k) else str(int(self.curate.k))
+            k = (
+                "∞ (the reward-tilted law)"
+                if math.isinf(self.curate.k)
+                else str(int(self.curate.k))
+            )
             r = self.curate.reward
             rtxt = (
                 f"{r.kind} reward, a = {r.scale:g}, vector {list(r.vector)}"
@@ -184,6 +199,10 @@ class Operators:
                 f"m = n/{self.real_ratio:g} synthetic"
             )
         return out
+
+
+#: Every operator off (the default of every family).
+NONE = Operators()
 
 
 def _short(v) -> str:
@@ -227,6 +246,23 @@ def parse(config, family: str, supported, *, states: int | None = None, dim: int
     real_weight = check_float("real_weight", c.real_weight, 0.0, 1.0)
     real_ratio = check_float("real_ratio", c.real_ratio, 0.0, open_min=True)
     draws = check_int("verify_draws", c.verify_draws, 1, 4096)
+    raw = {  # refuse what the family cannot take before reading family-specific specs
+        "curate": str(c.curate).strip() != "off",
+        "verify": str(c.verify).strip() != "off",
+        "temperature": temperature != 1.0,
+        "top_k": top_k > 0,
+        "top_p": top_p < 1.0,
+        "real_weight": real_weight > 0,
+    }
+    detail = {"curate": "reward", "verify": "good"}  # named too: they are part of the operator
+    for name in OPERATORS:
+        if raw[name] and name not in supported:
+            extra = detail.get(name)
+            given = f", {extra} {getattr(c, extra)!r}" if extra and str(getattr(c, extra)) else ""
+            raise ConfigError(
+                f"the {family} family cannot take the {name} operator ({name} "
+                f"{getattr(c, name)}{given}); it takes {', '.join(supported) or 'no operator'}"
+            )
     if states is not None and top_k > states:
         raise ConfigError(f"top_k {top_k} exceeds the {states} states")
     curate = _curation(c.curate, c.reward, states, dim)
@@ -239,6 +275,12 @@ def parse(config, family: str, supported, *, states: int | None = None, dim: int
         raise ConfigError(f"real_ratio {real_ratio:g} is given but real_weight is off (0)")
     ops = Operators(curate, verify, temperature, top_k, top_p, real_weight, real_ratio)
     check_supported(family, ops, supported)
+    if ops.curate is not None and math.isinf(ops.curate.k) and states is None:
+        if family not in TILTABLE:
+            raise ConfigError(
+                f"the {family} family cannot take the curate inf operator (the K → ∞ law has no "
+                "closed form here); use a finite K"
+            )
     return ops
 
 
@@ -260,13 +302,15 @@ def _curation(spec, reward, states, dim) -> Curation | None:
     return Curation(k, _reward(reward, states, dim))
 
 
-def _floats(name: str, text: str, what: str) -> tuple[float, ...]:
+def _floats(name: str, text: str, what: str, spec: str | None = None) -> tuple[float, ...]:
+    """Comma-separated finite numbers ``text`` (part of the value ``spec`` named in errors)."""
+    spec = text if spec is None else spec
     try:
         v = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ConfigError(f"{name} {text!r}: {what} must be comma-separated numbers") from None
+        raise ConfigError(f"{name} {spec!r}: {what} must be comma-separated numbers") from None
     if not all(math.isfinite(x) for x in v):
-        raise ConfigError(f"{name} {text!r}: {what} must be finite")
+        raise ConfigError(f"{name} {spec!r}: {what} must be finite")
     return v
 
 
@@ -288,16 +332,20 @@ def _reward(spec, states, dim):
             )
         return r
     if head == "linear":
-        b = _floats("reward", rest, "linear:B1,..,Bd")
-        if len(b) != dim:
-            raise ConfigError(f"reward {text!r} has {len(b)} coefficients, the data dimension is {dim}")
+        b = _floats("reward", rest, "linear:B1,..,Bd", text)
+        if dim is not None and len(b) != dim:
+            raise ConfigError(
+                f"reward {text!r} has {len(b)} coefficients, the data dimension is {dim}"
+            )
         return PointReward("linear", 0.0, b)
     if head == "quadratic":
         a_text, _, c_text = rest.partition(":")
         a = check_float(f"reward {text!r} curvature", a_text, 0.0, open_min=True)
-        c = _floats("reward", c_text, "quadratic:A:C1,..,Cd")
-        if len(c) != dim:
-            raise ConfigError(f"reward {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}")
+        c = _floats("reward", c_text, "quadratic:A:C1,..,Cd", text)
+        if dim is not None and len(c) != dim:
+            raise ConfigError(
+                f"reward {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}"
+            )
         return PointReward("quadratic", a, c)
     raise ConfigError(f"reward {text!r} must be linear:B1,..,Bd or quadratic:A:C1,..,Cd")
 
@@ -332,17 +380,19 @@ def _good(spec, states, dim):
     head, _, rest = text.partition(":")
     if head == "halfspace":
         a_text, _, c_text = rest.rpartition(":")
-        a = _floats("good", a_text, "halfspace:A1,..,Ad:C")
+        a = _floats("good", a_text, "halfspace:A1,..,Ad:C", text)
         c = check_float(f"good {text!r} offset", c_text)
-        if len(a) != dim or not any(a):
+        if (dim is not None and len(a) != dim) or not any(a):
             raise ConfigError(f"good {text!r} needs a non-zero normal of {dim} coordinates")
         return Region("halfspace", a, c)
     if head == "ball":
         r_text, _, c_text = rest.partition(":")
         r = check_float(f"good {text!r} radius", r_text, 0.0, open_min=True)
-        c = _floats("good", c_text, "ball:R:C1,..,Cd")
-        if len(c) != dim:
-            raise ConfigError(f"good {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}")
+        c = _floats("good", c_text, "ball:R:C1,..,Cd", text)
+        if dim is not None and len(c) != dim:
+            raise ConfigError(
+                f"good {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}"
+            )
         return Region("ball", c, r)
     raise ConfigError(f"good {text!r} must be halfspace:A1,..,Ad:C or ball:R:C1,..,Cd")
 
@@ -449,7 +499,11 @@ def categorical(p, ops: Operators, reward=None, good=None) -> Float[Array, " K"]
 
 
 def point_samples(
-    key: jax.Array, sample: Callable[[jax.Array, int], jax.Array], n: int, ops: Operators
+    key: jax.Array,
+    sample: Callable[[jax.Array, int], jax.Array],
+    n: int,
+    ops: Operators,
+    coords: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``n`` points of the model after finite-K curation and verification, and their weights.
 
@@ -457,8 +511,14 @@ def point_samples(
     Bradley–Terry choice, probability e^{r_k} / Σ_j e^{r_j}). Verification: ``draws`` curated
     candidates per point, each accepted with probability tpr (inside the region) or fpr; the first
     accepted is kept, and a point with none accepted gets weight 0 (probability (1 − A)^draws
-    for acceptance rate A). ``sample(key, m)`` draws m model points (leading axis).
+    for acceptance rate A). ``sample(key, m)`` draws m model points (leading axis); the reward
+    and the region read their first ``coords`` columns (all when ``None``; e.g. the KDE's points
+    carry an ancestor index after the d coordinates).
     """
+
+    def feat(x):
+        return x if coords is None else x[..., :coords]
+
     curate = ops.curate if ops.curate is not None and math.isfinite(ops.curate.k) else None
 
     def curated(key, m):
@@ -468,7 +528,7 @@ def point_samples(
         k = int(curate.k)
         x = sample(k_draw, m * k)
         x = x.reshape(m, k, *x.shape[1:])
-        score = curate.reward(x) + jax.random.gumbel(k_pick, (m, k), x.dtype)
+        score = curate.reward(feat(x)) + jax.random.gumbel(k_pick, (m, k), x.dtype)
         return jnp.take_along_axis(x, jnp.argmax(score, 1)[:, None, None], 1)[:, 0]
 
     if ops.verify is None:
@@ -478,7 +538,7 @@ def point_samples(
     k_draw, k_accept = jax.random.split(key)
     x = curated(k_draw, n * v.draws)
     x = x.reshape(n, v.draws, *x.shape[1:])
-    rate = jnp.where(v.good.contains(x), v.tpr, v.fpr)
+    rate = jnp.where(v.good.contains(feat(x)), v.tpr, v.fpr)
     accept = jax.random.uniform(k_accept, (n, v.draws), x.dtype) < rate
     first = jnp.argmax(accept, 1)
     kept = jnp.take_along_axis(x, first[:, None, None], 1)[:, 0]

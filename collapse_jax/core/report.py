@@ -227,4 +227,8 @@ def operators_lines(described: list[str]) -> list[str]:
     """The report's lines on the active data operators (``Operators.describe()``), or none."""
     if not described:
         return []
-    return ["", "Data operators (between sampling and the next fit):", *(f"- {d}" for d in described)]
+    return [
+        "",
+        "Data operators (between sampling and the next fit):",
+        *(f"- {d}" for d in described),
+    ]

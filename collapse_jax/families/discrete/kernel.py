@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from collapse_jax.core import operators
 from collapse_jax.core.errors import (
     ConfigError,
     check_float,
@@ -24,7 +25,6 @@ from collapse_jax.core.errors import (
     check_probability_vector,
     load_array,
 )
-from collapse_jax.core import operators
 from collapse_jax.core.loop import Family, GenInput
 from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import Policy, split_batch
@@ -136,7 +136,7 @@ def make_family(
     method: str = "counts",
     max_size: int = 1,
     fresh_varies: bool = False,
-    ops: Operators = Operators(),
+    ops: Operators = operators.NONE,
 ) -> Family:
     """The discrete family for one chain (see :class:`collapse_jax.core.loop.Family`).
 

@@ -214,7 +214,7 @@ def make_family(
     sampler: str = "sufficient",
     estimator: str = "unbiased",
     policy: Policy | None = None,
-    ops: Operators = Operators(),
+    ops: Operators = operators.NONE,
 ) -> Family:
     """The Gaussian family for one chain (:class:`collapse_jax.core.loop.Family`, no params).
 
@@ -413,7 +413,6 @@ def make_family(
     def general_step(key, state: GaussianState) -> GaussianState:
         """Mixed batches (fresh D0 points, reused points) and accumulation, in absolute scale."""
         k_model, k_orig, k_prev, k_sub = jax.random.split(key, 4)
-        dt = state.mean.dtype
         if weighted:
             return weighted_step(k_model, k_orig, state)
         if keep_points:  # the shared point-buffer policies (reused points need the points)
