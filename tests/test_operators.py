@@ -571,3 +571,44 @@ def test_gmm_and_user_family_take_curation():
     mu = res.arrays["mean_final_chains"]
     # μ_2 = μ_1 + shift + noise/√50 with μ_1 ~ N(0, 1/50): E μ_2 = shift
     assert_within(mu.mean(), mu.std(ddof=1) / np.sqrt(chains), shift, "user family best-of-3")
+
+
+# --------------------------------------------------------------------------------------------
+# Tale of tails: top-k truncation of Zipf data and a memorising learner
+
+
+def test_zipf_truncation_memorising_learner():
+    """T samples of the top-k truncation q of p = Zipf(β) over K states (the discrete family's
+    top-k operator); a memorising learner errs on a test token from p that its T samples never
+    showed: E err = Σ_{i<=k} p_i (1 − q_i)^T + Σ_{i>k} p_i (exact; NumPy), whose two terms
+    follow T^{−(1−1/β)} and k^{−(β−1)} (theory/operators.md)."""
+    beta, k_states, top_k, t, chains = 1.5, 400, 60, 300, 1024
+    ranks = np.arange(1, k_states + 1)
+    p = ranks**-beta / np.sum(ranks**-beta)
+    counts = np.round(p * 2**24).astype(np.int64)  # the fitted model: p to float32 precision
+    pf = counts / counts.sum()
+    q = np.where(ranks <= top_k, pf, 0.0)
+    q /= q.sum()
+    exact = np.sum(pf * (1 - q) ** t)
+    ops = op.parse(
+        dstudy.Config(states=k_states, top_k=top_k), "discrete", dk.OPERATORS, states=k_states
+    )
+    drawn = one_step_counts(ops, counts, t, chains)
+    err = (drawn == 0) @ pf
+    assert_within(err.mean(), err.std(ddof=1) / np.sqrt(chains), exact, "tale-of-tails error")
+    # The asymptotic law (theory/operators.md): err ≈ A T^{−(1−1/β)} + B k^{−(β−1)} with
+    # A = Γ(1 − 1/β)/(β ζ(β)^{1/β}) and B = 1/((β − 1) ζ(β)); each term is the error where it
+    # dominates (T p_k ≪ 1: the sample never reaches the cut; T p_k ≫ 1: only the lost tail is
+    # missed), compared with the exact sum on a 2·10^6-state Zipf support.
+    big = np.arange(1, 2_000_001, dtype=np.float64)
+    zeta = special.zeta(beta)
+    pz = big**-beta / zeta
+    a_coef = special.gamma(1 - 1 / beta) / (beta * zeta ** (1 / beta))
+    for tt, kk, term in ((10**4, 10**5, "T"), (10**7, 100, "k")):
+        qz = np.where(big <= kk, pz, 0.0) / pz[:kk].sum()
+        ex = np.sum(pz * (1 - qz) ** tt) + (1 - pz.sum())
+        law_t = a_coef * tt ** -(1 - 1 / beta)
+        law_k = kk ** (1 - beta) / ((beta - 1) * zeta)
+        law = law_t if term == "T" else law_k
+        assert abs(ex / law - 1) < 0.05, (tt, kk, ex, law_t, law_k)
+        assert max(law_t, law_k) * 0.9 < ex < law_t + law_k
