@@ -109,6 +109,28 @@ class Region:
 
 
 @dataclasses.dataclass(frozen=True)
+class SequenceReward:
+    """A reward on token sequences: the number of tokens in a set (``tokens``) or of tokens that
+    are not padding (``length``)."""
+
+    kind: str  # tokens | length
+    tokens: tuple[int, ...] = ()  # the rewarded token ids (kind tokens)
+
+    def __call__(self, seqs: np.ndarray, pad_id: int) -> np.ndarray:
+        if self.kind == "tokens":
+            return np.isin(seqs, self.tokens).sum(1).astype(np.float64)
+        return (seqs != pad_id).sum(1).astype(np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LikelihoodCheck:
+    """A sequence is correct when its mean per-token log-likelihood under the known synthetic
+    source (given its prompt) is at least ``threshold``."""
+
+    threshold: float  # nats per token
+
+
+@dataclasses.dataclass(frozen=True)
 class Curation:
     """Best-of-K: draw K candidates, keep one with probability ∝ e^{r} (Bradley–Terry)."""
 
@@ -171,21 +193,23 @@ class Operators:
                 else str(int(self.curate.k))
             )
             r = self.curate.reward
-            rtxt = (
-                f"{r.kind} reward, a = {r.scale:g}, vector {list(r.vector)}"
-                if isinstance(r, PointReward)
-                else f"per-state rewards {_short(r)}"
-            )
+            if isinstance(r, PointReward):
+                rtxt = f"{r.kind} reward, a = {r.scale:g}, vector {list(r.vector)}"
+            elif isinstance(r, SequenceReward):
+                rtxt = f"reward: {r.kind}" + (f" {_short(r.tokens)}" if r.tokens else "")
+            else:
+                rtxt = f"per-state rewards {_short(r)}"
             out.append(f"curate: best-of-{k} by Bradley–Terry, {rtxt}")
         if self.verify is not None:
             v = self.verify
             g = v.good
-            gtxt = (
-                f"{g.kind} {list(g.vector)}, {g.value:g}"
-                if isinstance(g, Region)
-                else f"{sum(g)} good states of {len(g)}"
-            )
-            tries = f", {v.draws} tries per point" if isinstance(g, Region) else ""
+            if isinstance(g, Region):
+                gtxt = f"{g.kind} {list(g.vector)}, {g.value:g}"
+            elif isinstance(g, LikelihoodCheck):
+                gtxt = f"source log-likelihood >= {g.threshold:g} nats per token"
+            else:
+                gtxt = f"{sum(g)} good states of {len(g)}"
+            tries = f", {v.draws} tries per point" if not isinstance(g, tuple) else ""
             out.append(f"verify: tpr {v.tpr:g}, fpr {v.fpr:g}, correct = {gtxt}{tries}")
         if self.temperature != 1.0:
             out.append(f"temperature: τ = {self.temperature:g}")
@@ -232,11 +256,19 @@ def _value_of(ops: Operators, name: str) -> str:
     return f"{name} {getattr(ops, name):g}"
 
 
-def parse(config, family: str, supported, *, states: int | None = None, dim: int | None = None):
+def parse(
+    config,
+    family: str,
+    supported,
+    *,
+    states: int | None = None,
+    dim: int | None = None,
+    sequences: bool = False,
+):
     """The :class:`Operators` of a config carrying :class:`OperatorFields`.
 
-    ``states`` (K) is given by categorical families, ``dim`` (d) by point families; they fix
-    how ``reward`` and ``good`` are read. Raises a one-line ConfigError naming a bad value, and
+    ``states`` (K) is given by categorical families, ``dim`` (d) by point families and
+    ``sequences`` by the language model; they fix how ``reward`` and ``good`` are read. Raises a one-line ConfigError naming a bad value, and
     refuses the operators not in ``supported`` for ``family``.
     """
     c = config
@@ -265,8 +297,8 @@ def parse(config, family: str, supported, *, states: int | None = None, dim: int
             )
     if states is not None and top_k > states:
         raise ConfigError(f"top_k {top_k} exceeds the {states} states")
-    curate = _curation(c.curate, c.reward, states, dim)
-    verify = _verification(c.verify, c.good, states, dim, draws)
+    curate = _curation(c.curate, c.reward, states, dim, sequences)
+    verify = _verification(c.verify, c.good, states, dim, draws, sequences)
     if curate is None and str(c.reward).strip():
         raise ConfigError(f"reward {c.reward!r} is given but curate is off; set curate K or inf")
     if verify is None and str(c.good).strip():
@@ -284,7 +316,7 @@ def parse(config, family: str, supported, *, states: int | None = None, dim: int
     return ops
 
 
-def _curation(spec, reward, states, dim) -> Curation | None:
+def _curation(spec, reward, states, dim, sequences=False) -> Curation | None:
     text = str(spec).strip()
     if text == "off":
         return None
@@ -299,7 +331,35 @@ def _curation(spec, reward, states, dim) -> Curation | None:
             raise ConfigError(f"curate {spec!r} must be off, an integer K in 1..1e6, or inf")
     if not str(reward).strip():
         raise ConfigError(f"curate {spec!r} needs a reward (--reward)")
+    if sequences:
+        return Curation(k, _sequence_reward(reward))
     return Curation(k, _reward(reward, states, dim))
+
+
+def _sequence_reward(spec) -> SequenceReward:
+    text = str(spec).strip()
+    head, _, rest = text.partition(":")
+    if text == "length":
+        return SequenceReward("length")
+    if head == "tokens" and rest:
+        return SequenceReward("tokens", tuple(sorted(_indices("reward", rest, text))))
+    raise ConfigError(f"reward {text!r} must be length or tokens:I,J,A-B (token ids)")
+
+
+def _indices(name: str, text: str, spec: str, limit: int | None = None) -> set[int]:
+    """Integers and ranges ``0,3,5-9`` (below ``limit`` when given); errors name ``spec``."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ConfigError(f"{name} {spec!r} must be indices like 0,3,5-9") from None
+        if a < 0 or b < a or (limit is not None and b >= limit):
+            bound = f"0..{limit - 1}" if limit is not None else "0 and above"
+            raise ConfigError(f"{name} {spec!r} names indices outside {bound}")
+        out.update(range(a, b + 1))
+    return out
 
 
 def _floats(name: str, text: str, what: str, spec: str | None = None) -> tuple[float, ...]:
@@ -350,7 +410,7 @@ def _reward(spec, states, dim):
     raise ConfigError(f"reward {text!r} must be linear:B1,..,Bd or quadratic:A:C1,..,Cd")
 
 
-def _verification(spec, good, states, dim, draws) -> Verification | None:
+def _verification(spec, good, states, dim, draws, sequences=False) -> Verification | None:
     text = str(spec).strip()
     if text == "off":
         return None
@@ -359,24 +419,24 @@ def _verification(spec, good, states, dim, draws) -> Verification | None:
         raise ConfigError(f"verify {text!r} must be TPR,FPR in [0, 1], not both 0")
     if not str(good).strip():
         raise ConfigError(f"verify {text!r} needs the correct samples (--good)")
+    if sequences:
+        return Verification(rates[0], rates[1], _likelihood_check(good), draws)
     return Verification(rates[0], rates[1], _good(good, states, dim), draws)
+
+
+def _likelihood_check(spec) -> LikelihoodCheck:
+    text = str(spec).strip()
+    head, _, rest = text.partition(":")
+    if head != "loglik" or not rest:
+        raise ConfigError(f"good {text!r} must be loglik:T (mean log-likelihood per token >= T)")
+    return LikelihoodCheck(check_float(f"good {text!r} threshold", rest))
 
 
 def _good(spec, states, dim):
     text = str(spec).strip()
     if states is not None:
-        mask = [False] * states
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            try:
-                a, b = int(lo), int(hi) if sep else int(lo)
-            except ValueError:
-                raise ConfigError(f"good {text!r} must be state indices like 0,3,5-9") from None
-            if not 0 <= a <= b < states:
-                raise ConfigError(f"good {text!r} names states outside 0..{states - 1}")
-            for i in range(a, b + 1):
-                mask[i] = True
-        return tuple(mask)
+        chosen = _indices("good", text, text, states)
+        return tuple(i in chosen for i in range(states))
     head, _, rest = text.partition(":")
     if head == "halfspace":
         a_text, _, c_text = rest.rpartition(":")
@@ -557,3 +617,37 @@ def tilt_gaussian(mean: Float[Array, " d"], lchol: Float[Array, "d d"], reward: 
     c = jnp.linalg.cholesky(jnp.eye(d, dtype=mean.dtype) + a * (lchol.T @ lchol))
     lt = jax.scipy.linalg.solve_triangular(c, lchol.T, lower=True).T  # L C^{-T}
     return mean + lt @ (lt.T @ (b - a * mean)), lt
+
+
+# --------------------------------------------------------------------------------------------
+# Host arrays of examples (the neural families)
+
+
+def select_indices(
+    rng: np.random.Generator,
+    pool: int,
+    n: int,
+    ops: Operators,
+    reward: np.ndarray | None = None,
+    correct: np.ndarray | None = None,
+) -> np.ndarray:
+    """Indices of ``n`` examples drawn from a pool of ``pool`` model outputs after curation and
+    verification: the NumPy twin of :func:`point_samples` for host arrays. Candidates are drawn
+    uniformly with replacement from the pool (the model's law as its decoded outputs); curation
+    keeps one of K by Gumbel-max on ``reward`` (per pool entry), verification gives each example
+    ``draws`` tries accepted with probability tpr (``correct``) or fpr; an example with none
+    accepted is dropped, so fewer than ``n`` indices may come back."""
+    curate = ops.curate if ops.curate is not None and math.isfinite(ops.curate.k) else None
+    tries = ops.verify.draws if ops.verify is not None else 1
+    k = int(curate.k) if curate is not None else 1
+    cand = rng.integers(0, pool, size=(n, tries, k))
+    if curate is not None:
+        score = np.asarray(reward, np.float64)[cand] + rng.gumbel(size=cand.shape)
+        cand = np.take_along_axis(cand, score.argmax(2)[..., None], 2)
+    cand = cand[..., 0]  # (n, tries)
+    if ops.verify is None:
+        return cand[:, 0]
+    rate = np.where(np.asarray(correct, bool)[cand], ops.verify.tpr, ops.verify.fpr)
+    accept = rng.random(cand.shape) < rate
+    kept = accept.any(1)
+    return cand[np.arange(n), accept.argmax(1)][kept]
