@@ -123,6 +123,21 @@ class SequenceReward:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassReward:
+    """r(x) = scale · (classifier logit of class ``digit``) (the VAE's images)."""
+
+    digit: int  # the rewarded class
+    scale: float = 1.0  # multiplies the logit
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassCheck:
+    """A sample is correct when the classifier assigns it one of ``classes``."""
+
+    classes: tuple[int, ...]  # the correct classes
+
+
+@dataclasses.dataclass(frozen=True)
 class LikelihoodCheck:
     """A sequence is correct when its mean per-token log-likelihood under the known synthetic
     source (given its prompt) is at least ``threshold``."""
@@ -195,6 +210,8 @@ class Operators:
             r = self.curate.reward
             if isinstance(r, PointReward):
                 rtxt = f"{r.kind} reward, a = {r.scale:g}, vector {list(r.vector)}"
+            elif isinstance(r, ClassReward):
+                rtxt = f"reward {r.scale:g} × classifier logit of class {r.digit}"
             elif isinstance(r, SequenceReward):
                 rtxt = f"reward: {r.kind}" + (f" {_short(r.tokens)}" if r.tokens else "")
             else:
@@ -205,6 +222,8 @@ class Operators:
             g = v.good
             if isinstance(g, Region):
                 gtxt = f"{g.kind} {list(g.vector)}, {g.value:g}"
+            elif isinstance(g, ClassCheck):
+                gtxt = f"classifier label in {list(g.classes)}"
             elif isinstance(g, LikelihoodCheck):
                 gtxt = f"source log-likelihood >= {g.threshold:g} nats per token"
             else:
@@ -264,11 +283,13 @@ def parse(
     states: int | None = None,
     dim: int | None = None,
     sequences: bool = False,
+    classes: int | None = None,
 ):
     """The :class:`Operators` of a config carrying :class:`OperatorFields`.
 
     ``states`` (K) is given by categorical families, ``dim`` (d) by point families and
-    ``sequences`` by the language model; they fix how ``reward`` and ``good`` are read. Raises a one-line ConfigError naming a bad value, and
+    ``sequences`` by the language model, ``classes`` (number of classes) by the VAE; they fix
+    how ``reward`` and ``good`` are read. Raises a one-line ConfigError naming a bad value, and
     refuses the operators not in ``supported`` for ``family``.
     """
     c = config
@@ -297,8 +318,8 @@ def parse(
             )
     if states is not None and top_k > states:
         raise ConfigError(f"top_k {top_k} exceeds the {states} states")
-    curate = _curation(c.curate, c.reward, states, dim, sequences)
-    verify = _verification(c.verify, c.good, states, dim, draws, sequences)
+    curate = _curation(c.curate, c.reward, states, dim, sequences, classes)
+    verify = _verification(c.verify, c.good, states, dim, draws, sequences, classes)
     if curate is None and str(c.reward).strip():
         raise ConfigError(f"reward {c.reward!r} is given but curate is off; set curate K or inf")
     if verify is None and str(c.good).strip():
@@ -316,7 +337,7 @@ def parse(
     return ops
 
 
-def _curation(spec, reward, states, dim, sequences=False) -> Curation | None:
+def _curation(spec, reward, states, dim, sequences=False, classes=None) -> Curation | None:
     text = str(spec).strip()
     if text == "off":
         return None
@@ -333,7 +354,19 @@ def _curation(spec, reward, states, dim, sequences=False) -> Curation | None:
         raise ConfigError(f"curate {spec!r} needs a reward (--reward)")
     if sequences:
         return Curation(k, _sequence_reward(reward))
+    if classes is not None:
+        return Curation(k, _class_reward(reward, classes))
     return Curation(k, _reward(reward, states, dim))
+
+
+def _class_reward(spec, classes: int) -> ClassReward:
+    text = str(spec).strip()
+    head, _, rest = text.partition(":")
+    digit, _, scale = rest.partition(":")
+    if head == "logit" and digit.strip().isdigit() and int(digit) < classes:
+        s = check_float(f"reward {text!r} scale", scale, 0.0, open_min=True) if scale else 1.0
+        return ClassReward(int(digit), s)
+    raise ConfigError(f"reward {text!r} must be logit:D[:SCALE] with a class D in 0..{classes - 1}")
 
 
 def _sequence_reward(spec) -> SequenceReward:
@@ -410,7 +443,9 @@ def _reward(spec, states, dim):
     raise ConfigError(f"reward {text!r} must be linear:B1,..,Bd or quadratic:A:C1,..,Cd")
 
 
-def _verification(spec, good, states, dim, draws, sequences=False) -> Verification | None:
+def _verification(
+    spec, good, states, dim, draws, sequences=False, classes=None
+) -> Verification | None:
     text = str(spec).strip()
     if text == "off":
         return None
@@ -421,6 +456,13 @@ def _verification(spec, good, states, dim, draws, sequences=False) -> Verificati
         raise ConfigError(f"verify {text!r} needs the correct samples (--good)")
     if sequences:
         return Verification(rates[0], rates[1], _likelihood_check(good), draws)
+    if classes is not None:
+        text = str(good).strip()
+        head, _, rest = text.partition(":")
+        if head != "classes" or not rest:
+            raise ConfigError(f"good {text!r} must be classes:I,J,A-B (classifier labels)")
+        chosen = tuple(sorted(_indices("good", rest, text, classes)))
+        return Verification(rates[0], rates[1], ClassCheck(chosen), draws)
     return Verification(rates[0], rates[1], _good(good, states, dim), draws)
 
 
@@ -623,6 +665,12 @@ def tilt_gaussian(mean: Float[Array, " d"], lchol: Float[Array, "d d"], reward: 
 # Host arrays of examples (the neural families)
 
 
+def candidates_per_example(ops: Operators) -> int:
+    """Model samples one kept example of :func:`select_indices` consumes (K × tries)."""
+    k = int(ops.curate.k) if ops.curate is not None and math.isfinite(ops.curate.k) else 1
+    return k * (ops.verify.draws if ops.verify is not None else 1)
+
+
 def select_indices(
     rng: np.random.Generator,
     pool: int,
@@ -630,17 +678,25 @@ def select_indices(
     ops: Operators,
     reward: np.ndarray | None = None,
     correct: np.ndarray | None = None,
+    fresh: bool = False,
 ) -> np.ndarray:
     """Indices of ``n`` examples drawn from a pool of ``pool`` model outputs after curation and
     verification: the NumPy twin of :func:`point_samples` for host arrays. Candidates are drawn
     uniformly with replacement from the pool (the model's law as its decoded outputs); curation
     keeps one of K by Gumbel-max on ``reward`` (per pool entry), verification gives each example
     ``draws`` tries accepted with probability tpr (``correct``) or fpr; an example with none
-    accepted is dropped, so fewer than ``n`` indices may come back."""
+    accepted is dropped, so fewer than ``n`` indices may come back. With ``fresh`` the pool
+    holds exactly n·tries·K fresh model samples, each used as one candidate (the exact law of
+    :func:`point_samples`)."""
     curate = ops.curate if ops.curate is not None and math.isfinite(ops.curate.k) else None
     tries = ops.verify.draws if ops.verify is not None else 1
     k = int(curate.k) if curate is not None else 1
-    cand = rng.integers(0, pool, size=(n, tries, k))
+    if fresh:
+        if pool != n * tries * k:
+            raise ValueError(f"a fresh pool needs {n * tries * k} samples, got {pool}")
+        cand = np.arange(pool).reshape(n, tries, k)
+    else:
+        cand = rng.integers(0, pool, size=(n, tries, k))
     if curate is not None:
         score = np.asarray(reward, np.float64)[cand] + rng.gumbel(size=cand.shape)
         cand = np.take_along_axis(cand, score.argmax(2)[..., None], 2)
