@@ -27,6 +27,7 @@ Z = 4.0  # tolerance in Monte Carlo standard errors
 def assert_within(mc, se, theory, what):
     mc, se, theory = (np.asarray(v, np.float64) for v in (mc, se, theory))
     z = np.abs(mc - theory) / se
+    print(f"z-score {what}: max {np.max(z):.2f}")  # shown with pytest -s
     assert np.all(z < Z), f"{what}: MC {mc} ± {se} vs theory {theory} (z = {z})"
     return float(np.max(z))
 
