@@ -54,7 +54,9 @@ class Result:
 
 def _config(target, overrides: dict[str, Any]):
     if isinstance(target, PointFamily):
-        return pf_study.validate(config_with(pf_study.PointConfig(), overrides, target.name))
+        return pf_study.validate(
+            config_with(pf_study.PointConfig(), overrides, target.name), target
+        )
     module = load_study(target)
     return module.validate(config_with(module.Config(), overrides, f"study {target!r}"))
 

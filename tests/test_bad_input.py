@@ -101,6 +101,24 @@ LOOP = {
     "schedule": spec("cubic", "poly", "poly:nan", "linear:-1", "list:a,b", "list:0,0", *NPY_FILES),
 }
 
+#: The data-operator fields (core/operators.OperatorFields) of the generational studies.
+CURATE = ("--curate", "4")
+VERIFY = ("--verify", "0.9,0.1")
+OPS = {
+    "curate": spec("x", "0", "-1", "1.5", "nan", "4"),  # 4: needs a reward
+    "reward": spec(
+        ("x", CURATE), ("1,2", CURATE), ("nan", CURATE), ("linear:nan", CURATE), "linear:1"
+    ),
+    "verify": spec("x", "0.9", "1.5,0", "0,0", "nan,0.1", "0.9,0.1"),  # 0.9,0.1: needs good
+    "good": spec(("x", VERIFY), ("99", VERIFY), ("ball:-1:0", VERIFY), "0"),
+    "verify_draws": ints(1, maximum=4096, huge=True),
+    "temperature": floats(0.0, open_min=True),
+    "top_k": ints(0, huge=True),
+    "top_p": floats(0.0, open_min=True, maximum=1.0),
+    "real_weight": floats(0.0, maximum=1.0),
+    "real_ratio": plus(floats(0.0, open_min=True), "2"),  # 2: real_weight is off
+}
+
 MIX = ("--d0", "mixture")
 GMM_MIX = (*MIX, "--d0-weights", "[0.5, 0.5]", "--d0-means", "[[0, 0], [3, 0]]")
 
@@ -261,6 +279,8 @@ def field_rule(study: str, name: str, typ) -> Rule | None:
         return RULES[study][name]
     if name in LOOP and study not in ("vae", "lm"):
         return LOOP[name]
+    if name in OPS:
+        return OPS[name]
     if typ is bool:
         return Rule(("=maybe",))  # --flag=maybe: a boolean flag takes no value
     return None

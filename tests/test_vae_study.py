@@ -228,3 +228,18 @@ def test_recursive_vaes_collapse(synthetic_dir, tmp_path):
         assert sign * z > 2, (name, z)
     agrees = {c["metric"]: c["agrees"] for c in summary["claims"]}
     assert agrees["latent_spread"] and agrees["pixel_diversity"] and agrees["nelbo"]
+
+
+def test_curation_and_verification_by_the_classifier(tiny, tmp_path):
+    """The VAE takes curate (reward: the classifier's logit of digit 3) and verify (correct:
+    classified as 3) at tiny scale: the run completes and the report lists the operators (the
+    tiny classifier and VAE are too weak for the class shift to be measured here; the selection
+    law itself is tested in tests/test_operators.py)."""
+    cfg = dataclasses.replace(
+        tiny, generations=2, curate="4", reward="logit:3", verify="0.9,0.05", good="classes:3"
+    )
+    out = tmp_path / "run"
+    summary = study.run(cfg, out, progress=False)
+    assert len(summary["operators"]) == 2
+    assert "classifier logit of class 3" in (out / "report.md").read_text()
+    assert np.all(np.isfinite(np.asarray(summary["class_fraction_mean"])))

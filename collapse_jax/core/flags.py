@@ -21,7 +21,17 @@ from collapse_jax.core.errors import ConfigError
 
 @functools.cache
 def field_comments(config_cls) -> dict[str, str]:
-    """Each field's comment in the class source (the comment that follows its definition)."""
+    """Each field's comment in the class source (the comment that follows its definition),
+    including the fields a config inherits from dataclass bases (e.g. the operator fields)."""
+    comments: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):
+        if cls is not config_cls and dataclasses.is_dataclass(cls):
+            comments.update(field_comments(cls))
+    comments.update(_own_comments(config_cls))
+    return comments
+
+
+def _own_comments(config_cls) -> dict[str, str]:
     try:
         source = inspect.getsource(config_cls)
     except (OSError, TypeError):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.loop import Family, GenInput, run_generations, stats_arrays
 from collapse_jax.core.policies import (
@@ -52,8 +53,9 @@ class PointFamily:
 
 
 @dataclasses.dataclass(frozen=True)
-class PointConfig:
-    """The shared settings of a point-family run (every policy, schedule and size)."""
+class PointConfig(operators.OperatorFields):
+    """The shared settings of a point-family run (every policy, schedule and size, and the
+    data operators curate and verify of :class:`collapse_jax.core.operators.OperatorFields`)."""
 
     samples: int = 100  # M_0: points per generation (the schedule's first size)
     chains: int = 1024  # independent chains, vmapped and sharded
@@ -65,14 +67,37 @@ class PointConfig:
     seed: int = 0  # the run's key
 
 
-def validate(config: PointConfig) -> PointConfig:
+def validate(config: PointConfig, pf: PointFamily | None = None) -> PointConfig:
+    """Check every field (the operators against ``pf``'s point dimension when given)."""
     _, schedule = check_loop_fields(config)
+    if pf is not None:
+        point_operators(pf, config)
+    else:
+        operators.parse(config, "point", operators.POINT_OPERATORS, dim=None)
     schedule.sizes(config.samples, config.generations + 1)
     return config
 
 
-def make_family(pf: PointFamily, policy: Policy, max_size: int, pool_capacity: int) -> Family:
-    """The loop's :class:`Family` of a point family: data in a :class:`PointBuffer`."""
+def point_operators(pf: PointFamily, config: PointConfig) -> operators.Operators:
+    """The run's data operators (curate, verify), read against the family's point dimension."""
+    x = jax.eval_shape(lambda k: _draw_original(pf, k, 1), jax.random.key(0))
+    dim = x.shape[1] if len(x.shape) == 2 else None
+    return operators.parse(config, pf.name, operators.POINT_OPERATORS, dim=dim)
+
+
+def _draw_original(pf: PointFamily, key, n):
+    return pf.original(key, n) if pf.original is not None else pf.sample(key, pf.d0, n)
+
+
+def make_family(
+    pf: PointFamily,
+    policy: Policy,
+    max_size: int,
+    pool_capacity: int,
+    ops: operators.Operators = operators.NONE,
+) -> Family:
+    """The loop's :class:`Family` of a point family: data in a :class:`PointBuffer`; ``ops``
+    act on the model samples (:func:`collapse_jax.core.operators.point_samples`)."""
 
     def draw_original(key, n):
         return pf.original(key, n) if pf.original is not None else pf.sample(key, pf.d0, n)
@@ -85,8 +110,15 @@ def make_family(pf: PointFamily, policy: Policy, max_size: int, pool_capacity: i
     def step(key, data: PointBuffer, params, gen: GenInput) -> tuple[PointBuffer, dict]:
         k_model, k_prev, k_orig, k_sub = jax.random.split(key, 4)
         model = pf.fit(data.x, data.w)
-        points = pf.sample(k_model, model, max_size)
-        batch, bw = new_batch(k_prev, k_orig, points, draw_original, data, gen.size, policy)
+        if ops.on_points:
+            points, model_w = operators.point_samples(
+                k_model, lambda k, n: pf.sample(k, model, n), max_size, ops
+            )
+        else:
+            points, model_w = pf.sample(k_model, model, max_size), None
+        batch, bw = new_batch(
+            k_prev, k_orig, points, draw_original, data, gen.size, policy, model_w
+        )
         return next_buffer(k_sub, data, batch, bw, gen.size, policy), pf.metrics(model)
 
     return Family(init, step)
@@ -101,15 +133,16 @@ def run(
 ) -> dict:
     """Run ``pf`` under ``config``; write (or keep in memory) the run's arrays, summary, figures
     and report. Returns the summary."""
-    config = validate(config)
+    config = validate(config, pf)
     run_dir = RunDir.start(out_dir, config, pf.name)
     t0 = time.perf_counter()
     policy = Policy.parse(config.policy, config.fresh_fraction)
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations + 1)
     max_size = int(sizes.max())
     pool = int(sizes[:-1].sum()) + max_size if policy.accumulates else 0
+    ops = point_operators(pf, config)
     result = run_generations(
-        make_family(pf, policy, max_size, pool),
+        make_family(pf, policy, max_size, pool, ops),
         jax.random.key(config.seed),
         config.chains,
         sizes,
@@ -124,7 +157,9 @@ def run(
     for name, st in result.trace.items():
         arrays.update(stats_arrays(name, st))
         arrays[f"{name}_final_chains"] = np.asarray(result.final_info[name], np.float64)
-    theory = pf.theory(gens, sizes, policy) if pf.theory is not None else {}
+    # The family's closed forms describe the plain process: not shown under an operator.
+    plain = not ops.active()
+    theory = pf.theory(gens, sizes, policy) if pf.theory is not None and plain else {}
     for name, curve in theory.items():
         arrays[f"theory_{name}"] = np.asarray(curve, np.float64)
     run_dir.write_metrics("metrics.npz", **arrays)
@@ -139,6 +174,7 @@ def run(
     ]
     summary: dict = {
         "study": pf.name,
+        "operators": ops.describe(),
         "policy": policy.describe(),
         "schedule": Schedule.parse(config.schedule).describe(),
         "chains": config.chains,
@@ -160,6 +196,7 @@ def run(
         f"M = {config.samples} ({summary['schedule']}), {config.chains} chains × "
         f"{config.generations} generations, policy {summary['policy']}, seed {config.seed}; "
         f"{result.seconds:.2f} s (report {time.perf_counter() - t0:.1f} s).",
+        *rep.operators_lines(summary["operators"]),
         "",
         "## Theory against Monte Carlo",
         "",

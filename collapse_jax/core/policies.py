@@ -196,11 +196,13 @@ def new_batch(
     buffer: PointBuffer,
     size,
     policy: Policy,
+    model_w: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The batch B_n of ``size`` points (rows of ``model_points``, B = its length): the first
     round(α M) rows are samples of the model, the next round(β M) points of T_{n-1} without
     replacement, the next round(γ M) fresh D0 points (:func:`split_batch`); returns
-    (points, weights)."""
+    (points, weights). ``model_w`` (B,) weighs the model rows (0: a sample the data operators
+    dropped, :mod:`collapse_jax.core.operators`); ``None`` weighs them all 1."""
     rows = model_points.shape[0]
     n_model, n_prev, _ = split_batch(size, policy)
     j = jnp.arange(rows)
@@ -213,7 +215,10 @@ def new_batch(
         fresh = draw_original(k_orig, rows)
         start = n_model + n_prev
         batch = jnp.where(take(j >= start), fresh[jnp.clip(j - start, 0, rows - 1)], batch)
-    return batch, (j < size).astype(buffer.w.dtype)
+    w = (j < size).astype(buffer.w.dtype)
+    if model_w is not None:
+        w = w * jnp.where(j < n_model, model_w.astype(w.dtype), 1.0)
+    return batch, w
 
 
 def next_buffer(

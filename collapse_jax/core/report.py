@@ -221,3 +221,14 @@ def _floats(values):
             v = float(v)
         out.append(v)
     return out
+
+
+def operators_lines(described: list[str]) -> list[str]:
+    """The report's lines on the active data operators (``Operators.describe()``), or none."""
+    if not described:
+        return []
+    return [
+        "",
+        "Data operators (between sampling and the next fit):",
+        *(f"- {d}" for d in described),
+    ]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from collapse_jax.core import operators
 from collapse_jax.core.errors import (
     ConfigError,
     check_float,
@@ -25,11 +26,14 @@ from collapse_jax.core.errors import (
     load_array,
 )
 from collapse_jax.core.loop import Family, GenInput
+from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import Policy, split_batch
 from collapse_jax.families.discrete.metrics import DiscreteMetrics, discrete_metrics
 from collapse_jax.numerics import samplers
 
 METHODS = ("counts", "samples")
+#: The data operators the discrete family takes (exact on the categorical law).
+OPERATORS = ("curate", "verify", "temperature", "top_k", "top_p")
 
 
 class DiscreteState(NamedTuple):
@@ -128,7 +132,11 @@ def _sample_model(key, n, p, method: str, max_size: int):
 
 @functools.lru_cache(maxsize=64)
 def make_family(
-    policy: Policy, method: str = "counts", max_size: int = 1, fresh_varies: bool = False
+    policy: Policy,
+    method: str = "counts",
+    max_size: int = 1,
+    fresh_varies: bool = False,
+    ops: Operators = operators.NONE,
 ) -> Family:
     """The discrete family for one chain (see :class:`collapse_jax.core.loop.Family`).
 
@@ -140,9 +148,29 @@ def make_family(
     vmapped sweeps (``fresh_varies`` says that chains may carry their own fresh fraction).
     ``max_size`` bounds every batch size (needed by the ``samples`` method, whose draws have
     static shape). ``between_chunks`` drops dead states (:func:`compact`).
+
+    ``ops`` (:class:`collapse_jax.core.operators.Operators`) transform the fitted p before the
+    model part of the batch is drawn (temperature, top-k / top-p, curation, verification: the
+    sample law is again categorical, so the draw stays exact); with every operator off the step
+    is exactly the plain one. Rewards and correct states follow a compacted axis through
+    ``state.index``.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    operators.check_supported("discrete", ops, OPERATORS)
+    reward = jnp.asarray(ops.curate.reward) if ops.curate is not None else None
+    good = jnp.asarray(ops.verify.good) if ops.verify is not None else None
+
+    def model_law(p, state: DiscreteState):
+        """The law the model part of the batch is drawn from (p itself with no operator)."""
+        if not ops.on_categorical:
+            return p
+        return operators.categorical(
+            p,
+            ops,
+            None if reward is None else reward[state.index].astype(p.dtype),
+            None if good is None else good[state.index],
+        )
 
     def draw(key, n, p):
         return _sample_model(key, n, p, method, max_size)
@@ -197,7 +225,7 @@ def make_family(
         else:  # gamma may differ per chain (vmapped sweeps); same rounding as split_batch
             n_orig = jnp.round(size * fresh_fraction(params)).astype(size.dtype)
             n_model, n_prev = size - n_orig, 0
-        batch = draw(k_model, n_model, p)
+        batch = draw(k_model, n_model, model_law(p, state))
         if policy.beta > 0:
             batch = batch + samplers.multivariate_hypergeometric(
                 k_prev, jnp.minimum(n_prev, total), state.counts

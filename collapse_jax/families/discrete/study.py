@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
@@ -38,8 +39,10 @@ METRICS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """The discrete study. Defaults: the benchmark workload of the paper's discrete model."""
+class Config(operators.OperatorFields):
+    """The discrete study. Defaults: the benchmark workload of the paper's discrete model.
+    The data-operator fields (curate, verify, temperature, top_k, top_p, ...) come from
+    :class:`collapse_jax.core.operators.OperatorFields`."""
 
     states: int = 50  # K, number of states (ignored when p0 is an explicit vector or file)
     p0: str = "uniform"  # uniform | zipf:S | dirichlet:A | comma-separated vector | path.npy
@@ -76,6 +79,7 @@ def validate(config: Config) -> Config:
     check_choice("method", config.method, ("auto", *proc.METHODS))
     check_int("states", config.states, 2)
     p0 = _p0(config)
+    _operators(config, p0.shape[0])
     sizes = schedule.sizes(config.samples, config.generations)
     if policy.mode == "accumulate" and sizes.sum() > 2**31 - 1:
         raise ConfigError(f"accumulate pools {sizes.sum()} samples, beyond int32 counts")
@@ -89,6 +93,11 @@ def validate(config: Config) -> Config:
         "use fewer chains, states or samples",
     )
     return config
+
+
+def _operators(config: Config, states: int) -> operators.Operators:
+    """The run's data operators (validated; refused when the family cannot take them)."""
+    return operators.parse(config, NAME, proc.OPERATORS, states=states)
 
 
 def _p0(config: Config) -> np.ndarray:
@@ -192,6 +201,7 @@ def simulate(
         resolve_method(config.method, max_size),
         max_size=max_size,
         fresh_varies=field == "fresh_fraction",
+        ops=_operators(config, p0.shape[0]),
     )
     family = family._replace(
         reduce=_group_reduce(n_values, chains),
@@ -306,6 +316,8 @@ def write_run(config: Config, out_dir, sim: Simulation, t0: float) -> dict:
 def theory_curves(config: Config, p0, policy: Policy, sizes, gens) -> dict[str, np.ndarray]:
     """Closed forms evaluated at the recorded generations (only those that apply)."""
     out: dict[str, np.ndarray] = {}
+    if _operators(config, len(p0)).active():  # the Wright–Fisher forms assume no operator
+        return out
     if not policy.accumulates:
         out["heterozygosity"] = wf.expected_heterozygosity(p0, sizes, policy)[gens]
         if policy.beta == 0 and sizes.max() <= 20000:
@@ -342,6 +354,7 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
 
     summary: dict = {
         "study": NAME,
+        "operators": _operators(config, len(p0)).describe(),
         "p0": p0.tolist(),
         "states": len(p0),
         "method": resolve_method(config.method, int(np.max(sizes))),
@@ -399,7 +412,8 @@ def checks(config, p0, policy, gens, trace, theory, absorbed_at, absorbed_state)
     absorbed = absorbed_at >= 0
     # Absorption probabilities need (nearly) every chain absorbed: among >= 99% absorbed chains the
     # unabsorbed few cannot move the frequencies by a standard error. Times need all of them.
-    if policy.mode == "replace" and policy.gamma == 0 and absorbed.mean() >= 0.99:
+    plain = not _operators(config, k).active()  # the absorption law assumes no operator
+    if plain and policy.mode == "replace" and policy.gamma == 0 and absorbed.mean() >= 0.99:
         n = absorbed.sum()
         freq = np.bincount(absorbed_state[absorbed], minlength=len(p0)) / n
         among = "" if absorbed.all() else f" (among the {absorbed.mean():.1%} absorbed chains)"
@@ -583,6 +597,7 @@ def write_report(run_dir: RunDir, config: Config, summary: dict, figures, second
         f"method `{summary['method']}`"
         + (" (auto)" if config.method == "auto" else "")
         + f", policy {summary['policy']}, seed {config.seed}.",
+        *rep.operators_lines(summary["operators"]),
         f"Simulation: {summary['seconds']:.2f} s ({summary['chain_generations_per_second']:.3g} "
         f"chain-generations/s); report written in {seconds:.1f} s.",
         "",

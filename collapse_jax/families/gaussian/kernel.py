@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from collapse_jax.core import operators
 from collapse_jax.core.errors import ConfigError, check_choice
 from collapse_jax.core.loop import Family, GenInput, chain_stats
+from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import (
     PointBuffer,
     Policy,
@@ -63,6 +65,10 @@ from collapse_jax.numerics import linalg
 from collapse_jax.numerics.wishart import sufficient_draws
 
 SAMPLERS = ("samples", "sufficient")
+#: The data operators the Gaussian family takes: curation with a linear or quadratic reward
+#: (K → ∞: the tilted Gaussian, any sampler; finite K: the samples sampler), verification with a
+#: region (samples sampler) and weighted fresh real data.
+OPERATORS = ("curate", "verify", "real_weight")
 #: trace thresholds (relative to tr Σ_0) whose chain fractions are recorded; 1e-6 is "collapsed"
 THRESHOLDS = (1e-3, 1e-6, 1e-12)
 # exp(ℓ_i − ℓ_j) is clipped at exp(60): reached only if a later Cholesky column were e^60 times
@@ -208,6 +214,7 @@ def make_family(
     sampler: str = "sufficient",
     estimator: str = "unbiased",
     policy: Policy | None = None,
+    ops: Operators = operators.NONE,
 ) -> Family:
     """The Gaussian family for one chain (:class:`collapse_jax.core.loop.Family`, no params).
 
@@ -215,11 +222,42 @@ def make_family(
     estimator; the runner supplies the same sizes per generation. Generation 1 is fitted to M_0
     real D0 samples drawn in ``init``; metrics are computed on recorded generations only
     (d > 1: under a ``lax.cond`` on ``gen.record``).
+
+    ``ops`` (:mod:`collapse_jax.core.operators`) act on the model part of every batch: curation
+    K → ∞ replaces model n by its reward-tilted Gaussian (:func:`operators.tilt_gaussian`),
+    finite-K curation and verification go through the shared point operator (samples sampler),
+    and ``real_weight`` w fits generation n + 1 to n = M_n fresh D0 points with weight w and
+    m = round(n/k) model points with weight 1 − w: μ = w x̄_real + (1 − w) x̄_model and
+    Σ = w S_real + (1 − w) S_model (each part's own estimator). With every operator off the
+    kernels are exactly the plain ones.
     """
     policy = policy or Policy()
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("estimator", estimator, ESTIMATORS)
+    operators.check_supported("gaussian", ops, OPERATORS)
     d = d0.dim
+    if ops.on_points and sampler == "sufficient":
+        what = "verify" if ops.verify is not None else f"curate {ops.curate.k:g}"
+        raise ConfigError(
+            f"the gaussian sufficient sampler cannot take the {what} operator (it needs the "
+            "points): use --sampler samples (curate inf works with either sampler)"
+        )
+    weighted = ops.real_weight > 0
+    if weighted and (policy.mode != "replace" or policy.gamma > 0):
+        raise ConfigError(
+            f"real_weight {ops.real_weight:g} brings its own fresh real data: use policy replace "
+            f"without a fresh fraction, not {policy.describe()}"
+        )
+    synthetic = (
+        np.maximum(np.round(np.asarray(sizes) / ops.real_ratio), 1).astype(np.int64)
+        if weighted
+        else None
+    )
+    if weighted and estimator == "unbiased" and synthetic.min() < 2:
+        raise ConfigError(
+            f"real_ratio {ops.real_ratio:g} leaves m = {int(synthetic.min())} < 2 synthetic "
+            "points for the unbiased estimator"
+        )
     sizes = validate_sizes(sizes, d, estimator, policy)
     n_gen = sizes.shape[0]
     if sampler == "sufficient" and policy.beta > 0:
@@ -235,6 +273,8 @@ def make_family(
     splits = split_batch(sizes, policy)
     m_first = int(sizes[0])
     max_model = int(np.max(splits.model[1:])) if n_gen > 1 else 0
+    if weighted:
+        max_model = int(synthetic.max())
     max_orig = int(np.max(splits.original[1:])) if n_gen > 1 else 0
     keep_points = sampler == "samples" and (
         policy.beta > 0 or policy.mode == "accumulate-subsample"
@@ -244,17 +284,21 @@ def make_family(
     spec = d0_metric_spec(d0)
     boost = int(sizes.min()) - d < 2  # some χ² has < 2 degrees of freedom (Gamma shape < 1)
     simple = (
-        not policy.accumulates and policy.beta == 0 and max_orig == 0
+        not policy.accumulates and policy.beta == 0 and max_orig == 0 and not ops.active()
     )  # the pure replace recursion: stays in the log-space representation
+    tilted = ops.curate is not None and not ops.on_points and ops.curate.k == np.inf
 
     def dtype():
         return jnp.zeros(()).dtype
 
     def fit(stats: PooledStats, state: GaussianState) -> GaussianState:
         """Fit N(mean, scatter / D(count)); a failed factorisation freezes the chain."""
-        cov = stats.scatter / divisor(stats.count, estimator)
+        return fit_cov(stats.mean, stats.scatter / divisor(stats.count, estimator), state)
+
+    def fit_cov(mean, cov, state: GaussianState) -> GaussianState:
+        """Take N(mean, cov) as the new model; a failed factorisation freezes the chain."""
         chol = linalg.cholesky(cov) if d > 1 else jnp.sqrt(cov)
-        model, bad = model_from_chol(stats.mean, chol)
+        model, bad = model_from_chol(mean, chol)
         bad = bad | state.collapsed
         keep = lambda new, old: jnp.where(bad, old, new)  # noqa: E731
         return state._replace(
@@ -301,21 +345,38 @@ def make_family(
         )
         return state, info
 
+    def sampled_model(state: GaussianState):
+        """(μ, L) of the law the model part is drawn from: model n, or its reward tilt."""
+        lchol = absolute_chol(GaussianModel(state.mean, state.chol, state.log_scale))
+        if tilted:
+            return operators.tilt_gaussian(state.mean, lchol, ops.curate.reward)
+        return state.mean, lchol
+
+    def model_points(key, mean, lchol, rows):
+        """``rows`` samples of N(mean, L Lᵀ) and their weights (the point operators' drops)."""
+        dt = mean.dtype
+
+        def draw(k, m):
+            return mean[None, :] + jax.random.normal(k, (m, d), dt) @ lchol.T
+
+        if ops.on_points:
+            return operators.point_samples(key, draw, rows, ops)
+        return draw(key, rows), None
+
     def model_part(key, state: GaussianState, n_model) -> PooledStats:
-        """Statistics of n_model samples of the current model."""
-        model = GaussianModel(state.mean, state.chol, state.log_scale)
-        lchol = absolute_chol(model)
+        """Statistics of n_model samples of the current model (after the operators)."""
+        mu, lchol = sampled_model(state)
         dt = state.mean.dtype
         n = n_model.astype(dt)
         if sampler == "sufficient":
             z, lower, log_diag = sufficient_draws(key, n - 1, d, dt, boost=True)
-            mean = state.mean + lchol @ z / jnp.sqrt(jnp.maximum(n, 1.0))
+            mean = mu + lchol @ z / jnp.sqrt(jnp.maximum(n, 1.0))
             a = lower + jnp.diag(jnp.exp(log_diag))
             la = lchol @ a
             return PooledStats(n, mean, la @ la.T)
-        z = jax.random.normal(key, (max_model, d), dt)
-        pts = state.mean[None, :] + z @ lchol.T
-        return masked_stats(pts, jnp.arange(max_model) < n_model)
+        pts, w = model_points(key, mu, lchol, max_model)
+        mask = jnp.arange(max_model) < n_model
+        return masked_stats(pts, mask if w is None else mask & (w > 0))
 
     def replace_step(key, state: GaussianState) -> GaussianState:
         """Pure replace: fit M model samples, all in the log-space representation."""
@@ -352,13 +413,13 @@ def make_family(
     def general_step(key, state: GaussianState) -> GaussianState:
         """Mixed batches (fresh D0 points, reused points) and accumulation, in absolute scale."""
         k_model, k_orig, k_prev, k_sub = jax.random.split(key, 4)
-        dt = state.mean.dtype
+        if weighted:
+            return weighted_step(k_model, k_orig, state)
         if keep_points:  # the shared point-buffer policies (reused points need the points)
-            z = jax.random.normal(k_model, (batch_rows, d), dt)
-            lchol = absolute_chol(GaussianModel(state.mean, state.chol, state.log_scale))
-            model_pts = state.mean[None, :] + z @ lchol.T
+            mu, lchol = sampled_model(state)
+            model_pts, model_w = model_points(k_model, mu, lchol, batch_rows)
             batch, bw = new_batch(
-                k_prev, k_orig, model_pts, d0.sample, state.data, state.size, policy
+                k_prev, k_orig, model_pts, d0.sample, state.data, state.size, policy, model_w
             )
             data = next_buffer(k_sub, state.data, batch, bw, state.size, policy)
             return fit(masked_stats(data.x, data.w > 0), state._replace(data=data))
@@ -371,6 +432,20 @@ def make_family(
             pool = merge(state.pool, stats)
             return fit(pool, state._replace(pool=pool))
         return fit(stats, state)
+
+    def weighted_step(k_model, k_real, state: GaussianState) -> GaussianState:
+        """Weighted real data: n = M_n fresh D0 points with weight w, m = round(n/k) model
+        points with weight 1 − w (He, Xu & Cheng's weighted estimator)."""
+        n = state.size
+        m = jnp.maximum(jnp.round(n / ops.real_ratio), 1).astype(n.dtype)
+        synth = model_part(k_model, state, m)
+        real = masked_stats(d0.sample(k_real, batch_rows), jnp.arange(batch_rows) < n)
+        w = ops.real_weight
+        mean = w * real.mean + (1 - w) * synth.mean
+        cov = w * real.scatter / divisor(real.count, estimator) + (1 - w) * synth.scatter / (
+            divisor(synth.count, estimator)
+        )
+        return fit_cov(mean, cov, state)
 
     later_step = replace_step if simple else general_step
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import (
     ConfigError,
@@ -39,8 +40,10 @@ MAX_REL_VAR = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """The Gaussian study. Defaults: Theorem 3.1 in 1-D (unbiased estimator, replace policy)."""
+class Config(operators.OperatorFields):
+    """The Gaussian study. Defaults: Theorem 3.1 in 1-D (unbiased estimator, replace policy).
+    The data-operator fields (curate, verify, real_weight, ...) come from
+    :class:`collapse_jax.core.operators.OperatorFields`."""
 
     dim: int = 1  # d, dimension of the data
     d0: str = "normal"  # normal | student-t | mixture | uniform | PATH.npy (rows = points)
@@ -97,11 +100,17 @@ def validate(config: Config) -> Config:
         f"chains {config.chains} in dim {d} (sampler {config.sampler}, {rows} rows)",
         "use fewer chains or samples",
     )
-    proc.make_family(  # raises for sampler/policy/size combinations that are invalid
-        d0, sizes[:2], sampler=config.sampler, estimator=config.estimator, policy=policy
-    ) if config.generations >= 2 else None
+    ops = _operators(config)
+    proc.make_family(  # raises for sampler/policy/size/operator combinations that are invalid
+        d0, sizes, sampler=config.sampler, estimator=config.estimator, policy=policy, ops=ops
+    )
     proc.validate_sizes(sizes, config.dim, config.estimator, policy)
     return config
+
+
+def _operators(config: Config) -> operators.Operators:
+    """The run's data operators (validated; refused when the family cannot take them)."""
+    return operators.parse(config, NAME, proc.OPERATORS, dim=config.dim)
 
 
 def _numbers(name: str, value, shape: tuple[int, ...], scalar_ok: bool = False) -> np.ndarray:
@@ -159,7 +168,12 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> d
     sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
     with precision(config.x64):
         family = proc.make_family(
-            d0, sizes, sampler=config.sampler, estimator=config.estimator, policy=policy
+            d0,
+            sizes,
+            sampler=config.sampler,
+            estimator=config.estimator,
+            policy=policy,
+            ops=_operators(config),
         )
         reduce = functools.partial(
             proc.reduce_info, log_trace0=float(np.log(d0.trace)), thresholds=thresholds(config)
@@ -209,6 +223,13 @@ def theory_curves(config: Config, d0: gd0.D0, policy: Policy, sizes, gens) -> di
     """Closed forms at the recorded generations (only those that apply)."""
     out: dict[str, np.ndarray] = {}
     est = config.estimator
+    ops = _operators(config)
+    if ops.active():  # the forms below assume no operator
+        if ops.active() == ("real_weight",) and est == "unbiased":
+            w, k = ops.real_weight, ops.real_ratio
+            out["mean_sq_error"] = th.real_weight_mse(sizes, d0.trace, w, k)[gens]
+            out["trace_cov"] = np.full(len(gens), d0.trace)  # E Σ_n = Σ_0 (unbiased parts)
+        return out
     plain_accumulate = policy.mode == "accumulate" and policy.gamma == 0
     if plain_accumulate:  # the closed form (theory/gaussian.md, "Accumulate: closed forms")
         mse, v = th.accumulate_moments(sizes, d0.trace, est)
@@ -269,8 +290,8 @@ def checks(config: Config, arrays: dict, theory: dict) -> list[rep.Check]:
     gens = arrays["generation"]
     rel = _rel_var(arrays["sizes"])[gens]
     policy = Policy.parse(config.policy, config.fresh_fraction)
-    if policy.accumulates:
-        rel = np.zeros_like(rel)  # the pool averages every batch: tr Σ_n is not heavy-tailed
+    if policy.accumulates or config.real_weight > 0:
+        rel = np.zeros_like(rel)  # pooled or real-anchored: tr Σ_n is not heavy-tailed
     idx = [i for i in range(1, len(gens)) if rel[i] <= MAX_REL_VAR]
     picks = sorted({idx[0], idx[len(idx) // 2], idx[-1]}) if idx else []
     all_picks = sorted({1, len(gens) // 2, len(gens) - 1} - {0})
@@ -322,8 +343,20 @@ def run(config: Config, out_dir: str | Path, *, progress: bool | None = None) ->
     )
     checks_list = checks(config, arrays, theory)
     i_collapse = thresholds(config).index(config.collapse_threshold)
+    ops = _operators(config)
     summary = {
         "study": NAME,
+        "operators": ops.describe(),
+        "real_weight": (
+            {
+                "stationary_mean_sq_error": th.real_weight_stationary(
+                    d0.trace, config.samples, ops.real_weight, ops.real_ratio
+                ),
+                "optimal_weight": th.real_weight_optimum(ops.real_ratio),
+            }
+            if ops.real_weight > 0
+            else None
+        ),
         "d0": d0.describe(),
         "policy": policy.describe(),
         "schedule": Schedule.parse(config.schedule).describe(),
@@ -472,6 +505,7 @@ def write_report(run_dir, config, summary, checks_list, figures, seconds) -> Non
         f"{config.generations} generations, M = {config.samples} ({summary['schedule']}); "
         f"policy {summary['policy']}; sampler `{config.sampler}`, estimator `{config.estimator}`, "
         f"{'float64' if config.x64 else 'float32'}. W₂² is {summary['w2_sq_kind']}.",
+        *rep.operators_lines(summary["operators"]),
         "",
         f"Simulation: {summary['seconds']:.2f} s ({summary['chain_generations_per_second']:.3g} "
         f"chain-generations/s); report total {seconds:.1f} s.",

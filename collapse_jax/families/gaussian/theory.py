@@ -221,3 +221,29 @@ def accumulate_mean_limit(m: int, trace0: float = 1.0) -> float:
     when Σ is known (:func:`accumulate_mean_known_cov`); the refitted process stays below it
     (:func:`accumulate_mean_limit_exact`). Returns (π²/6) tr Σ_0 / M."""
     return np.pi**2 / 6 * trace0 / m
+
+
+def real_weight_mse(sizes, trace0: float, w: float, k: float, m0: int | None = None) -> np.ndarray:
+    """E‖μ_n − μ_0‖², n = 0..G, under weighted real data (theory/operators.md, "Weighted real
+    data"): generation 1 is fitted to M_0 real points; generation n + 1 to n_i = M_i fresh real
+    points with weight w and m_i = round(n_i/k) model points with weight 1 − w (unbiased
+    estimator, so E tr Σ_n = tr Σ_0):
+    V_{n+1} = (1 − w)² V_n + tr Σ_0 (w²/n_i + (1 − w)²/m_i)."""
+    sizes = np.asarray(sizes, np.float64)
+    out = np.zeros(len(sizes) + 1)
+    out[1] = trace0 / (sizes[0] if m0 is None else m0)
+    for i in range(1, len(sizes)):
+        n = sizes[i]
+        m = max(np.round(n / k), 1.0)
+        out[i + 1] = (1 - w) ** 2 * out[i] + trace0 * (w**2 / n + (1 - w) ** 2 / m)
+    return out
+
+
+def real_weight_stationary(trace0: float, n: float, w: float, k: float) -> float:
+    """The stationary E‖μ − μ_0‖² = (tr Σ_0/n)·[w² + k(1 − w)²] / [w(2 − w)] (m = n/k)."""
+    return trace0 / n * (w**2 + k * (1 - w) ** 2) / (w * (2 - w))
+
+
+def real_weight_optimum(k: float) -> float:
+    """The w minimising :func:`real_weight_stationary`: w* = (√(k² + 4k) − k)/2."""
+    return (np.sqrt(k * k + 4 * k) - k) / 2

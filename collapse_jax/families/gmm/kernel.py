@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from collapse_jax.core import operators
 from collapse_jax.core.errors import ConfigError, check_choice, check_int, load_array
 from collapse_jax.core.loop import Family, GenInput
+from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import (
     PointBuffer,
     Policy,
@@ -226,6 +228,7 @@ class RecursionSpec:
     pool_capacity: int  # accumulating policies: pool buffer size (>= all points + B slack)
     heldout: int  # H held-out original points (mixtures: fresh samples per recursion)
     w2_samples: int  # S points per side of the W2 estimate (S <= H)
+    ops: Operators = operators.NONE  # data operators on the model samples (curate, verify)
 
     def __post_init__(self):
         check_choice("init", self.init, INITS)
@@ -344,8 +347,15 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
         else:
             gmm, em = fit(k_fit, data.x, data.w, K, spec.em, spec.init)
         first = jax.tree.map(lambda a, b: jnp.where(gen == 1, a, b), gmm, state.first_fit)
-        model_points = sample(k_model, gmm, B)
-        batch, batch_w = new_batch(k_prev, k_orig, model_points, draw_original, data, size, policy)
+        if spec.ops.on_points:
+            model_points, model_w = operators.point_samples(
+                k_model, lambda k, n: sample(k, gmm, n), B, spec.ops
+            )
+        else:
+            model_points, model_w = sample(k_model, gmm, B), None
+        batch, batch_w = new_batch(
+            k_prev, k_orig, model_points, draw_original, data, size, policy, model_w
+        )
         info = measure(
             k_w2,
             gmm,

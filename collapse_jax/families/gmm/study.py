@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import (
     ConfigError,
@@ -67,9 +68,10 @@ MAX_POOL_BYTES = 4 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(operators.OperatorFields):
     """The GMM study. Defaults: the paper's figure (1,000 points of N(0, I₂), 2 full-covariance
-    components, 2,000 generations), with 256 independent recursions."""
+    components, 2,000 generations), with 256 independent recursions.
+    The data-operator fields come from :class:`collapse_jax.core.operators.OperatorFields`."""
 
     components: int = 2  # K, mixture components fitted at every generation
     covariance_type: str = "full"  # full | diag | spherical
@@ -138,6 +140,11 @@ def validate(config: Config) -> Config:
                 )
     setup(config)
     return config
+
+
+def spec_ops(config: Config) -> operators.Operators:
+    """The run's data operators (validated)."""
+    return setup(config)[3].ops
 
 
 def setup(config: Config):
@@ -210,6 +217,7 @@ def setup(config: Config):
         pool_capacity=capacity,
         heldout=config.heldout if d0.heldout is None else d0.heldout.shape[0],
         w2_samples=config.w2_samples,
+        ops=operators.parse(config, NAME, operators.POINT_OPERATORS, dim=d0.dim),
     )
     return d0, policy, sizes, spec
 
@@ -337,6 +345,7 @@ def summarize(config: Config, policy: Policy, sizes, gens, arrays, d0) -> dict:
     w2_rows = np.isfinite(arrays["w2_mean"])
     summary: dict = {
         "study": NAME,
+        "operators": spec_ops(config).describe(),
         "d0": d0.label,
         "components": config.components,
         "covariance_type": config.covariance_type,
@@ -648,6 +657,7 @@ def write_report(run_dir: RunDir, config: Config, summary: dict, figures, second
         f"{config.chains} recursions × {config.generations} generations, policy "
         f"{summary['policy']}, EM tol {config.tol:g}, max_iter {config.max_iter}, reg_covar "
         f"{config.reg_covar:g}, seed {config.seed}.",
+        *rep.operators_lines(summary["operators"]),
         f"Simulation: {summary['seconds']:.1f} s ({summary['chain_generations_per_second']:.3g} "
         f"recursion-generations/s); report written in {seconds:.1f} s.",
         "",

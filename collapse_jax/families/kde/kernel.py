@@ -20,7 +20,9 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float
 
+from collapse_jax.core import operators
 from collapse_jax.core.loop import Family, GenInput
+from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import PointBuffer, Policy, initial_buffer, new_batch, next_buffer
 from collapse_jax.families.kde.datasets import Dataset
 
@@ -166,6 +168,7 @@ class KDESpec:
     heldout: int  # H held-out real points
     in_sample: bool  # .npy with N = M_0: the "held-out" points are T_0 itself
     w2_samples: int  # S <= min(M_n, H)
+    ops: Operators = operators.NONE  # data operators on the model samples (curate, verify)
 
 
 def make_family(spec: KDESpec, dataset: Dataset, dtype=jnp.float32) -> Family:
@@ -221,7 +224,12 @@ def make_family(spec: KDESpec, dataset: Dataset, dtype=jnp.float32) -> Family:
         k_model, k_prev, k_orig, k_sub = jax.random.split(key, 4)
         data = state.data
         kde = fit(data.x[:, :d], data.w, spec.bandwidth)
-        model_points = sample(k_model, kde, B, extra=data.x[:, d:])
+        if spec.ops.on_points:
+            model_points, model_w = operators.point_samples(
+                k_model, lambda k, n: sample(k, kde, n, extra=data.x[:, d:]), B, spec.ops, d
+            )
+        else:
+            model_points, model_w = sample(k_model, kde, B, extra=data.x[:, d:]), None
 
         def draw_original(k, n):
             if points is None:
@@ -231,7 +239,7 @@ def make_family(spec: KDESpec, dataset: Dataset, dtype=jnp.float32) -> Family:
             return state.original[jax.random.randint(k, (n,), 0, m0)]
 
         batch, batch_w = new_batch(
-            k_prev, k_orig, model_points, draw_original, data, gen.size, policy
+            k_prev, k_orig, model_points, draw_original, data, gen.size, policy, model_w
         )
         nll = jax.lax.cond(
             gen.record,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_float, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
@@ -38,9 +39,10 @@ MAX_THEORY_SIZE = 3000
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(operators.OperatorFields):
     """The KDE study. Defaults: moons (noise 0.05), M = 100 points, h = 0.1, replace, 100
-    generations (a point of Collapse-or-Thrive's KDE sweep), 256 chains."""
+    generations (a point of Collapse-or-Thrive's KDE sweep), 256 chains.
+    The data-operator fields come from :class:`collapse_jax.core.operators.OperatorFields`."""
 
     dataset: str = (
         "moons"  # blobs | circles | moons | swiss-roll | path to an (N, d) .npy of points
@@ -150,6 +152,7 @@ def setup(config: Config):
         "use fewer chains, samples or held-out points",
     )
     spec = proc.KDESpec(
+        ops=operators.parse(config, NAME, operators.POINT_OPERATORS, dim=dataset.dim),
         bandwidth=bandwidth,
         policy=policy,
         m0=m0,
@@ -222,7 +225,7 @@ def theory_curves(config: Config, dataset: Dataset, policy: Policy, spec, sizes,
     pairwise closed form at h = the chains' mean generation-1 bandwidth, drawn for reference."""
     theory_out: dict[str, np.ndarray] = {}
     reference: dict[str, np.ndarray] = {}
-    if not (policy.mode == "replace" and policy.gamma == 0):
+    if not (policy.mode == "replace" and policy.gamma == 0) or spec.ops.active():
         return theory_out, reference, None
     if int(sizes.max()) <= MAX_THEORY_SIZE:
         theory_out["ancestors"] = theory.ancestors(gens, sizes)
@@ -285,6 +288,7 @@ def run(config: Config, out_dir: str | Path | RunDir, *, progress: bool | None =
     checks = check_rows(gens, arrays, theory_out)
     summary: dict = {
         "study": NAME,
+        "operators": setup(config)[3].ops.describe(),
         "dataset": dataset.label,
         "bandwidth": config.bandwidth,
         "policy": policy.describe(),
@@ -410,6 +414,7 @@ def write_report(
         f"D0 = {summary['dataset']}; bandwidth {config.bandwidth}; M = {config.samples} "
         f"({summary['schedule']}), {config.chains} chains × {config.generations} generations, "
         f"policy {summary['policy']}, held-out points {summary['heldout']}, seed {config.seed}.",
+        *rep.operators_lines(summary["operators"]),
         f"Simulation: {summary['seconds']:.1f} s ({summary['chain_generations_per_second']:.3g} "
         f"chain-generations/s); report written in {seconds:.1f} s.",
         "",

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core.errors import (
     ConfigError,
     check_choice,
@@ -39,13 +40,20 @@ BUILTIN_MODELS = {
 }
 DECODINGS = ("beam", "sample", "greedy")
 START_FROM = ("base", "previous")
+#: The data operators of the LM study: curation and verification of the generated sequences,
+#: and the decoding knobs temperature / top-k / top-p (the shared operator fields).
+OPERATORS = ("curate", "verify", "temperature", "top_k", "top_p")
 DISTINCT_N = (1, 2, 3, 4)
 REPEAT_N = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """The language-model regime. Defaults: the offline CPU form (synthetic source, tiny OPT)."""
+class Config(operators.OperatorFields):
+    """The language-model regime. Defaults: the offline CPU form (synthetic source, tiny OPT).
+    The data-operator fields come from :class:`collapse_jax.core.operators.OperatorFields`:
+    temperature / top_k / top_p are the decoding knobs, curate (reward ``length`` or
+    ``tokens:I,J,A-B``) and verify (good ``loglik:T``, the synthetic source's mean log-likelihood
+    per token) act on the generated sequences; real_weight is refused."""
 
     model: str = "tiny"  # micro | tiny | small | base (offline, pre-trained here) | HF dir | hub id
     tokenizer: str = ""  # tokenizer dir or hub id; "" = the model's, OPT's, or the synthetic one
@@ -151,6 +159,12 @@ def validate(config: Config) -> Config:
     check_int("synthetic_seed", config.synthetic_seed, 0)
     check_int("synthetic_blocks", config.synthetic_blocks, 2)
     check_float("tail_mass", config.tail_mass, 0.0, 1.0)
+    ops = operators.parse(config, "lm", OPERATORS, sequences=True)
+    if ops.verify is not None and config.corpus != "synthetic":
+        raise ConfigError(
+            f"verify {config.verify!r} scores sequences under the known synthetic source; "
+            f"corpus {config.corpus!r} has none (use corpus synthetic)"
+        )
     if not config.model:
         raise ConfigError("model must be a built-in size, a directory or a hub id")
     if config.model in BUILTIN_MODELS and config.pretrain_epochs > 0:

@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core.loop import chain_stats
 from collapse_jax.core.runs import (
     series,
@@ -17,7 +18,7 @@ from collapse_jax.core.runs import (
 from collapse_jax.families.lm import synthetic_language as sl
 from collapse_jax.families.lm import text_metrics as tm
 from collapse_jax.families.lm import training as lt
-from collapse_jax.families.lm.config import DISTINCT_N, NAME, REPEAT_N, Config, Setup
+from collapse_jax.families.lm.config import DISTINCT_N, NAME, OPERATORS, REPEAT_N, Config, Setup
 from collapse_jax.families.lm.generations import Regime, load_model
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +207,7 @@ def summarize(config: Config, setup: Setup, arrays: dict) -> dict:
     out: dict[str, Any] = {
         "study": NAME,
         "corpus": setup.corpus_source,
+        "operators": operators.parse(config, NAME, OPERATORS, sequences=True).describe(),
         "model": config.model,
         "seconds": float(arrays["seconds"]),
         "arms": [],

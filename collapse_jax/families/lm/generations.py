@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core.host_loop import Progress, fit_generations, generation_key
 from collapse_jax.core.policies import Policy, mix_training_data
 from collapse_jax.core.runs import (
@@ -17,8 +19,9 @@ from collapse_jax.core.runs import (
     write_arrays,
 )
 from collapse_jax.families.lm import decoding as dec
+from collapse_jax.families.lm import synthetic_language as sl
 from collapse_jax.families.lm import training as lt
-from collapse_jax.families.lm.config import Config, Setup, compute_dtype
+from collapse_jax.families.lm.config import OPERATORS, Config, Setup, compute_dtype
 from collapse_jax.families.lm.opt import OPTForCausalLM
 from collapse_jax.families.lm.opt_weights import load_pretrained, save_pretrained
 
@@ -160,6 +163,7 @@ class Regime:
         self.decode = make_decode_fn(setup.model_config, config, setup.tokenizer)
         self.dtype = compute_dtype(config)
         self.base_params = None
+        self.ops = operators.parse(config, "lm", OPERATORS, sequences=True)
 
     def key(self, seed: int, arm: int | None, g: int, *part: int) -> jax.Array:
         """The key of a stage of generation ``g`` of chain ``(seed, arm)``: the host loop's
@@ -306,6 +310,8 @@ class Regime:
         rng = np.random.default_rng((seed, arm, g, 7))
 
         def sample_model(n: int) -> np.ndarray:
+            if self.ops.on_points:  # curation / verification of the decoded sequences
+                return generated[np.sort(self.select(rng, generated, n))]
             if n == len(generated):
                 return generated
             return generated[np.sort(rng.choice(len(generated), n, replace=False))]
@@ -319,6 +325,21 @@ class Regime:
             if pool is not None and pool is not data:
                 _save_npy(d / "pool.npy", pool.astype(np.int32))
         return data, pool
+
+    def select(self, rng: np.random.Generator, generated: np.ndarray, n: int) -> np.ndarray:
+        """Indices of the generated sequences kept by curation and verification
+        (:func:`collapse_jax.core.operators.select_indices`). Row i continues training block i,
+        so a sequence is scored under the synthetic source given that block as its prompt."""
+        ops = self.ops
+        reward = correct = None
+        if ops.curate is not None:
+            reward = ops.curate.reward(generated, self.setup.tokenizer.pad_token_id)
+        if ops.verify is not None:
+            ll = sl.conditional_log_likelihood(
+                self.setup.source, jnp.asarray(self.setup.train), jnp.asarray(generated)
+            )
+            correct = np.asarray(ll) / generated.shape[1] >= ops.verify.good.threshold
+        return operators.select_indices(rng, len(generated), n, ops, reward, correct)
 
     def cleanup(self, seed: int, arm: int, g: int) -> None:
         """Drop weights no longer needed (all but generation 0 and the latest)."""

@@ -199,6 +199,7 @@ def write_report(rd: RunDir, config: Config, setup: Setup, summary: dict) -> Non
             else ""
         )
         + f". Wall time {summary['seconds']:.0f} s (all invocations of this run directory).",
+        *rep.operators_lines(summary.get("operators", [])),
         "",
         "No closed-form theory exists for this regime; the table reports the measured change "
         "of test perplexity from generation 0 to the last generation (mean ± stderr over "

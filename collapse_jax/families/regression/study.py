@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
@@ -34,9 +35,10 @@ THEORY_BUDGET = 2e9
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(operators.OperatorFields):
     """The regression study. Defaults: OLS, d = 10, T = 100 rows of a fixed isotropic design,
-    σ = 1, replace, 50 generations of 4,096 chains."""
+    σ = 1, replace, 50 generations of 4,096 chains. It takes no data operator (the operator
+    fields of :class:`collapse_jax.core.operators.OperatorFields` are refused when set)."""
 
     dim: int = 10  # d, number of features
     samples: int = 100  # T, rows per generation (M_0 of a schedule)
@@ -68,6 +70,7 @@ def setup(config: Config):
     """Everything derived from the config: (spec, sampler path, sizes M_0..M_G, policy)."""
     policy, schedule = check_loop_fields(config)
     d = check_int("dim", config.dim, 1, 4096)
+    operators.parse(config, NAME, (), dim=d)
     noise = check_float("noise", config.noise, 0.0)
     ridge = check_float("ridge", config.ridge, 0.0)
     check_choice("design", config.design, proc.DESIGNS)

@@ -109,6 +109,13 @@ def predict(params: Any, x: Float[np.ndarray, "n 28 28 1"], chunk: int = 1024) -
     return np.concatenate(out).astype(np.int32)
 
 
+def logits(params: Any, x: Float[np.ndarray, "n 28 28 1"], chunk: int = 1024) -> np.ndarray:
+    """Class logits (n, 10) of images in [0, 1] (fixed-size chunks: one compilation)."""
+    x = np.asarray(x, np.float32)
+    out = [np.asarray(_logits(params, part))[:valid] for _, part, valid in padded_chunks(x, chunk)]
+    return np.concatenate(out).astype(np.float64)
+
+
 def _loss_sums(params, batch, key):
     """Summed cross-entropy of a batch ``(images, labels)`` and its size (``key`` unused)."""
     x, y = batch

@@ -82,6 +82,7 @@ def make_report(out: Path, summary: dict) -> None:
         f"Policy: {summary['policy']}; {summary['seeds']} seeds; "
         f"classifier test accuracy {summary['classifier_test_accuracy']:.4f}; "
         f"{summary['seconds']:.0f} s.",
+        *rep.operators_lines(summary.get("operators", [])),
         "",
         "Generation 0 is real MNIST (test images), generation 1 the VAE trained on real images,",
         "generation n + 1 a new VAE trained on images of generation n. No closed-form theory",

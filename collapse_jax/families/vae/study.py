@@ -46,6 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from collapse_jax.core import operators
 from collapse_jax.core import training as tr
 from collapse_jax.core.checkpointing import Checkpointer, arrays_to_tree, tree_to_arrays
 from collapse_jax.core.errors import (
@@ -79,9 +80,16 @@ DESCRIPTION = DESCRIPTIONS[NAME]
 SYNTHETIC = ("means", "binary")
 
 
+#: The data operators of the VAE study (on its generated images, through the digit classifier).
+OPERATORS = ("curate", "verify")
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """The VAE regime. Defaults: the paper's setting (GPU-sized: 5 generations of 30 epochs)."""
+class Config(operators.OperatorFields):
+    """The VAE regime. Defaults: the paper's setting (GPU-sized: 5 generations of 30 epochs).
+    The data-operator fields come from :class:`collapse_jax.core.operators.OperatorFields`:
+    curate with reward ``logit:D[:SCALE]`` (the classifier's logit of digit D) and verify with
+    good ``classes:I,J`` (the classifier's label) act on the generated images."""
 
     generations: int = 6  # G: models trained; generation 1 on real images, 2..G on generated
     epochs: int = 30  # training epochs per generation
@@ -146,6 +154,7 @@ def validate(config: Config) -> Config:
         )
     check_int("classifier epochs", c.classifier_epochs, 1)
     check_int("classifier train", c.classifier_train, 0)
+    _operators(c)
     check_choice("MNIST source", c.mnist_source, mnist.SOURCES)
     if c.data_dir and not Path(c.data_dir).expanduser().is_dir():
         raise ConfigError(f"data_dir {c.data_dir} is not a directory")
@@ -154,6 +163,11 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"cache_dir {c.cache_dir} exists and is not a directory")
     _check_cost(c, sizes)
     return config
+
+
+def _operators(c: Config) -> operators.Operators:
+    """The run's data operators (validated; the VAE takes curate and verify)."""
+    return operators.parse(c, NAME, OPERATORS, classes=10)
 
 
 #: Images a configuration may train on in all (generations × epochs × images × seeds, plus the
@@ -313,6 +327,7 @@ class _Recursion:
             _arch(c), c.batch_size
         )
         self.policy = _policy(c)
+        self.ops = _operators(c)
         self.sizes = Schedule.parse(c.schedule).sizes(c.samples, c.generations)
         self.ckpt = Checkpointer(out, max_to_keep=2)
         self.models: dict[int, Any] = {}  # generation -> params (those needed later)
@@ -356,6 +371,8 @@ class _Recursion:
         binarize = self.c.synthetic == "binary"
 
         def sample_model(n: int) -> np.ndarray:
+            if self.ops.on_points:  # curation / verification by the digit classifier
+                return self.curated(params, k_sample, n, binarize, [self.seed, gen, e, 13])
             return mnist.to_uint8(self.fns.sample(params, k_sample, n, binarize))
 
         train, pool = mix_training_data(
@@ -371,6 +388,23 @@ class _Recursion:
         self._pool = {gen: pool}
         self._sets = {(gen, e): train}
         return train
+
+    def curated(self, params, key, n: int, binarize: bool, seed) -> np.ndarray:
+        """``n`` images after the operators: K × tries fresh samples per kept image, the reward
+        a class logit and the verifier's truth the classifier's label
+        (:func:`collapse_jax.core.operators.select_indices`); dropped images are left out."""
+        ops = self.ops
+        m = n * operators.candidates_per_example(ops)
+        images = mnist.to_uint8(self.fns.sample(params, key, m, binarize))
+        logits = clf.logits(self.classifier_params, mnist.to_unit(images))
+        reward = correct = None
+        if ops.curate is not None:
+            reward = ops.curate.reward.scale * logits[:, ops.curate.reward.digit]
+        if ops.verify is not None:
+            correct = np.isin(logits.argmax(1), ops.verify.good.classes)
+        rng = np.random.default_rng(seed)
+        idx = operators.select_indices(rng, m, n, ops, reward, correct, fresh=True)
+        return images[idx]
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -569,6 +603,7 @@ def summarize(c: Config, arrays: dict, data, classifier, seconds: float) -> dict
         "classifier_test_accuracy": classifier.test_accuracy,
         "seeds": c.seeds,
         "policy": _policy(c).describe(),
+        "operators": _operators(c).describe(),
         "seconds": seconds,
     }
     for name in METRICS:
