@@ -42,6 +42,9 @@ from collapse_jax.core.errors import ConfigError, check_float, check_int, load_a
 OPERATORS = ("curate", "verify", "temperature", "top_k", "top_p", "real_weight")
 #: What every family whose data are points takes through :func:`point_samples`.
 POINT_OPERATORS = ("curate", "verify")
+#: A mixture family also takes the sampling-bias operators on its components
+#: (:func:`temper_mixture`).
+MIXTURE_OPERATORS = ("curate", "verify", "temperature", "top_k", "top_p")
 #: Point families whose K → ∞ curation law has a closed form (:func:`tilt_gaussian`).
 TILTABLE = ("gaussian",)
 
@@ -567,6 +570,20 @@ def truncate(p: Float[Array, " K"], top_k: int = 0, top_p: float = 1.0) -> Float
         keep = keep & jnp.zeros(p.shape, bool).at[order].set(kept_sorted)
         q = jnp.where(keep, p, 0.0)
     return q / jnp.sum(q)
+
+
+def temper_mixture(weights, covs, ops: Operators):
+    """Temperature and top-k / top-p on a Gaussian mixture before sampling, component by
+    component: weights π^{1/τ} (normalised), then truncated to the top-k / top-p components,
+    and covariances τΣ_k (N(μ, Σ)^{1/τ} ∝ N(μ, τΣ)). The tempered density of a mixture is not a
+    mixture; this is the analogue of the categorical operators on the choice of component and
+    the exact tempering of each component. Returns (weights, covs)."""
+    if ops.temperature != 1.0:
+        weights = temper(weights, ops.temperature)
+        covs = covs * jnp.asarray(ops.temperature, covs.dtype)
+    if ops.top_k > 0 or ops.top_p < 1.0:
+        weights = truncate(weights, ops.top_k, ops.top_p)
+    return weights, covs
 
 
 def categorical(p, ops: Operators, reward=None, good=None) -> Float[Array, " K"]:

@@ -347,12 +347,15 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
         else:
             gmm, em = fit(k_fit, data.x, data.w, K, spec.em, spec.init)
         first = jax.tree.map(lambda a, b: jnp.where(gen == 1, a, b), gmm, state.first_fit)
+        # The model the next batch is drawn from: model n after temperature / top-k / top-p.
+        weights, covs = operators.temper_mixture(gmm.weights, gmm.covs, spec.ops)
+        source = GMM(weights, gmm.means, covs)
         if spec.ops.on_points:
             model_points, model_w = operators.point_samples(
-                k_model, lambda k, n: sample(k, gmm, n), B, spec.ops
+                k_model, lambda k, n: sample(k, source, n), B, spec.ops
             )
         else:
-            model_points, model_w = sample(k_model, gmm, B), None
+            model_points, model_w = sample(k_model, source, B), None
         batch, batch_w = new_batch(
             k_prev, k_orig, model_points, draw_original, data, size, policy, model_w
         )

@@ -206,6 +206,8 @@ def setup(config: Config):
         f"chains {config.chains} of {rows} points and components {k}",
         "use fewer chains, samples or components",
     )
+    if config.top_k > k:
+        raise ConfigError(f"top_k {config.top_k} exceeds the {k} components")
     em = proc.EMConfig(config.covariance_type, config.tol, config.max_iter, config.reg_covar)
     spec = proc.RecursionSpec(
         n_components=k,
@@ -217,7 +219,7 @@ def setup(config: Config):
         pool_capacity=capacity,
         heldout=config.heldout if d0.heldout is None else d0.heldout.shape[0],
         w2_samples=config.w2_samples,
-        ops=operators.parse(config, NAME, operators.POINT_OPERATORS, dim=d0.dim),
+        ops=operators.parse(config, NAME, operators.MIXTURE_OPERATORS, dim=d0.dim),
     )
     return d0, policy, sizes, spec
 
