@@ -460,6 +460,8 @@ RUN_FLAGS = {
         "samples=10,0",
         "chains=8,-1",
         "fresh_fraction=0.1,nan",
+        "p0=uniform;;zipf:1",
+        "verify=0.9,0.1;2,0",
     ),
     "--out": spec("{corrupt}.npy"),  # an existing file
     "--progress": Rule(("=maybe",)),

@@ -312,3 +312,21 @@ def test_every_scan_study_records_every_generation_by_default():
         config = load_study(name).Config()
         if hasattr(config, "record_every"):
             assert config.record_every == 1, name
+
+
+def test_sweep_over_a_text_field_separates_values_by_semicolons(tmp_path):
+    """Text fields sweep with ';' (their values may hold commas, e.g. verify=TPR,FPR): one run
+    per value, each with its own configuration."""
+    from collapse_jax.core.experiments import parse_sweep
+    from collapse_jax.families.discrete import study as dstudy
+
+    field, values = parse_sweep("verify=0.9,0.1; 0.9,0.5", dstudy.Config())
+    assert field == "verify" and values == ["0.9,0.1", "0.9,0.5"]
+    argv = ["run", "discrete", "--states", "4", "--chains", "8", "--generations", "2",
+            "--good", "0-1", "--verify", "0.9,0.3", "--sweep", "verify=0.9,0.1;0.9,0.5",
+            "--out", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    for v in values:
+        cfg = read_json(tmp_path / f"verify={v}" / "config.json")
+        assert cfg["config"]["verify"] == v

@@ -85,8 +85,8 @@ def _field_type(config_cls, name: str):
 
 
 def parse_sweep(spec: str, config) -> tuple[str, list]:
-    """``NAME=v1,v2,...`` on a numeric config field -> (field, typed values); errors name the
-    whole specification."""
+    """``NAME=v1,v2,...`` on a numeric config field, or ``NAME=v1;v2;...`` on a text field (its
+    values may hold commas) -> (field, typed values); errors name the whole specification."""
     try:
         return _parse_sweep(spec, config)
     except ConfigError as e:
@@ -104,8 +104,13 @@ def _parse_sweep(spec: str, config) -> tuple[str, list]:
     if field not in names:
         raise ConfigError(f"--sweep: unknown parameter {name!r}")
     typ = _field_type(type(config), field)
+    if typ is str:  # text values may hold commas (e.g. verify=TPR,FPR): ';' separates them
+        out = [v.strip() for v in values.split(";")]
+        if any(not v for v in out):
+            raise ConfigError(f"--sweep: empty value in {values!r} for {name!r} (';' separates)")
+        return field, out
     if typ not in (int, float):
-        raise ConfigError(f"--sweep: parameter {name!r} is not numeric")
+        raise ConfigError(f"--sweep: parameter {name!r} is neither numeric nor text")
     try:
         out = [typ(float(v)) if typ is int else typ(v) for v in values.split(",")]
     except ValueError:
