@@ -12,6 +12,7 @@ from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.loop import GenInput
 from collapse_jax.core.policies import split_batch
 from collapse_jax.families.gmm import kernel as proc
+from collapse_jax.families.gmm import report as gmm_report
 from collapse_jax.families.gmm import study as study
 
 TINY = study.Config(
@@ -278,7 +279,7 @@ def test_authors_run_placed_among_recursions():
         "l2_to_first_fit": np.array([[np.nan] * 4, [0.0] * 4, [1.0] * 4, [100, 200, 600, 700.0]]),
     }
     arrays = {f"{k}_chains": v for k, v in chains.items()}
-    placed = {c["metric"]: c for c in study.claims(gens, arrays) if "authors" in c}
+    placed = {c["metric"]: c for c in gmm_report.claims(gens, arrays) if "authors" in c}
     assert placed["component_std_min"]["fraction_beyond"] == 0.25
     assert placed["component_std_min"]["verdict"] == "within the recursions' spread"
     assert placed["component_std_max"]["fraction_beyond"] == 0.0
