@@ -2,7 +2,8 @@
 
 Each study's option axes (policy, sampler / method, estimator / EM settings, design, bandwidth
 rule, precision, schedule kind) are combined so that every policy meets every value of the
-study's main method axis, and every value of every other axis appears (cycled over the runs):
+study's main method axis (the GMM's EM options, which change the fit and not the loop, are
+cycled over its policies), and every value of every other axis appears (cycled over the runs):
 a crash in any combination a user can ask for fails here. The Gaussian study's full
 policy × sampler × precision product is in ``test_gaussian_study.py``. Each run must finish
 with finite recorded metrics (NaN only where a metric is undefined by construction: named
@@ -59,10 +60,10 @@ TINY = {
 
 CASES = [
     *_cases("discrete", ("method", ["counts", "samples"]), {"compact": [True, False]}),
-    *_cases(
+    *_cases(  # EM options change the fit, not the loop: cycled over the policies (5 runs)
         "gmm",
-        ("init", ["kmeans", "kmeans++", "warm"]),
-        {"covariance_type": ["full", "diag", "spherical", "diag"]},
+        ("w2_method", ["exact"]),
+        {"init": ["kmeans", "kmeans++", "warm"], "covariance_type": ["full", "diag", "spherical"]},
     ),
     *_cases(
         "kde",
@@ -115,6 +116,7 @@ def test_cases_cover_every_option_value():
             seen.setdefault((study, k), set()).add(str(v))
     assert seen[("discrete", "compact")] == {"True", "False"}
     assert seen[("gmm", "covariance_type")] == {"full", "diag", "spherical"}
+    assert seen[("gmm", "init")] == {"kmeans", "kmeans++", "warm"}
     assert seen[("kde", "dataset")] == {"blobs", "circles", "moons", "swiss-roll"}
     assert seen[("regression", "sampler")] == {"auto", "samples"}
     for study in ("discrete", "gmm", "kde", "regression", "gaussian"):
