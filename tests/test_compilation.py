@@ -60,3 +60,26 @@ def test_cache_location_and_switch(monkeypatch, tmp_path):
     assert compilation.cache_dir().parent == tmp_path / "xdg" / "collapse_jax" / "xla"
     monkeypatch.setenv("COLLAPSE_JAX_NO_CACHE", "1")
     assert compilation.cache_dir() is None and compilation.enable() is None
+
+
+def test_shared_cache_is_locked(tmp_path):
+    """JAX writes a cache entry in place; with the size budget `enable` sets, it takes a file
+    lock around every read and write, so concurrent runs never read a half-written entry. A
+    process that compiles through the enabled cache holds the budget and leaves the lock file."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from collapse_jax.core import compilation\n"
+        "path = compilation.enable()\n"
+        "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n"
+        "print(jax.config.jax_compilation_cache_max_size, path)\n"
+    )
+    env = {**os.environ, "COLLAPSE_JAX_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("COLLAPSE_JAX_NO_CACHE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    size, path = out.stdout.split()
+    assert int(size) == compilation.MAX_CACHE_BYTES and path == str(tmp_path / "cache")
+    assert (tmp_path / "cache" / ".lockfile").exists()
+    assert any(p.name.endswith("-cache") for p in (tmp_path / "cache").iterdir())

@@ -85,10 +85,13 @@ def _mtime(path):
 def _committed_steps(out):
     """Every committed checkpoint step under ``out`` (Orbax commits a step by renaming its
     temporary directory to the step number) and every finished per-seed result file."""
-    if not out.exists():
-        return frozenset()
-    steps = {str(p) for p in out.rglob("*") if p.is_dir() and p.name.isdigit()}
-    return frozenset(steps | {str(p) for p in out.rglob("*.npz")})
+    # The running process renames and deletes directories while this walks them: a path that
+    # vanished mid-walk is skipped (os.walk ignores errors), never an error.
+    found = set()
+    for root, dirs, files in os.walk(out):
+        found.update(os.path.join(root, d) for d in dirs if d.isdigit())
+        found.update(os.path.join(root, f) for f in files if f.endswith(".npz"))
+    return frozenset(found)
 
 
 def _final(out):

@@ -4,9 +4,12 @@ A second run of the same study reuses the compiled programs of the first instead
 them again. The cache lives under the user's cache directory (``$XDG_CACHE_HOME`` or
 ``~/.cache``), in a folder per machine type (compiled CPU code depends on the processor's
 features), and is JAX's own persistent cache: entries are keyed by the program, the compiler
-options and the JAX/XLA versions and written atomically, so runs that share it concurrently are
-safe and a cached program is the one XLA would compile (results are identical with and without
-the cache; tested). ``COLLAPSE_JAX_CACHE_DIR`` moves it; ``COLLAPSE_JAX_NO_CACHE=1`` or the CLI's
+options and the JAX/XLA versions, and a cached program is the one XLA would compile (results are
+identical with and without the cache; tested). JAX 0.10 writes an entry in place, not
+atomically: without a size budget another process can read a half-written entry, and
+deserialising it crashed a test worker (segmentation fault). With a budget
+(:data:`MAX_CACHE_BYTES`) JAX takes a file lock around every read and write (and evicts the least
+recently used entries beyond it), so runs that share the cache concurrently are safe. ``COLLAPSE_JAX_CACHE_DIR`` moves it; ``COLLAPSE_JAX_NO_CACHE=1`` or the CLI's
 ``--no-cache`` switches it off.
 """
 
@@ -21,6 +24,8 @@ from pathlib import Path
 #: depend on how long its compilation happened to take (the machine's load), so a warm run could
 #: still compile programs that a cold run left out.
 MIN_COMPILE_SECONDS = 0.0
+#: Size budget of the cache; setting one also makes JAX lock the cache around reads and writes.
+MAX_CACHE_BYTES = 8 * 2**30
 
 
 def _machine_tag() -> str:
@@ -59,4 +64,5 @@ def enable(enabled: bool = True) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     return path
