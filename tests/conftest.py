@@ -27,7 +27,22 @@ if "COLLAPSE_JAX_DATA_DIR" not in os.environ and _SHARED.is_dir():
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from collapse_jax.core import compilation  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The pytest workers themselves never switch the persistent compilation cache on (the runs the
+# tests start as subprocesses still do, and tests/test_compilation.py checks the cache there):
+# twice in CI a long-lived worker, after an in-process CLI test had enabled it, crashed inside
+# XLA's executable serialisation (segfault in serialize / deserialize_executable while running
+# tests/test_samplers.py), which no single run has shown. In-process runs compile as before.
+def _no_cache(enabled: bool = True):
+    return None
+
+
+_no_cache.real = compilation.enable  # the unpatched function, for tests/test_compilation.py
+compilation.enable = _no_cache
 
 
 @pytest.fixture
