@@ -449,13 +449,20 @@ def _reward(spec, states, dim):
     if head == "quadratic":
         a_text, _, c_text = rest.partition(":")
         a = check_float(f"reward {text!r} curvature", a_text, 0.0, open_min=True)
-        c = _floats("reward", c_text, "quadratic:A:C1,..,Cd", text)
-        if dim is not None and len(c) != dim:
-            raise ConfigError(
-                f"reward {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}"
-            )
-        return PointReward("quadratic", a, c)
+        return PointReward(
+            "quadratic", a, _centre("reward", c_text, "quadratic:A:C1,..,Cd", text, dim)
+        )
     raise ConfigError(f"reward {text!r} must be linear:B1,..,Bd or quadratic:A:C1,..,Cd")
+
+
+def _centre(name: str, c_text: str, form: str, text: str, dim) -> tuple[float, ...]:
+    """The centre point of a ``quadratic`` reward or a ``ball`` region, d coordinates."""
+    c = _floats(name, c_text, form, text)
+    if dim is not None and len(c) != dim:
+        raise ConfigError(
+            f"{name} {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}"
+        )
+    return c
 
 
 def _verification(
@@ -505,10 +512,5 @@ def _good(spec, states, dim):
     if head == "ball":
         r_text, _, c_text = rest.partition(":")
         r = check_float(f"good {text!r} radius", r_text, 0.0, open_min=True)
-        c = _floats("good", c_text, "ball:R:C1,..,Cd", text)
-        if dim is not None and len(c) != dim:
-            raise ConfigError(
-                f"good {text!r} has a centre of {len(c)} coordinates, the data dimension is {dim}"
-            )
-        return Region("ball", c, r)
+        return Region("ball", _centre("good", c_text, "ball:R:C1,..,Cd", text, dim), r)
     raise ConfigError(f"good {text!r} must be halfspace:A1,..,Ad:C or ball:R:C1,..,Cd")
