@@ -1,5 +1,6 @@
 """Test configuration: CPU only, 8 host devices for sharding tests, offline hub, data directory."""
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -33,16 +34,39 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 # The pytest workers themselves never switch the persistent compilation cache on (the runs the
-# tests start as subprocesses still do, and tests/test_compilation.py checks the cache there):
-# twice in CI a long-lived worker, after an in-process CLI test had enabled it, crashed inside
-# XLA's executable serialisation (segfault in serialize / deserialize_executable while running
-# tests/test_samplers.py), which no single run has shown. In-process runs compile as before.
+# tests start as subprocesses still do, and tests/test_compilation.py checks the cache there): a
+# worker's in-process tests then compile exactly as a user's process would, and its own cache
+# traffic cannot mask or cause a failure.
 def _no_cache(enabled: bool = True):
     return None
 
 
 _no_cache.real = compilation.enable  # the unpatched function, for tests/test_compilation.py
 compilation.enable = _no_cache
+
+#: A long-lived pytest worker compiles thousands of programs, and XLA's CPU backend maps each
+#: one's code and data into memory (3 to 8 mappings per executable). Past Linux's limit on a
+#: process's mappings (vm.max_map_count, 65,530 by default) the next compilation aborts the
+#: worker, which is how CI lost a worker in tests/test_samplers.py, 20 minutes in, three times.
+#: Dropping JAX's compiled programs once a worker nears a third of the limit frees them; the
+#: tests after it recompile what they need.
+_MAP_BUDGET = 20_000
+
+
+def _mapping_count() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to respect
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    yield
+    if _mapping_count() > _MAP_BUDGET:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
