@@ -84,3 +84,31 @@ def test_shared_cache_is_locked(tmp_path):
     assert int(size) == compilation.MAX_CACHE_BYTES and path == str(tmp_path / "cache")
     assert (tmp_path / "cache" / ".lockfile").exists()
     assert any(p.name.endswith("-cache") for p in (tmp_path / "cache").iterdir())
+
+
+def test_entries_without_access_time_are_repaired(tmp_path):
+    """A cache written without a size budget (earlier versions) or by a process killed between
+    JAX's two writes holds entries with no ``-atime`` record; JAX's eviction then fails on
+    every write ("Error writing persistent compilation cache entry") and caches nothing more.
+    `enable` gives each such entry a record, and a process compiling afterwards writes its
+    programs without a warning."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "jit_old-0123abcd-cache").write_bytes(b"an old entry")
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from collapse_jax.core import compilation\n"
+        "compilation.enable()\n"
+        "jax.jit(lambda x: jnp.cos(x) + 1)(jnp.ones(3)).block_until_ready()\n"
+    )
+    env = {**os.environ, "COLLAPSE_JAX_CACHE_DIR": str(cache)}
+    env.pop("COLLAPSE_JAX_NO_CACHE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Error writing persistent compilation cache entry" not in out.stderr, out.stderr
+    assert (cache / "jit_old-0123abcd-atime").exists()
+    new = [p for p in cache.glob("*-cache") if not p.name.startswith("jit_old")]
+    assert new and all((cache / (p.name[: -len("-cache")] + "-atime")).exists() for p in new)
+    assert compilation.repair(cache) == 0  # nothing left to repair

@@ -172,6 +172,9 @@ def test_compaction_preserves_metrics():
             small.counts[c] / small.counts[c].sum(), small.p0[c], small.p0_dropped[c]
         )
         for a, b in zip(full, comp, strict=True):
+            if a is None:  # an operator metric, off here
+                assert b is None
+                continue
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(small.index[0]), [1, 3, 6, 0])
     # Shrinking by less than a factor of 4 is not worth a recompilation.

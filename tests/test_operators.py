@@ -723,3 +723,67 @@ def test_gmm_temperature_and_top_k_on_components(tau, top_k):
             x = batch[nearest == k, 0]
             var = tau * fit[2][k][0, 0]
             assert_within(x.var(ddof=1), var * np.sqrt(2 / (x.size - 1)), var, f"var {k}")
+
+
+# --------------------------------------------------------------------------------------------
+# Discrete: the exact two-class chain of curation and verification
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"verify": "0.9,0.3", "good": "6-9"},
+        {"curate": "4", "reward": "0,0,0,0,0,0,1.5,1.5,1.5,1.5"},
+        {"curate": "inf", "reward": "0,0,0,0,0,0,1,1,1,1"},
+        {"curate": "3", "reward": "2,2,2,2,2,2,0,0,0,0", "verify": "0.8,0.4", "good": "0-5"},
+    ],
+    ids=["verify", "curate4", "curate-inf", "curate3-verify"],
+)
+def test_discrete_two_class_chain_matches_simulation(fields):
+    """When curation and verification see two classes of states, the class mass is a binomial
+    Markov chain whose mean the study computes exactly (theory/operators.md, "Two classes").
+    The simulation draws every generation from the full 10-state law; at every recorded
+    generation the mean over chains of the mass on correct states / the mean reward must be
+    within 4 standard errors of the chain, and the report's rows must agree."""
+    res = cj.run(
+        "discrete",
+        states=10,
+        p0="zipf:1",
+        samples=40,
+        chains=2048,
+        generations=12,
+        seed=5,
+        **fields,
+    )
+    names = [n for n in ("good_mass", "reward", "exp_reward") if f"theory_{n}" in res.arrays]
+    assert names == [n for n in ("good_mass", "reward", "exp_reward") if f"{n}_mean" in res.arrays]
+    a = res.arrays
+    later = a["generation"] >= 1
+    for name in names:
+        # Standard error from the chain's exact variance: the empirical one is 0 once every
+        # chain is absorbed, however far below 1 the exact mean still is.
+        se = a[f"theory_{name}_sd"][later] / np.sqrt(2048)
+        assert_within(a[f"{name}_mean"][later], se, a[f"theory_{name}"][later], name)
+    rows = [c for c in res.summary["checks"] if "two-class chain" in c["claim"]]
+    assert len(rows) >= 2 and all(c["agrees"] for c in rows), rows
+
+
+def test_two_class_chain_moves_and_lumped_law_matches_the_full_law():
+    """The lumped one-sample law (a finite binomial sum for curation) equals the full K-state
+    law of :func:`operators.categorical` (quadrature) summed over the class, and the chain does
+    move: verification with tpr > fpr drives the correct mass up from 0.2."""
+    from collapse_jax.families.discrete import theory as wf
+
+    p = np.array([0.05, 0.15, 0.3, 0.1, 0.4])
+    reward, good = np.array([1.2, 1.2, -0.3, -0.3, -0.3]), np.array([1, 1, 0, 0, 0], bool)
+    ops = _ops(curate="5", reward=",".join(map(str, reward)), verify="0.7,0.2", good="0-1")
+    with precision(True):
+        full = np.asarray(op.categorical(jnp.asarray(p), ops, jnp.asarray(reward), good))
+    lumped = wf.lumped_law(np.array([0.2]), 5, (1.2, -0.3), (0.7, 0.2))
+    np.testing.assert_allclose(full[:2].sum(), lumped[0], rtol=1e-9)
+    means = wf.lumped_operator_means(p, ops, 30, 20)
+    assert np.all(means["good_mass_sd"][1:] > 0)
+    assert means["good_mass"][0] == pytest.approx(0.2)
+    assert means["good_mass"][-1] > 0.9
+    three = _ops(curate="5", reward="1,0.5,0,0,0")  # three reward levels: no lumping
+    assert wf.lumped_operator_means(p, three, 30, 20) == {}

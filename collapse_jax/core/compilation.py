@@ -61,8 +61,31 @@ def enable(enabled: bool = True) -> Path | None:
     import jax
 
     path.mkdir(parents=True, exist_ok=True)
+    repair(path)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     return path
+
+
+def repair(path: Path) -> int:
+    """Give every cached program without an access-time record one (its file's modification
+    time); returns how many were repaired.
+
+    With a size budget JAX keeps a ``KEY-atime`` file beside each ``KEY-cache`` entry and reads
+    them all before every write: one entry without it (written by a version of this package
+    that set no budget, or by a process killed between the two writes) makes every later write
+    fail with a warning, so nothing new would be cached. Done under JAX's own lock file."""
+    import filelock
+
+    with filelock.FileLock(path / ".lockfile", timeout=60):
+        missing = [
+            p
+            for p in path.glob("*-cache")
+            if not (path / (p.name.removesuffix("-cache") + "-atime")).exists()
+        ]
+        for p in missing:
+            stamp = p.stat().st_mtime_ns.to_bytes(8, "little")
+            (path / (p.name.removesuffix("-cache") + "-atime")).write_bytes(stamp)
+    return len(missing)

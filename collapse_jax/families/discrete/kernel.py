@@ -160,6 +160,7 @@ def make_family(
     operators.check_supported("discrete", ops, OPERATORS)
     reward = jnp.asarray(ops.curate.reward) if ops.curate is not None else None
     good = jnp.asarray(ops.verify.good) if ops.verify is not None else None
+    reward_max = float(max(ops.curate.reward)) if ops.curate is not None else 0.0
 
     def model_law(p, state: DiscreteState):
         """The law the model part of the batch is drawn from (p itself with no operator)."""
@@ -195,7 +196,10 @@ def make_family(
             absorbed_at=jnp.where(jnp.sum(p0 > 0) == 1, 0, -1).astype(jnp.int32),
             absorbed_state=jnp.where(jnp.sum(p0 > 0) == 1, jnp.argmax(p0), -1).astype(jnp.int32),
         )
-        return state, DiscreteInfo(discrete_metrics(p0, p0))
+        info = discrete_metrics(
+            p0, p0, 0.0, None if reward is None else reward.astype(p0.dtype), reward_max, good
+        )
+        return state, DiscreteInfo(info)
 
     def step(
         key, state: DiscreteState, params: DiscreteParams, gen: GenInput
@@ -206,7 +210,14 @@ def make_family(
         p = state.counts.astype(state.p0.dtype) / jnp.maximum(total, 1).astype(state.p0.dtype)
 
         def metrics_now():
-            return discrete_metrics(p, state.p0, state.p0_dropped)
+            return discrete_metrics(
+                p,
+                state.p0,
+                state.p0_dropped,
+                None if reward is None else reward[state.index].astype(p.dtype),
+                reward_max,
+                None if good is None else good[state.index],
+            )
 
         metrics = jax.lax.cond(
             gen.record,

@@ -24,6 +24,10 @@ class DiscreteMetrics(NamedTuple):
     kl_p0_model: Array  # KL(p0 || p_n), +inf once a state with p0 > 0 died
     tail_mass_kept: Array  # sum of p0(i) over states still alive
     is_delta: Array  # 1.0 when p_n is a delta now (not absorbing under accumulate-subsample)
+    # Data-operator metrics, None (absent from every trace) when the operator is off:
+    reward: Array | None = None  # E_{p_n}[r] (curation)
+    exp_reward: Array | None = None  # E_{p_n}[e^{r − max r}] (curation; a submartingale)
+    good_mass: Array | None = None  # Σ_{i correct} p_n(i) (verification)
 
 
 def xlogy(x, y):
@@ -32,7 +36,12 @@ def xlogy(x, y):
 
 
 def discrete_metrics(
-    p: Float[Array, " K"], p0: Float[Array, " K"], p0_dropped: Float[Array, ""] | float = 0.0
+    p: Float[Array, " K"],
+    p0: Float[Array, " K"],
+    p0_dropped: Float[Array, ""] | float = 0.0,
+    reward: Float[Array, " K"] | None = None,
+    reward_max: float = 0.0,
+    good: Array | None = None,
 ) -> DiscreteMetrics:
     """Metrics of the model ``p`` (generation n) against ``p0`` (generation 0).
 
@@ -40,6 +49,10 @@ def discrete_metrics(
       p: model probabilities over the (possibly compacted) states, shape (K,).
       p0: original probabilities of the same states, shape (K,).
       p0_dropped: total p0-mass of states no longer in the arrays (all dead).
+      reward: the curation reward of each state, or None.
+      reward_max: the largest reward over ALL states (a compacted axis may have lost it), the
+        shift of ``exp_reward``.
+      good: the verifier's correct states (bool), or None.
     """
     alive = p > 0
     entropy = -xlogy(p, p).sum()
@@ -63,4 +76,7 @@ def discrete_metrics(
         kl_p0_model=jnp.maximum(kl_rev, 0.0),
         tail_mass_kept=tail,
         is_delta=(support == 1).astype(p.dtype),
+        reward=None if reward is None else (p * reward).sum(),
+        exp_reward=None if reward is None else (p * jnp.exp(reward - reward_max)).sum(),
+        good_mass=None if good is None else jnp.where(good, p, 0.0).sum(),
     )

@@ -18,10 +18,11 @@ from collapse_jax.core.errors import ConfigError, check_choice, check_int, check
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import chain_stats, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
-from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
+from collapse_jax.core.runs import RunDir, series
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.discrete import kernel as proc
 from collapse_jax.families.discrete import theory as wf
+from collapse_jax.families.discrete.report import make_figures, write_report
 
 NAME = "discrete"
 DESCRIPTION = DESCRIPTIONS[NAME]
@@ -36,6 +37,14 @@ METRICS = (
     "tail_mass_kept",
     "is_delta",
 )
+#: Recorded only when their operator is on: E_{p_n}[r] and E_{p_n}[e^{r − max r}] (curation),
+#: the mass on the verifier's correct states (verification).
+OPERATOR_METRICS = {"reward": "curate", "exp_reward": "curate", "good_mass": "verify"}
+
+
+def metric_names(ops: operators.Operators) -> tuple[str, ...]:
+    """The metrics a run records: :data:`METRICS` and those of its active operators."""
+    return METRICS + tuple(m for m, op in OPERATOR_METRICS.items() if op in ops.active())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,12 +205,13 @@ def simulate(
     elif field is not None:
         raise ConfigError(f"a vmapped sweep cannot vary {field!r}; use one of {VMAPPED_SWEEPS}")
     max_size = int(max(sizes.max(), samples.max()))
+    family_ops = _operators(config, p0.shape[0])
     family = proc.make_family(
         policy,
         resolve_method(config.method, max_size),
         max_size=max_size,
         fresh_varies=field == "fresh_fraction",
-        ops=_operators(config, p0.shape[0]),
+        ops=family_ops,
     )
     family = family._replace(
         reduce=_group_reduce(n_values, chains),
@@ -226,7 +236,7 @@ def simulate(
     sims = []
     for v in range(n_values):
         trace = {}
-        for name in METRICS:
+        for name in metric_names(family_ops):
             st = getattr(result.trace, name)
             trace[f"{name}_mean"] = np.asarray(st.mean[:, v], np.float64)
             trace[f"{name}_stderr"] = np.asarray(st.stderr[:, v], np.float64)
@@ -316,7 +326,12 @@ def write_run(config: Config, out_dir, sim: Simulation, t0: float) -> dict:
 def theory_curves(config: Config, p0, policy: Policy, sizes, gens) -> dict[str, np.ndarray]:
     """Closed forms evaluated at the recorded generations (only those that apply)."""
     out: dict[str, np.ndarray] = {}
-    if _operators(config, len(p0)).active():  # the Wright–Fisher forms assume no operator
+    ops = _operators(config, len(p0))
+    if ops.active():  # the Wright–Fisher forms assume no operator; two-class operators lump
+        plain = policy.mode == "replace" and policy.gamma == 0 and policy.beta == 0
+        if plain and Schedule.parse(config.schedule).kind == "constant":
+            means = wf.lumped_operator_means(p0, ops, config.samples, config.generations)
+            out.update({name: v[gens] for name, v in means.items()})
         return out
     if not policy.accumulates:
         out["heterozygosity"] = wf.expected_heterozygosity(p0, sizes, policy)[gens]
@@ -372,7 +387,7 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
         "absorption_time_restricted_stderr": restricted_se,
         "absorption_time_median": median,  # None when half or more are censored (median > G)
     }
-    for name in METRICS:
+    for name in metric_names(_operators(config, len(p0))):
         summary[name] = series(
             gens, trace[f"{name}_mean"], trace[f"{name}_stderr"], trace[f"{name}_quantiles"]
         )
@@ -409,10 +424,24 @@ def checks(config, p0, policy, gens, trace, theory, absorbed_at, absorbed_state)
                     _stderr(trace[f"{name}_stderr"][i], th, lo, hi, config.chains),
                 )
             )
+    ops = _operators(config, k)
+    for name, label in (("good_mass", "E[mass on correct states]"), ("reward", "E[E_{p_n} r]")):
+        if name not in theory:
+            continue
+        # The chain's exact law gives the standard error of the mean over chains.
+        for i in _operator_points(gens, theory[name], theory[f"{name}_sd"]):
+            rows.append(
+                rep.Check(
+                    f"{label}, n = {gens[i]} (exact two-class chain)",
+                    float(theory[name][i]),
+                    float(trace[f"{name}_mean"][i]),
+                    float(theory[f"{name}_sd"][i]) / np.sqrt(config.chains),
+                )
+            )
     absorbed = absorbed_at >= 0
     # Absorption probabilities need (nearly) every chain absorbed: among >= 99% absorbed chains the
     # unabsorbed few cannot move the frequencies by a standard error. Times need all of them.
-    plain = not _operators(config, k).active()  # the absorption law assumes no operator
+    plain = not ops.active()  # the absorption law assumes no operator
     if plain and policy.mode == "replace" and policy.gamma == 0 and absorbed.mean() >= 0.99:
         n = absorbed.sum()
         freq = np.bincount(absorbed_state[absorbed], minlength=len(p0)) / n
@@ -466,6 +495,22 @@ def _check_points(gens, het) -> list[int]:
     return sorted(i for i in picks if 0 < i < len(gens))
 
 
+def _operator_points(gens, curve, sd) -> list[int]:
+    """Recorded generations for the operator rows: the first operated one (n = 2), where the
+    exact curve has moved half way to its last value, and the last one where chains still
+    differ (per-chain sd > 1e-4 of the scale: once nearly every chain is absorbed the row
+    would compare float32 rounding)."""
+    scale = max(float(np.max(np.abs(curve))), 1.0)
+    later = np.nonzero((gens >= 2) & (sd > 1e-4 * scale))[0]
+    if not later.size:
+        return []
+    first, last = int(later[0]), int(later[-1])
+    curve = curve[: last + 1]
+    moved = np.abs(curve[later] - curve[first])
+    half = later[np.nonzero(moved >= 0.5 * abs(curve[last] - curve[first]))[0][0]]
+    return sorted({first, int(half), last})
+
+
 def _stderr(se: float, mean: float, lo: float, hi: float, n: int) -> float:
     """The Monte Carlo standard error, or, when every chain gave the same value (se = 0), the
     Bhatia–Davis bound sqrt((hi − μ)(μ − lo) / n) on it for a quantity confined to [lo, hi]."""
@@ -473,150 +518,3 @@ def _stderr(se: float, mean: float, lo: float, hi: float, n: int) -> float:
     if se > 0:
         return se
     return float(np.sqrt(max((hi - mean) * (mean - lo), 0.0) / n))
-
-
-def make_figures(path: Path) -> list[tuple[str, str]]:
-    """Draw every figure from the saved arrays; return (file, caption) pairs."""
-    a = read_arrays(path / "metrics.npz")
-    summary = read_json(path / "summary.json")
-    g = a["generation"]
-    figs = []
-
-    def s(name, label=None):
-        return {
-            "mean": a[f"{name}_mean"],
-            "stderr": a[f"{name}_stderr"],
-            "label": label or "Monte Carlo",
-        }
-
-    het_theory = (
-        [{"y": a["theory_heterozygosity"], "label": "exact E[Het_n]"}]
-        if "theory_heterozygosity" in a
-        else []
-    )
-    sup_theory = []
-    if "theory_support_size" in a:
-        sup_theory.append({"y": a["theory_support_size"], "label": "exact (marginal chains)"})
-    if "theory_support_feller" in a:
-        sup_theory.append(
-            {
-                "y": a["theory_support_feller"],
-                "label": "Feller approx. Σ 1−e^{−2Mp/n}",
-                "style": "g:",
-            }
-        )
-        sup_theory.append(
-            {"y": a["theory_support_upper_bound"], "label": "upper bound", "style": "r-."}
-        )
-    rep.curves_figure(
-        path / "theory.png",
-        [
-            {
-                "title": "heterozygosity Het_n = 1 − Σp²",
-                "x": g,
-                "series": [s("heterozygosity")],
-                "theory": het_theory,
-                "logy": True,
-            },
-            {
-                "title": "support size (states alive)",
-                "x": g,
-                "series": [s("support_size")],
-                "theory": sup_theory,
-                "logy": True,
-            },
-        ],
-    )
-    figs.append(
-        (
-            "theory.png",
-            "Heterozygosity and support size: Monte Carlo (±2 stderr band) against the closed forms.",
-        )
-    )
-    rep.curves_figure(
-        path / "metrics.png",
-        [
-            {"title": "entropy H(p_n) [nats]", "x": g, "series": [s("entropy")]},
-            {"title": "total variation to p0", "x": g, "series": [s("total_variation")]},
-            {"title": "KL(p_n ‖ p0)", "x": g, "series": [s("kl_model_p0")]},
-            {
-                "title": "KL(p0 ‖ p_n) over chains where finite",
-                "x": g,
-                "series": [s("kl_p0_model")],
-            },
-            {
-                "title": "p0-mass of states still alive (tail mass kept)",
-                "x": g,
-                "series": [s("tail_mass_kept")],
-            },
-            {
-                "title": "fraction of chains whose model is a delta",
-                "x": g,
-                "series": [s("is_delta", "a delta now"), s("absorbed_ever", "a delta by n (ever)")],
-            },
-        ],
-        ncols=3,
-    )
-    figs.append(("metrics.png", "Per-generation metrics, mean over chains with ±2 stderr bands."))
-
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.6))
-    p0 = np.asarray(summary["p0"])
-    freq = np.asarray(summary["absorbed_state_freq"])
-    idx = np.arange(len(p0))
-    ax1.bar(idx - 0.2, p0, 0.4, label="p0 (theory)")
-    ax1.bar(idx + 0.2, freq, 0.4, label="absorbed here (MC)")
-    ax1.set_xlabel("state")
-    ax1.set_title(
-        f"absorbing state ({summary['absorbed_fraction']:.1%} of chains absorbed)", fontsize=10
-    )
-    ax1.legend(fontsize=8)
-    t = a["absorbed_at"][a["absorbed_at"] >= 0]
-    if t.size:
-        ax2.hist(t, bins=50, color="C2")
-    ax2.set_xlabel("absorption generation")
-    ax2.set_title("absorption time distribution", fontsize=10)
-    rep.save_figure(fig, path / "absorption.png")
-    figs.append(("absorption.png", "Where and when chains are absorbed."))
-    return figs
-
-
-def write_report(run_dir: RunDir, config: Config, summary: dict, figures, seconds: float) -> None:
-    rows = [
-        rep.Check(
-            **{k: c[k] for k in ("claim", "theory", "stderr", "rel_tol")}, mc=c["monte_carlo"]
-        )
-        for c in summary["checks"]
-    ]
-    lines = [
-        "# Discrete resampling study",
-        "",
-        f"K = {summary['states']} states, p0 = `{config.p0}`, M = {config.samples} "
-        f"({summary['schedule']}), {config.chains} chains × {config.generations} generations, "
-        f"method `{summary['method']}`"
-        + (" (auto)" if config.method == "auto" else "")
-        + f", policy {summary['policy']}, seed {config.seed}.",
-        *rep.operators_lines(summary["operators"]),
-        f"Simulation: {summary['seconds']:.2f} s ({summary['chain_generations_per_second']:.3g} "
-        f"chain-generations/s); report written in {seconds:.1f} s.",
-        "",
-        f"Absorbed chains: {summary['absorbed_fraction']:.2%} (censored at generation "
-        f"{config.generations}: {summary['censored_fraction']:.2%}); mean absorption generation "
-        f"{rep.fmt(summary['absorption_time_mean'])} ± {rep.fmt(summary['absorption_time_stderr'])} "
-        "over the absorbed chains only (biased low when chains are censored); restricted mean "
-        f"E[min(T, G)] = {rep.fmt(summary['absorption_time_restricted_mean'])} ± "
-        f"{rep.fmt(summary['absorption_time_restricted_stderr'])} over all chains; median "
-        + (
-            f"{summary['absorption_time_median']:g}."
-            if summary["absorption_time_median"] is not None
-            else f"> {config.generations} (half or more censored)."
-        ),
-        "",
-        "## Theory against Monte Carlo",
-        "",
-        rep.checks_table(rows) if rows else "No closed form applies to this policy.",
-        "",
-        *rep.figures_section(figures),
-    ]
-    run_dir.write_report("\n".join(lines))

@@ -165,3 +165,102 @@ def heterozygosity_survival_bound(p0, m: int, generations) -> np.ndarray:
     n = np.asarray(generations, dtype=np.float64)[:, None]
     bound = p0[None, :] + m * m * p0 * (1 - p0) * (1 - 1 / m) ** n / (m - 1)
     return np.minimum(bound, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data operators whose law lumps into two classes (theory/operators.md, "Two-class lumping")
+
+
+def two_classes(p0, reward=None, good=None) -> np.ndarray | None:
+    """The states of class A (bool, shape K) when curation and verification see only two
+    classes among the states with p0 > 0 — states that share their reward and their verdict —
+    else None. A is the correct class under verification, else the higher-reward class."""
+    p0 = np.asarray(p0, dtype=np.float64)
+    r = np.zeros(len(p0)) if reward is None else np.asarray(reward, dtype=np.float64)
+    g = np.zeros(len(p0), bool) if good is None else np.asarray(good, bool)
+    live = p0 > 0
+    pairs = sorted({(bool(a), float(b)) for a, b in zip(g[live], r[live], strict=True)})
+    if len(pairs) != 2:
+        return None
+    top = pairs[1]  # correct before incorrect, then the higher reward
+    return (g == top[0]) & (r == top[1])
+
+
+def lumped_law(mass, k: float, rewards=(0.0, 0.0), accept=(1.0, 1.0)) -> np.ndarray:
+    """The class-A mass of one sample after the operators, for each class-A mass ``mass`` of the
+    fitted law: best-of-``k`` curation (0: off; inf: the tilted limit) with class rewards
+    ``rewards`` = (r_A, r_B), then a verifier accepting class A, B with ``accept`` = (a_A, a_B).
+
+    Two-class curation needs no quadrature: among the K − 1 rivals, J ~ Bin(K − 1, g) are of
+    class A, so H_K(A) = Σ_j Bin(j) K e^{r_A} / ((1 + j) e^{r_A} + (K − 1 − j) e^{r_B})."""
+    g = np.asarray(mass, dtype=np.float64)
+    ra, rb = (float(v) - max(rewards) for v in rewards)
+    if k == np.inf:
+        g = g * np.exp(ra) / (g * np.exp(ra) + (1 - g) * np.exp(rb))
+    elif k > 1:
+        k = int(k)
+        j = np.arange(k)
+        share = k * np.exp(ra) / ((1 + j) * np.exp(ra) + (k - 1 - j) * np.exp(rb))
+        g = g * (stats.binom.pmf(j[None, :], k - 1, g[:, None]) @ share)
+    num, other = g * accept[0], (1 - g) * accept[1]
+    z = num + other
+    return np.where(z > 0, num / np.where(z > 0, z, 1.0), g)
+
+
+def lumped_mass_moments(g0: float, m: int, generations: int, law) -> tuple[np.ndarray, ...]:
+    """E[g_n] and Var[g_n], n = 0..G, for the class-A mass g_n of p_n under ``replace`` with
+    constant M: g_1 = Bin(M, g0)/M (generation 1 fits plain samples of p0) and
+    g_{n+1} = Bin(M, law(g_n))/M, a Markov chain on {0, 1/M, …, 1} propagated exactly through its
+    (M + 1)² transition matrix. The variance gives the exact standard error of a mean over chains
+    (the empirical one is 0 when every chain has been absorbed, however small 1 − E[g_n] is)."""
+    grid = np.arange(m + 1) / m
+    trans = stats.binom.pmf(np.arange(m + 1)[None, :], m, law(grid)[:, None])
+    dist = stats.binom.pmf(np.arange(m + 1), m, g0)
+    mean, var = [g0], [0.0]
+    for _ in range(generations):
+        mu = float(dist @ grid)
+        mean.append(mu)
+        var.append(max(float(dist @ grid**2) - mu * mu, 0.0))
+        dist = dist @ trans
+    return np.asarray(mean), np.asarray(var)
+
+
+#: Largest M of the exact lumped chain ((M + 1)² transition matrix).
+LUMPED_MAX_SAMPLES = 2000
+
+
+def lumped_operator_means(p0, ops, m: int, generations: int) -> dict[str, np.ndarray]:
+    """E[reward_n], E[exp_reward_n] and E[good_mass_n], n = 0..G, and their standard deviations
+    over chains (keys ``NAME_sd``), when the active operators are curation and / or verification
+    only and see two classes (:func:`two_classes`); {} otherwise. Each metric is linear in the
+    class-A mass: v_B + (v_A − v_B) g_n."""
+    active = set(ops.active())
+    if not active or not active <= {"curate", "verify"} or m > LUMPED_MAX_SAMPLES:
+        return {}
+    p0 = np.asarray(p0, dtype=np.float64)
+    reward = None if ops.curate is None else np.asarray(ops.curate.reward, dtype=np.float64)
+    good = None if ops.verify is None else np.asarray(ops.verify.good, bool)
+    a = two_classes(p0, reward, good)
+    if a is None:
+        return {}
+    b = ~a & (p0 > 0)
+    r = np.zeros(len(p0)) if reward is None else reward
+    rewards = (float(r[a][0]), float(r[b][0]))
+    accept = (1.0, 1.0)
+    if good is not None:
+        accept = tuple(ops.verify.tpr if good[c][0] else ops.verify.fpr for c in (a, b))
+    k = 0 if ops.curate is None else ops.curate.k
+    mean, var = lumped_mass_moments(
+        float(p0[a].sum()), m, generations, lambda g: lumped_law(g, k, rewards, accept)
+    )
+    values = {}
+    if reward is not None:
+        values["reward"] = r
+        values["exp_reward"] = np.exp(r - r.max())
+    if good is not None:
+        values["good_mass"] = good.astype(np.float64)
+    out = {}
+    for name, v in values.items():
+        out[name] = v[b][0] + (v[a][0] - v[b][0]) * mean
+        out[f"{name}_sd"] = abs(v[a][0] - v[b][0]) * np.sqrt(var)  # per chain
+    return out
