@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compare-scan",
         action="store_true",
-        help="also time the step with the layers scanned (OPTForCausalLM(scan_layers=True))",
+        help="also time the step with the layers scanned over parameters stored stacked "
+        "(OPTForCausalLM(scan_layers=True), stack_layers)",
     )
     args = p.parse_args(argv)
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from collapse_jax.core import training as T
     from collapse_jax.families.lm import training as LT
-    from collapse_jax.families.lm.opt import OPTConfig, num_params
+    from collapse_jax.families.lm.opt import OPTConfig, num_params, stack_layers
     from collapse_jax.families.lm.opt_weights import load_pretrained
 
     if args.quick:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     def measure(scan_layers: bool):
         """(compile seconds, tokens/s, loss, recompiles) of our step, layers scanned or unrolled."""
         apply_fn = LT.opt_apply_fn(config, dtype, scan_layers=scan_layers)
-        state, step = LT.make_lm_train_step(apply_fn, opt_cfg, params, mesh)
+        tree = stack_layers(params) if scan_layers else params  # scanned: stored stacked
+        state, step = LT.make_lm_train_step(apply_fn, opt_cfg, tree, mesh)
         t0 = time.perf_counter()
         step.lower(state, put(batches[0]), jax.random.fold_in(key, 0)).compile()
         compile_s = time.perf_counter() - t0

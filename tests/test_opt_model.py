@@ -18,6 +18,8 @@ from collapse_jax.families.lm.opt import (
     init_params,
     model_logits,
     reorder_cache,
+    stack_layers,
+    unstack_layers,
 )
 from collapse_jax.families.lm.opt_weights import (
     hf_state_dict_to_params,
@@ -120,13 +122,21 @@ def test_logits_match_transformers(tmp_path, overrides):
 
 
 def test_unrolled_layers_match_transformers(tmp_path):
-    """The layers scanned (the default, compiled once) and unrolled (one program per layer) both
-    equal transformers, with and without a KV cache."""
+    """The layers unrolled (the default, one program per layer), scanned over the per-layer tree
+    (stacked on each call) and scanned over parameters stored stacked (``stack_layers``) all
+    equal transformers, with and without a KV cache; ``unstack_layers`` gives back the loaded
+    tree bit for bit."""
     ref = make_hf_checkpoint(tmp_path, **OPT350_STYLE)
     config, params = load_pretrained(tmp_path)
     ids, mask = padded_batch(config.vocab_size)
-    for scan in (False, True):
+    stacked = stack_layers(params)
+    assert "layers_0" not in stacked and stacked["layers"]["fc1"]["kernel"].shape[0] == (
+        config.num_hidden_layers
+    )
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), dict(params))
+    for scan, tree in ((False, params), (True, params), (True, stacked)):
         model = OPTForCausalLM(config, scan_layers=scan)
+        params = tree
         logits, _ = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
         assert_matches_transformers(logits, ref, ids, mask)
         cache = init_cache(config, ids.shape[0], ids.shape[1])

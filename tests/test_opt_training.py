@@ -13,7 +13,13 @@ import pytest
 from collapse_jax.core import training as T
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.families.lm import training as LT
-from collapse_jax.families.lm.opt import OPTConfig, init_params, model_logits
+from collapse_jax.families.lm.opt import (
+    OPTConfig,
+    init_params,
+    model_logits,
+    stack_layers,
+    unstack_layers,
+)
 
 TINY = OPTConfig(
     vocab_size=101,
@@ -70,6 +76,28 @@ def assert_params_close(p1, p2):
             assert np.abs(a).max() < 10 * OPT_CFG.learning_rate
             continue
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_stacked_layers_train_like_the_per_layer_tree():
+    """Parameters stored stacked (``stack_layers``) and the layers scanned train exactly like
+    the per-layer tree unrolled: three AdamW steps with weight decay (no dropout) end at the
+    same parameters. The decay mask must see through the layer axis: a stacked LayerNorm scale
+    is a matrix by shape, and decaying it would move it off the unrolled run's value."""
+    config = dataclasses.replace(TINY, num_hidden_layers=3)
+    p0 = jax.device_get(init_params(config, jax.random.key(3)))
+    cfg = dataclasses.replace(OPT_CFG, weight_decay=0.1)
+    mesh = T.make_mesh(devices=jax.devices()[:1])
+    out = []
+    for scan, tree in ((False, p0), (True, stack_layers(p0))):
+        apply_fn = LT.opt_apply_fn(config, scan_layers=scan)
+        state, step = LT.make_lm_train_step(apply_fn, cfg, tree, mesh, dropout=False)
+        for i, b in enumerate(batches(3)):
+            state, _ = step(state, T.shard_batch(b, mesh), jax.random.key(i))
+        out.append(unstack_layers(jax.device_get(state.params)))
+    assert_params_close(out[1], out[0])
+    assert T.STACKED_LAYERS == "layers" == next(k for k in stack_layers(p0) if "layers" in k)
+    scale = out[1]["layers_2"]["final_layer_norm"]["scale"]
+    assert not np.allclose(scale, 1.0)  # it did train
 
 
 def test_loss_is_mean_nll_over_real_targets(params):

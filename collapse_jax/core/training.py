@@ -110,9 +110,20 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+#: A subtree of this name holds layers' parameters stacked along a leading layer axis
+#: (:func:`collapse_jax.families.lm.opt.stack_layers`): its leaves have one dimension more.
+STACKED_LAYERS = "layers"
+
+
 def _matrices(params: Any) -> Any:
-    """Weight-decay mask: parameters with at least two dimensions (kernels, embeddings)."""
-    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+    """Weight-decay mask: parameters with at least two dimensions (kernels, embeddings), not
+    counting the layer axis of stacked layers (a stacked bias is still a vector)."""
+
+    def is_matrix(path, x):
+        stacked = any(getattr(k, "key", None) == STACKED_LAYERS for k in path)
+        return jnp.ndim(x) >= (3 if stacked else 2)
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 # --------------------------------------------------------------------------------------------

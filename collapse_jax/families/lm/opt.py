@@ -432,9 +432,9 @@ class OPTForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32  # parameter storage dtype
     precision: Any = None  # jax.lax.Precision of matmuls (None: backend default)
     remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
-    # Run the decoder layers as one lax.scan over their stacked parameters: the step compiles
-    # 1.3–1.5x faster, but stacking the layers' parameters on every call costs steady-state
-    # throughput (H200: training 0.70–0.81x, beam search 0.5x; CPU 0.95x), so it is opt-in.
+    # Run the decoder layers as one lax.scan: XLA compiles one layer, not L. Give it parameters
+    # stored stacked (stack_layers): with the per-layer tree it stacks them on every call, which
+    # costs throughput and most of the compile gain (BENCHMARKS.md, "Scanned decoder layers").
     scan_layers: bool = False
 
     @nn.compact
@@ -547,9 +547,12 @@ class OPTForCausalLM(nn.Module):
         cfg = self.config
         n = cfg.num_hidden_layers
         params = self.variables["params"]
-        stacked = jax.tree.map(
-            lambda *ls: jnp.stack(ls), *[params[f"layers_{i}"] for i in range(n)]
-        )
+        if STACKED in params:  # stored stacked (stack_layers): no per-call copy
+            stacked = params[STACKED]
+        else:
+            stacked = jax.tree.map(
+                lambda *ls: jnp.stack(ls), *[params[f"layers_{i}"] for i in range(n)]
+            )
         layer = OPTDecoderLayer(cfg, self.dtype, self.param_dtype, self.precision, 0)
         rng = None if deterministic else self.make_rng("dropout")
         has_cache = keys is not None
@@ -568,6 +571,37 @@ class OPTForCausalLM(nn.Module):
         if has_cache:
             return h, new_kv[0], new_kv[1]
         return h, None, None
+
+
+#: The key of the decoder layers' parameters stored stacked (leading axis: the layer); the
+#: optimizer's weight-decay mask knows it (:data:`collapse_jax.core.training.STACKED_LAYERS`).
+STACKED = "layers"
+
+
+def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameter tree with ``layers_0`` … ``layers_{L-1}`` replaced by one subtree
+    :data:`STACKED` whose leaves carry the layer as their leading axis (for
+    ``OPTForCausalLM(scan_layers=True)``: no per-call stacking, and the optimizer sees one leaf
+    per layer parameter instead of L). :func:`unstack_layers` inverts it exactly."""
+    n = sum(1 for k in params if k.startswith("layers_"))
+    if n == 0:
+        return dict(params)
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out[STACKED] = jax.tree.map(
+        lambda *ls: jnp.stack(ls), *[params[f"layers_{i}"] for i in range(n)]
+    )
+    return out
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`stack_layers` (a tree without :data:`STACKED` is returned as is)."""
+    if STACKED not in params:
+        return dict(params)
+    out = {k: v for k, v in params.items() if k != STACKED}
+    n = jax.tree.leaves(params[STACKED])[0].shape[0]
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params[STACKED])
+    return out
 
 
 def init_params(
