@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the step with the layers scanned over parameters stored stacked "
         "(OPTForCausalLM(scan_layers=True), stack_layers)",
     )
+    p.add_argument(
+        "--scan-unroll",
+        default="1",
+        help="with --compare-scan: comma-separated layers per scan iteration to time (e.g. 1,2,4)",
+    )
     args = p.parse_args(argv)
+    unrolls = [int(u) for u in args.scan_unroll.split(",")]
 
     import jax
     import jax.numpy as jnp
@@ -105,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     def put(ids):
         return T.shard_batch({"input_ids": ids.astype(np.int32), "attention_mask": mask}, mesh)
 
-    def measure(scan_layers: bool):
+    def measure(scan_layers: bool, unroll: int = 1):
         """(compile seconds, tokens/s, loss, recompiles) of our step, layers scanned or unrolled."""
-        apply_fn = LT.opt_apply_fn(config, dtype, scan_layers=scan_layers)
+        apply_fn = LT.opt_apply_fn(config, dtype, scan_layers=scan_layers, scan_unroll=unroll)
         tree = stack_layers(params) if scan_layers else params  # scanned: stored stacked
         state, step = LT.make_lm_train_step(apply_fn, opt_cfg, tree, mesh)
         t0 = time.perf_counter()
@@ -123,16 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         return compile_s, rate, float(info.loss), step._cache_size() - 1
 
     results = {}
-    for scan_layers in [False, True] if args.compare_scan else [False]:
-        results[scan_layers] = measure(scan_layers)
-        c, rate, loss, recompiles = results[scan_layers]
-        kind = "layers scanned" if scan_layers else "layers unrolled"
+    for variant in [0, *unrolls] if args.compare_scan else [0]:  # 0: unrolled
+        results[variant] = measure(variant > 0, max(variant, 1))
+        c, rate, loss, recompiles = results[variant]
+        kind = f"layers scanned, unroll {variant}" if variant else "layers unrolled"
         print(f"ours ({args.dtype}, {kind}): {rate:,.0f} tokens/s (step compile {c:.1f} s)")
         print(f"  loss {loss:.4f}, recompiles after warm-up: {recompiles}")
-    if args.compare_scan:
-        (c_s, r_s, _, _), (c_u, r_u, _, _) = results[True], results[False]
-        print(f"  scanned vs unrolled: compile {c_u / c_s:.2f}x shorter, tokens/s {r_s / r_u:.2f}x")
-    ours = results[False][1]
+        if variant:
+            (c_u, r_u, _, _) = results[0]
+            print(
+                f"  scanned vs unrolled: compile {c_u / c:.2f}x shorter, tokens/s {rate / r_u:.2f}x"
+            )
+    ours = results[0][1]
 
     if args.peak_gflops:
         peak, peak_desc = args.peak_gflops * 1e9, "given peak"

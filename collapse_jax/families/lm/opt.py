@@ -436,6 +436,7 @@ class OPTForCausalLM(nn.Module):
     # stored stacked (stack_layers): with the per-layer tree it stacks them on every call, which
     # costs throughput and most of the compile gain (BENCHMARKS.md, "Scanned decoder layers").
     scan_layers: bool = False
+    scan_unroll: int = 1  # layers per scan iteration (compile time against throughput)
 
     @nn.compact
     def __call__(
@@ -567,7 +568,7 @@ class OPTForCausalLM(nn.Module):
         if self.remat:
             body = jax.checkpoint(body)
         xs = (stacked, jnp.arange(n), (keys, values) if has_cache else None)
-        h, new_kv = jax.lax.scan(body, h, xs)
+        h, new_kv = jax.lax.scan(body, h, xs, unroll=self.scan_unroll)
         if has_cache:
             return h, new_kv[0], new_kv[1]
         return h, None, None

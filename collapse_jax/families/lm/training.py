@@ -92,12 +92,20 @@ def causal_lm_sums(
 
 
 def opt_apply_fn(
-    config: Any, dtype: Any = jnp.float32, *, remat: bool = False, scan_layers: bool = False
+    config: Any,
+    dtype: Any = jnp.float32,
+    *,
+    remat: bool = False,
+    scan_layers: bool = False,
+    scan_unroll: int = 1,
 ) -> ApplyFn:
     """``apply_fn`` for :class:`collapse_jax.families.lm.opt.OPTForCausalLM` (dropout when
     ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass;
-    ``scan_layers`` runs the layers as one scan, ``False`` unrolls them)."""
-    model = OPTForCausalLM(config, dtype=dtype, remat=remat, scan_layers=scan_layers)
+    ``scan_layers`` runs the layers as one scan, ``scan_unroll`` of them per iteration, ``False``
+    unrolls them)."""
+    model = OPTForCausalLM(
+        config, dtype=dtype, remat=remat, scan_layers=scan_layers, scan_unroll=scan_unroll
+    )
 
     def apply_fn(params, ids, mask, deterministic, key):
         rngs = None if deterministic or key is None else {"dropout": key}
