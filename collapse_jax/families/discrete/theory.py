@@ -168,7 +168,7 @@ def heterozygosity_survival_bound(p0, m: int, generations) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data operators whose law lumps into two classes (theory/operators.md, "Two-class lumping")
+# Data operators whose law lumps into two classes (theory/operators.md, "Two classes")
 
 
 def two_classes(p0, reward=None, good=None) -> np.ndarray | None:

@@ -50,7 +50,7 @@ def claims(arrays: dict, ops) -> list[dict]:
         rows.append(("correct_class_share", +1, f"share of samples classified in {classes} rises"))
     out = []
     for name, direction, text in rows:
-        first = values[name].mean(0)
+        first = np.asarray(chain_stats(values[name]).mean)  # over seeds, finite values only
         mean, se = _diff(values[name], 1, last) if last > 1 else (math.nan, math.nan)
         right = math.isfinite(mean) and mean * direction > 0
         significant = right and mean * direction > 2 * se
