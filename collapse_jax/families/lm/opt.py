@@ -548,12 +548,8 @@ class OPTForCausalLM(nn.Module):
         cfg = self.config
         n = cfg.num_hidden_layers
         params = self.variables["params"]
-        if STACKED in params:  # stored stacked (stack_layers): no per-call copy
-            stacked = params[STACKED]
-        else:
-            stacked = jax.tree.map(
-                lambda *ls: jnp.stack(ls), *[params[f"layers_{i}"] for i in range(n)]
-            )
+        # Stored stacked: no per-call copy; the per-layer tree is stacked on each call.
+        stacked = (params if STACKED in params else stack_layers(params))[STACKED]
         layer = OPTDecoderLayer(cfg, self.dtype, self.param_dtype, self.precision, 0)
         rng = None if deterministic else self.make_rng("dropout")
         has_cache = keys is not None
