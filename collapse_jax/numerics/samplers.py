@@ -276,6 +276,7 @@ _NARROW_LEVELS = 3  # tree levels (from the root) sampled without packing: few l
 _BLOCK = 4096  # lanes sampled per block: work is proportional to the non-trivial lanes only
 
 
+@jax.jit
 def _binomial_block(k0, k1, lane, n, p):
     """Binomial(n, p) per lane (all arguments (B,)), every lane stepped by :func:`_solve`.
 
@@ -285,6 +286,11 @@ def _binomial_block(k0, k1, lane, n, p):
     search from 0 (Kachitvichyanukul & Schmeiser 1988, "BINV"; expected ``n p + 1`` steps).
     ``p > 1/2`` is drawn as ``n - X`` with ``X ~ Binomial(n, 1 - p)``. A lane's draw depends
     only on its seed words, counter and parameters.
+
+    Jitted on its own so that a lane count seen before reuses its trace: a study's program
+    holds this block at a handful of lane counts (one per tree level, the same at every
+    compaction width), and tracing it again for each was most of a warm run's time. XLA
+    inlines the call, so the compiled program and its draws are unchanged.
     """
     dtype = p.dtype
     n = jnp.maximum(n, 0)
@@ -506,6 +512,7 @@ def _hrua_step(params, state):
 
 
 @_lanewise
+@jax.jit  # traced once per lane count (see _binomial_block)
 def _hypergeometric_lanes(
     k0: Array, k1: Array, lane: Array, n: Array, good: Array, bad: Array
 ) -> Array:
