@@ -3,8 +3,16 @@
 Workload (issue default): K = 50 uniform states, M = 1000, 4096 chains, 1000 generations,
 `replace`. Prints chain-generations per second of each and the ratio; also `samples` vs `counts`.
 
+Then the whole process (``whole.py``: fresh interpreters, cold and warm compilation cache,
+report and figures written) of ``collapse-jax run discrete`` against a NumPy script doing the
+same recursion and recording the same kind of summary, on the two workloads of the
+time-to-result issue: the demo config (K = 20 Zipf(1.1), M = 100, 1,024 chains, 800
+generations, every second one recorded) and K = 50 uniform, M = 1000, 8,192 chains, 1,000
+generations, every 100th recorded.
+
     python benchmarks/bench_discrete.py            # full workload
     python benchmarks/bench_discrete.py --quick    # 1024 chains, 200 generations
+    python benchmarks/bench_discrete.py --whole-only
 """
 
 from __future__ import annotations
@@ -18,6 +26,52 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import numpy as np
 
 from collapse_jax.families.discrete import study as study
+
+from whole import Whole, line
+
+#: The peer's whole script: the multinomial recursion, a record of the mean heterozygosity,
+#: support and entropy every EVERY generations, each chain's absorption time, saved to OUT.
+NUMPY_SCRIPT = """
+import numpy as np
+p0 = np.arange(1, K + 1, dtype=float) ** -S
+p0 /= p0.sum()
+rng = np.random.default_rng(0)
+counts = rng.multinomial(M, p0, size=CHAINS)
+absorbed = np.full(CHAINS, -1)
+record = []
+for g in range(1, GENS + 1):
+    p = counts / M
+    if g % EVERY == 0 or g == GENS:
+        logp = np.log(np.where(p > 0, p, 1.0))
+        record.append([(1 - (p * p).sum(1)).mean(), (p > 0).sum(1).mean(),
+                       -(p * logp).sum(1).mean()])
+    absorbed[(absorbed < 0) & ((counts > 0).sum(1) == 1)] = g
+    counts = rng.multinomial(M, p)
+np.savez(OUT, record=np.array(record), absorbed=absorbed)
+"""
+
+#: (what, CLI flags, the script's settings) of the issue's two discrete workloads.
+WHOLE = (
+    (
+        "demo config (K = 20 Zipf(1.1), M = 100, 1,024 chains, 800 generations)",
+        "--states 20 --p0 zipf:1.1 --samples 100 --chains 1024 --generations 800 --record-every 2",
+        "K, S, M, CHAINS, GENS, EVERY = 20, 1.1, 100, 1024, 800, 2",
+    ),
+    (
+        "K = 50, M = 1000, 8,192 chains, 1,000 generations, record every 100",
+        "--states 50 --p0 uniform --samples 1000 --chains 8192 --generations 1000 "
+        "--record-every 100",
+        "K, S, M, CHAINS, GENS, EVERY = 50, 0.0, 1000, 8192, 1000, 100",
+    ),
+)
+
+
+def whole_process() -> None:
+    with Whole() as w:
+        for what, flags, settings in WHOLE:
+            cold, warm = w.cli(["discrete", *flags.split()])
+            peer = w.script(f"{settings}\n{NUMPY_SCRIPT}")
+            print(line(what, cold, warm, peer, "NumPy script"), flush=True)
 
 
 def numpy_loop(k: int, m: int, chains: int, generations: int, seed: int = 0) -> float:
@@ -56,7 +110,12 @@ def main() -> None:
     ap.add_argument("--chains", type=int, default=None)
     ap.add_argument("--generations", type=int, default=None)
     ap.add_argument("--skip-samples", action="store_true", help="skip the samples-method run")
+    ap.add_argument("--whole-only", action="store_true", help="only the whole-process figures")
     args = ap.parse_args()
+    print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    if args.whole_only:
+        whole_process()
+        return
     k, m = 50, 1000
     chains = args.chains or (1024 if args.quick else 4096)
     gens = args.generations or (200 if args.quick else 1000)
@@ -81,6 +140,7 @@ def main() -> None:
             f"samples vs counts over {sg} generations: samples {chains * sg / t_s:.3e}, "
             f"counts {chains * sg / t_c:.3e} chain-gen/s (counts {t_s / t_c:.1f}x faster)"
         )
+    whole_process()
 
 
 if __name__ == "__main__":

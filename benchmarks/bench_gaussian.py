@@ -19,7 +19,15 @@ Workload (the project's acceptance workload): 10,000 chains, M = 1000 samples pe
 Rates are chain-generations per second; each ratio is ours / peer. The CPU may be shared with
 other work: figures are the best of ``--repeats`` runs.
 
-    python benchmarks/bench_gaussian.py [--quick] [--repeats N] [--x64]
+Then the whole process (``whole.py``: fresh interpreters, cold and warm compilation cache,
+report and figures written) of the time-to-result issue's run, ``collapse-jax run gaussian``
+with d = 1, M = 1000, 10,000 chains, 5,000 generations, the ``sufficient`` sampler, recorded
+every 10th generation and (today's default) every generation, against NumPy scripts: the
+sufficient-statistic loop at full length, and the sample-level loop, whose 5,000 generations
+(about 25 minutes) are extrapolated from two shorter whole runs of the same script (its cost per
+generation is constant): T(G) = T(a) + (T(b) − T(a)) (G − a) / (b − a).
+
+    python benchmarks/bench_gaussian.py [--quick] [--repeats N] [--x64] [--whole-only]
 """
 
 from __future__ import annotations
@@ -41,6 +49,53 @@ import numpy as np
 from collapse_jax.core.loop import chain_sharding, run_generations, scan_generations
 from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
+
+from whole import Whole, line
+
+#: The issue's whole-process run (d = 1).
+WHOLE_CHAINS, WHOLE_GENS, WHOLE_M = 10_000, 5_000, 1000
+#: The peers' scripts: each runs GENS generations of 10,000 one-dimensional chains and saves the
+#: final means and standard deviations to OUT.
+NUMPY_SAMPLES_SCRIPT = """
+import numpy as np
+rng = np.random.default_rng(0)
+mean, sd = np.zeros(CHAINS), np.ones(CHAINS)
+for _ in range(GENS):
+    x = mean[:, None] + sd[:, None] * rng.standard_normal((CHAINS, M))
+    mean, sd = x.mean(1), x.std(1, ddof=1)
+np.savez(OUT, mean=mean, sd=sd)
+"""
+NUMPY_SUFFICIENT_SCRIPT = """
+import numpy as np
+rng = np.random.default_rng(0)
+mu, sigma = np.zeros(CHAINS), np.ones(CHAINS)
+for _ in range(GENS):
+    mu = mu + sigma * rng.standard_normal(CHAINS) / np.sqrt(M)
+    sigma = sigma * np.sqrt(rng.chisquare(M - 1, CHAINS) / (M - 1))
+np.savez(OUT, mean=mu, sd=sigma)
+"""
+
+
+def whole_process(short: tuple[int, int] = (20, 40)) -> None:
+    """Print the whole-process figures (``short``: the sample-level loop's two timed lengths)."""
+    settings = f"CHAINS, M = {WHOLE_CHAINS}, {WHOLE_M}\n"
+    flags = ["gaussian", "--dim", "1", "--samples", str(WHOLE_M), "--chains", str(WHOLE_CHAINS),
+             "--generations", str(WHOLE_GENS), "--sampler", "sufficient"]  # fmt: skip
+    with Whole() as w:
+        suff = w.script(f"{settings}GENS = {WHOLE_GENS}\n{NUMPY_SUFFICIENT_SCRIPT}")
+        a, b = short
+        t_a = w.script(f"{settings}GENS = {a}\n{NUMPY_SAMPLES_SCRIPT}")
+        t_b = w.script(f"{settings}GENS = {b}\n{NUMPY_SAMPLES_SCRIPT}")
+        samples = t_a + (t_b - t_a) * (WHOLE_GENS - a) / (b - a)
+        print(f"NumPy sample-level script: {a} generations {t_a:.1f} s, {b} generations "
+              f"{t_b:.1f} s -> {WHOLE_GENS} generations {samples:.0f} s (extrapolated)")  # fmt: skip
+        for every in (10, 1):
+            cold, warm = w.cli([*flags, "--record-every", str(every)])
+            what = (
+                f"d = 1, {WHOLE_CHAINS:,} chains x {WHOLE_GENS:,} generations, record every {every}"
+            )
+            print(line(what, cold, warm, samples, "NumPy sample-level script"))
+            print(line(what, cold, warm, suff, "NumPy sufficient-statistic script"), flush=True)
 
 
 def _best(fn, repeats: int) -> float:
@@ -153,7 +208,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--x64", action="store_true", help="float64 for our sampler")
+    parser.add_argument("--whole-only", action="store_true", help="only the whole-process figures")
     args = parser.parse_args()
+    print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    if args.whole_only:
+        whole_process()
+        return
     jax.config.update("jax_enable_x64", args.x64)
     chains, gens, m = (2000, 200, 1000) if args.quick else (10_000, 1000, 1000)
     sample_gens = {1: 3 if args.quick else 10, 10: 1 if args.quick else 2}
@@ -174,6 +234,7 @@ def main() -> None:
             f"{d:>3} {'NumPy sample-level (draw M, fit)':<44} {samp:>12.3g} {ours / samp:>11.1f}x"
         )
         print(f"{d:>3} {'NumPy sufficient statistics':<44} {suff:>12.3g} {ours / suff:>11.2f}x")
+    whole_process(short=(3, 6) if args.quick else (20, 40))
 
 
 if __name__ == "__main__":

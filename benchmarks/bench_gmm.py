@@ -9,7 +9,13 @@
    fewer recursions and generations and extrapolated linearly (its cost per generation does not
    depend on the recursion).
 
-Run: ``python benchmarks/bench_gmm.py [--quick]``. Wall and process CPU times are printed; on a
+3. The whole process (``whole.py``: fresh interpreters, cold and warm compilation cache, report
+   and figures written) of ``collapse-jax run gmm`` on the demo config (32 recursions × 200
+   generations, tol 1e-3) against a script running the same loop with scikit-learn; the
+   script's time for 32 recursions is extrapolated from whole runs of 1 and 2 recursions
+   (each recursion costs the same): T(32) = T(1) + 31 (T(2) − T(1)).
+
+Run: ``python benchmarks/bench_gmm.py [--quick] [--whole-only]``. Wall and process CPU times are printed; on a
 shared machine, CPU time is the fairer comparison. scikit-learn runs with BLAS limited to one
 thread (its fastest setting for these tiny matrices).
 """
@@ -30,6 +36,8 @@ from sklearn.mixture import GaussianMixture
 from collapse_jax.core.loop import scan_generations
 from collapse_jax.families.gmm import kernel as proc
 from collapse_jax.families.gmm import study as study
+
+from whole import Whole, line
 
 TOL = 1e-5
 REG = 1e-6
@@ -180,6 +188,49 @@ def recursion(chains: int, generations: int, sk_recursions: int, sk_generations:
     )
 
 
+#: The peer's whole script: R recursions of the paper's loop with scikit-learn (single-threaded
+#: BLAS, as above), G generations each; the final component spreads are saved to OUT.
+SKLEARN_SCRIPT = """
+import warnings
+import numpy as np
+from threadpoolctl import threadpool_limits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+threadpool_limits(1)
+spread = []
+for r in range(R):
+    rng = np.random.default_rng(r)
+    x = rng.normal(size=(1000, 2))
+    for _ in range(G):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm = GaussianMixture(2, covariance_type="full", tol=TOL, reg_covar=1e-6,
+                                 random_state=int(rng.integers(2**31))).fit(x)
+        x, _ = gm.sample(1000)
+        x = x[rng.permutation(1000)]
+    spread.append([np.sqrt(np.trace(c) / 2) for c in gm.covariances_])
+np.savez(OUT, spread=np.array(spread))
+"""
+
+
+def whole_process() -> None:
+    demo = study.demo_config()
+    with Whole() as w:
+        cold, warm = w.cli(["gmm", "--chains", str(demo.chains), "--generations",
+                            str(demo.generations), "--record-every", str(demo.record_every),
+                            "--tol", str(demo.tol), "--w2-samples", str(demo.w2_samples)])  # fmt: skip
+        settings = f"G, TOL = {demo.generations}, {demo.tol}\n"
+        t1 = w.script(f"R = 1\n{settings}{SKLEARN_SCRIPT}")
+        t2 = w.script(f"R = 2\n{settings}{SKLEARN_SCRIPT}")
+    peer = t1 + (demo.chains - 1) * (t2 - t1)
+    print(f"scikit-learn script: 1 recursion {t1:.1f} s, 2 recursions {t2:.1f} s -> "
+          f"{demo.chains} recursions {peer:.0f} s (extrapolated)")  # fmt: skip
+    what = (
+        f"demo config ({demo.chains} recursions x {demo.generations} generations, tol {demo.tol})"
+    )
+    print(line(what, cold, warm, peer, "scikit-learn script"))
+
+
 def main() -> None:
     from threadpoolctl import threadpool_limits
 
@@ -187,7 +238,11 @@ def main() -> None:
     threadpool_limits(1)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--whole-only", action="store_true", help="only the whole-process figures")
     args = parser.parse_args()
+    if args.whole_only:
+        whole_process()
+        return
     print(f"devices: {jax.devices()}")
     if args.quick:
         one_fit(3)
@@ -195,6 +250,7 @@ def main() -> None:
     else:
         one_fit(10)
         recursion(256, 100, 4, 25)
+    whole_process()
 
 
 if __name__ == "__main__":

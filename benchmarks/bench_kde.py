@@ -10,7 +10,13 @@ extrapolated linearly (its cost per chain does not depend on the chain).
 
 Reported: chain-generations per second, steady state (a second run of the compiled program) and
 whole (first run, compilation included; and the study end to end in memory), wall and process
-CPU time. Run: ``python benchmarks/bench_kde.py [--chains R] [--generations G] [--peer-chains P]``.
+CPU time. Then the whole process (``whole.py``: fresh interpreters, cold and warm compilation
+cache, report and figures written) of ``collapse-jax run kde`` on the same workload against a
+script running scikit-learn's loop, whose time for R chains is extrapolated from whole runs of
+P and 2P chains: T(R) = T(P) + (T(2P) − T(P)) (R − P) / P.
+
+Run: ``python benchmarks/bench_kde.py [--chains R] [--generations G] [--peer-chains P]
+[--whole-only]``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from collapse_jax.core.loop import run_generations
 from collapse_jax.core.runs import RunDir
 from collapse_jax.families.kde import kernel as proc
 from collapse_jax.families.kde import study
+
+from whole import Whole, line
 
 M, H, NOISE = 100, 0.1, 0.05
 
@@ -86,13 +94,52 @@ def peer(chains: int, generations: int) -> dict:
     return {"time": _since(t), "nll_last": float(np.mean(last))}
 
 
+#: The peer's whole script: scikit-learn's fit-score-sample loop, one chain at a time.
+SKLEARN_SCRIPT = """
+import numpy as np
+from sklearn.datasets import make_moons
+from sklearn.neighbors import KernelDensity
+last = []
+for seed in range(CHAINS):
+    rng = np.random.RandomState(seed)
+    x = make_moons(2 * M, noise=NOISE, random_state=rng)[0]
+    data, test = x[:M], x[M:]
+    for _ in range(G):
+        kde = KernelDensity(kernel="gaussian", bandwidth=H).fit(data)
+        nll = -kde.score_samples(test).mean()
+        data = kde.sample(M, random_state=rng)
+    last.append(nll)
+np.savez(OUT, nll=np.array(last))
+"""
+
+
+def whole_process(chains: int, generations: int, peer_chains: int) -> None:
+    with Whole() as w:
+        cold, warm = w.cli(["kde", "--dataset", "moons", "--bandwidth", str(H), "--samples",
+                            str(M), "--chains", str(chains), "--generations", str(generations),
+                            "--heldout", str(M), "--noise", str(NOISE), "--w2-chains", "1",
+                            "--w2-samples", "32"])  # fmt: skip
+        settings = f"M, H, NOISE, G = {M}, {H}, {NOISE}, {generations}\n"
+        t1 = w.script(f"CHAINS = {peer_chains}\n{settings}{SKLEARN_SCRIPT}")
+        t2 = w.script(f"CHAINS = {2 * peer_chains}\n{settings}{SKLEARN_SCRIPT}")
+    peer_time = t1 + (t2 - t1) * (chains - peer_chains) / peer_chains
+    print(f"scikit-learn script: {peer_chains} chains {t1:.1f} s, {2 * peer_chains} chains "
+          f"{t2:.1f} s -> {chains} chains {peer_time:.0f} s (extrapolated)")  # fmt: skip
+    what = f"{chains} chains x {generations} generations (report + figures)"
+    print(line(what, cold, warm, peer_time, "scikit-learn script"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chains", type=int, default=1000)
     parser.add_argument("--generations", type=int, default=100)
     parser.add_argument("--peer-chains", type=int, default=20)
+    parser.add_argument("--whole-only", action="store_true", help="only the whole-process figures")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs, JAX {jax.__version__}")
+    if args.whole_only:
+        whole_process(args.chains, args.generations, args.peer_chains)
+        return
     work = args.chains * args.generations
     o = ours(args.chains, args.generations)
     p = peer(args.peer_chains, args.generations)
@@ -121,6 +168,8 @@ def main() -> None:
         f"{'scikit-learn KernelDensity loop':<38} {peer_rate_wall:10.4g} chain-gen/s wall "
         f"({p['time'][0]:7.2f} s for {args.peer_chains} chains), {peer_rate_cpu:10.4g} CPU"
     )
+
+    whole_process(args.chains, args.generations, args.peer_chains)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -34,6 +31,8 @@ import numpy as np
 from collapse_jax.core.loop import precision, run_generations
 from collapse_jax.families.regression import kernel as proc
 from collapse_jax.families.regression import study
+
+from whole import Whole, line
 
 D, T, SIGMA = 10, 100, 1.0
 
@@ -92,12 +91,6 @@ def ours(sampler: str, chains: int, generations: int) -> tuple[float, float, flo
     return first, steady, err
 
 
-def whole_process(args: list[str], env: dict) -> float:
-    t = time.perf_counter()
-    subprocess.run(args, check=True, env=env, capture_output=True)
-    return time.perf_counter() - t
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chains", type=int, default=1000)
@@ -130,21 +123,15 @@ def main() -> None:
     print(f"theory sigma^2 n d/(T-d-1) at n = {gens}: {SIGMA**2 * gens * D / (T - D - 1):.4f}")
 
     # Whole process, each in a fresh interpreter.
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "COLLAPSE_JAX_CACHE_DIR": os.path.join(tmp, "xla")}
-        cmd = [sys.executable, "-m", "collapse_jax.cli", "run", "regression", "--dim", str(D),
-               "--samples", str(T), "--chains", str(chains), "--generations", str(gens),
-               "--out", os.path.join(tmp, "run")]  # fmt: skip
-        cold = whole_process(cmd, env)
-        warm = whole_process(cmd, env)
-        script = os.path.join(tmp, "peer.py")
-        with open(script, "w") as f:
-            f.write(f"D, T, SIGMA = {D}, {T}, {SIGMA}\n{BATCHED}\n")
-            f.write(f"np.save({os.path.join(tmp, 'peer.npy')!r}, batched({chains}, {gens}))\n")
-        peer = whole_process([sys.executable, script], env)
-    print(f"whole process: collapse-jax run regression cold {cold:.1f} s, warm {warm:.1f} s "
-          f"(report + figures); batched NumPy script {peer:.1f} s -> cold {peer / cold:.2f}x, "
-          f"warm {peer / warm:.2f}x")  # fmt: skip
+    with Whole() as w:
+        cold, warm = w.cli(["regression", "--dim", str(D), "--samples", str(T),
+                            "--chains", str(chains), "--generations", str(gens)])  # fmt: skip
+        peer = w.script(
+            f"D, T, SIGMA = {D}, {T}, {SIGMA}\n{BATCHED}\n"
+            f"np.save(OUT.replace('.npz', '.npy'), batched({chains}, {gens}))\n"
+        )
+    print(line("collapse-jax run regression (report + figures)", cold, warm, peer,
+               "batched NumPy script"))  # fmt: skip
 
 
 if __name__ == "__main__":

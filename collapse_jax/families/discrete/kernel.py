@@ -288,6 +288,13 @@ def alive_mask(state: DiscreteState, gamma, policy: Policy) -> Int[Array, "... K
     return alive
 
 
+@functools.partial(jax.jit, static_argnames=("policy",))
+def _alive(state: DiscreteState, gamma, policy: Policy):
+    """The live states and the most any chain holds (one program, not one per array op)."""
+    alive = alive_mask(state, gamma, policy)
+    return alive, alive.sum(-1).max()
+
+
 @functools.partial(jax.jit, static_argnames=("width",))
 def _compact(state: DiscreteState, alive, width: int) -> DiscreteState:
     order = jnp.argsort(~alive, axis=-1, stable=True)  # alive states first, order kept
@@ -316,9 +323,9 @@ def compact(state: DiscreteState, gamma, policy: Policy, min_width: int = 2) -> 
     metrics. Shrinking only to powers of two, by a factor of at least ``SHRINK``, bounds the
     number of recompilations by log2 K (each width compiles the chunk once).
     """
-    alive = alive_mask(state, gamma, policy)
+    alive, most = _alive(state, gamma, policy)
     k = state.counts.shape[-1]
-    n_alive = int(jax.device_get(alive.sum(-1).max()))
+    n_alive = int(jax.device_get(most))
     width = max(min_width, 1 << max(0, n_alive - 1).bit_length())
     # Each new width compiles the chunk again: shrink only by a factor of SHRINK or more.
     if SHRINK * width > k:
