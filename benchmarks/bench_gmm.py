@@ -11,9 +11,8 @@
 
 3. The whole process (``whole.py``: fresh interpreters, cold and warm compilation cache, report
    and figures written) of ``collapse-jax run gmm`` on the demo config (32 recursions × 200
-   generations, tol 1e-3) against a script running the same loop with scikit-learn; the
-   script's time for 32 recursions is extrapolated from whole runs of 1 and 2 recursions
-   (each recursion costs the same): T(32) = T(1) + 31 (T(2) − T(1)).
+   generations, tol 1e-3) against a script running the same loop with scikit-learn, all 32
+   recursions.
 
 Run: ``python benchmarks/bench_gmm.py [--quick] [--whole-only]``. Wall and process CPU times are printed; on a
 shared machine, CPU time is the fairer comparison. scikit-learn runs with BLAS limited to one
@@ -219,12 +218,8 @@ def whole_process() -> None:
         cold, warm = w.cli(["gmm", "--chains", str(demo.chains), "--generations",
                             str(demo.generations), "--record-every", str(demo.record_every),
                             "--tol", str(demo.tol), "--w2-samples", str(demo.w2_samples)])  # fmt: skip
-        settings = f"G, TOL = {demo.generations}, {demo.tol}\n"
-        t1 = w.script(f"R = 1\n{settings}{SKLEARN_SCRIPT}")
-        t2 = w.script(f"R = 2\n{settings}{SKLEARN_SCRIPT}")
-    peer = t1 + (demo.chains - 1) * (t2 - t1)
-    print(f"scikit-learn script: 1 recursion {t1:.1f} s, 2 recursions {t2:.1f} s -> "
-          f"{demo.chains} recursions {peer:.0f} s (extrapolated)")  # fmt: skip
+        settings = f"R, G, TOL = {demo.chains}, {demo.generations}, {demo.tol}\n"
+        peer = w.script(f"{settings}{SKLEARN_SCRIPT}")
     what = (
         f"demo config ({demo.chains} recursions x {demo.generations} generations, tol {demo.tol})"
     )

@@ -70,6 +70,35 @@ def test_chain_stats_quantiles_match_numpy_over_finite_entries():
         np.testing.assert_allclose(q[c], np.quantile(col, [0.1, 0.5, 0.9]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nanquantile_sorts_by_integer_keys_like_numpy(dtype):
+    """The integer-key sort orders floats exactly as NumPy does (NaN last, infinities at the
+    ends, -0.0 with +0.0), and the quantiles equal jnp.nanquantile's to one unit in the last
+    place, along either axis, with all-NaN rows NaN as in jnp."""
+    from collapse_jax.core.loop import _sort_nan_last, nanquantile, precision
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_cauchy((6, 257))
+    x[0, ::3] = np.nan
+    x[1, :] = np.nan
+    x[2, ::2], x[2, 1::2] = -0.0, 0.0
+    x[3, :5] = [np.inf, -np.inf, np.nan, -np.nan, 1e-300]
+    x[4] = np.round(x[4])  # ties
+    x[5, :256] = np.nan  # one finite entry
+    with precision(dtype == np.float64):
+        a = jnp.asarray(x.astype(dtype))
+        got = np.asarray(_sort_nan_last(a))
+        np.testing.assert_array_equal(got, np.sort(x.astype(dtype), axis=1))
+        levels = jnp.asarray((0.1, 0.5, 0.9), a.dtype)
+        for axis, arr in ((1, a), (0, a.T)):
+            ours = np.asarray(nanquantile(arr, levels, axis=axis))
+            ref = np.asarray(jnp.nanquantile(arr, levels, axis=axis))
+            assert ours.shape == ref.shape == (3, 6)
+            np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+            ok = ~np.isnan(ref)
+            np.testing.assert_array_max_ulp(ours[ok], ref[ok], maxulp=1)
+
+
 def _random_walk():
     def init(key, scale, gen):
         return jnp.zeros(()), {"x": jnp.zeros(())}
