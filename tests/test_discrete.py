@@ -318,3 +318,17 @@ def test_auto_method_by_batch_size():
         progress=False,
     )
     assert s["method"] == "counts"
+
+
+def test_binomial_pmf_of_the_theory_equals_scipys():
+    """The closed forms' binomial pmf (log-gamma form, to keep scipy.stats out of every run's
+    imports) equals scipy.stats.binom.pmf to 1e-10 relative wherever SciPy's value is above
+    1e-250, including p in {0, 1}, p within 1e-9 of them, and n up to 2000."""
+    for n in (1, 2, 7, 100, 1000, 2000):
+        k = np.arange(n + 1)[None, :]
+        p = np.concatenate([[0.0, 1.0, 1e-9, 1 - 1e-9], np.linspace(0, 1, 23)])[:, None]
+        ours, ref = wf.binom_pmf(k, n, p), stats.binom.pmf(k, n, p)
+        np.testing.assert_array_equal(ours[ref == 0] == 0, True)
+        big = ref > 1e-250
+        np.testing.assert_allclose(ours[big], ref[big], rtol=1e-10, atol=0)
+        np.testing.assert_allclose(ours.sum(1), 1.0, rtol=1e-11)

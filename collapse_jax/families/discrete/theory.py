@@ -7,7 +7,7 @@ M_n-point training set drawn at generation n (so M_0 samples of p0 fit generatio
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+from scipy.special import gammaln, xlog1py, xlogy
 
 from collapse_jax.core.policies import Policy, split_batch
 
@@ -69,10 +69,25 @@ def diffusion_absorption_time(p0, m: int) -> float:
     return float(-2.0 * m * np.sum((1 - p) * np.log1p(-p)))
 
 
+def binom_pmf(k, n, p) -> np.ndarray:
+    """P(Bin(n, p) = k), broadcast over the arguments (k = 0..n; p in [0, 1]).
+
+    Written out from log-gamma rather than ``scipy.stats.binom.pmf``: importing ``scipy.stats``
+    takes about 0.6 s, a tenth of a warm discrete run, and this module is imported by every
+    one (``scipy.special`` costs 0.1 s beside JAX). Relative error about 1e-12 for n <= 2000
+    (the log-gamma terms reach 1.3e4); tested against SciPy's.
+    """
+    k, n, p = np.asarray(k, np.float64), np.asarray(n, np.float64), np.asarray(p, np.float64)
+    log_pmf = (
+        gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1) + xlogy(k, p) + xlog1py(n - k, -p)
+    )
+    return np.where((k >= 0) & (k <= n), np.exp(log_pmf), 0.0)
+
+
 def _binomial_transition(m_from: int, m_to: int) -> np.ndarray:
     """T[c, c'] = P(Bin(m_to, c / m_from) = c'), shape (m_from + 1, m_to + 1)."""
     c = np.arange(m_from + 1)[:, None] / m_from
-    return stats.binom.pmf(np.arange(m_to + 1)[None, :], m_to, c)
+    return binom_pmf(np.arange(m_to + 1)[None, :], m_to, c)
 
 
 def exact_two_state_absorption_time(p: float, m: int) -> float:
@@ -84,7 +99,7 @@ def exact_two_state_absorption_time(p: float, m: int) -> float:
     trans = _binomial_transition(m, m)
     q = trans[1:m, 1:m]
     t = np.linalg.solve(np.eye(m - 1) - q, np.ones(m - 1))  # steps from count c to absorption
-    start = stats.binom.pmf(np.arange(m + 1), m, p)  # T_0 counts: generation 1's model
+    start = binom_pmf(np.arange(m + 1), m, p)  # T_0 counts: generation 1's model
     t_full = np.concatenate([[0.0], t, [0.0]])
     return float(1.0 + start @ t_full)
 
@@ -94,7 +109,7 @@ def exact_two_state_absorption_cdf(p: float, m: int, generations: int) -> np.nda
     when the counts of T_{n−1} (Bin(M, p) for T_0, then the binomial chain) are 0 or M. The
     restricted mean E[min(T, G)] of a censored run is Σ_{n<G} (1 − P(T <= n))."""
     trans = _binomial_transition(m, m)
-    dist = stats.binom.pmf(np.arange(m + 1), m, p)  # counts of T_0
+    dist = binom_pmf(np.arange(m + 1), m, p)  # counts of T_0
     cdf = [0.0]
     for _ in range(generations):
         cdf.append(float(dist[0] + dist[-1]))
@@ -119,7 +134,7 @@ def survival_probabilities(p0, sizes, policy: Policy | None = None) -> np.ndarra
     out = np.empty((len(sizes) + 1, len(uniq)))
     out[0] = (uniq > 0).astype(np.float64)
     # law[j, c] = P(count of state j in the current training set = c); all states at once.
-    law = stats.binom.pmf(np.arange(sizes[0] + 1)[None, :], sizes[0], uniq[:, None])
+    law = binom_pmf(np.arange(sizes[0] + 1)[None, :], sizes[0], uniq[:, None])
     out[1] = 1.0 - law[:, 0]
     cache: dict[tuple[int, int], np.ndarray] = {}
     for n in range(1, len(sizes)):
@@ -129,7 +144,7 @@ def survival_probabilities(p0, sizes, policy: Policy | None = None) -> np.ndarra
             cache[(m_prev, a)] = _binomial_transition(m_prev, a)
         law = law @ cache[(m_prev, a)]
         if g > 0:
-            fresh = stats.binom.pmf(np.arange(g + 1)[None, :], g, uniq[:, None])
+            fresh = binom_pmf(np.arange(g + 1)[None, :], g, uniq[:, None])
             law = np.stack([np.convolve(row, f) for row, f in zip(law, fresh, strict=True)])
         out[n + 1] = 1.0 - law[:, 0]
     return out[:, inverse]
@@ -201,7 +216,7 @@ def lumped_law(mass, k: float, rewards=(0.0, 0.0), accept=(1.0, 1.0)) -> np.ndar
         k = int(k)
         j = np.arange(k)
         share = k * np.exp(ra) / ((1 + j) * np.exp(ra) + (k - 1 - j) * np.exp(rb))
-        g = g * (stats.binom.pmf(j[None, :], k - 1, g[:, None]) @ share)
+        g = g * (binom_pmf(j[None, :], k - 1, g[:, None]) @ share)
     num, other = g * accept[0], (1 - g) * accept[1]
     z = num + other
     return np.where(z > 0, num / np.where(z > 0, z, 1.0), g)
@@ -214,8 +229,8 @@ def lumped_mass_moments(g0: float, m: int, generations: int, law) -> tuple[np.nd
     (M + 1)² transition matrix. The variance gives the exact standard error of a mean over chains
     (the empirical one is 0 when every chain has been absorbed, however small 1 − E[g_n] is)."""
     grid = np.arange(m + 1) / m
-    trans = stats.binom.pmf(np.arange(m + 1)[None, :], m, law(grid)[:, None])
-    dist = stats.binom.pmf(np.arange(m + 1), m, g0)
+    trans = binom_pmf(np.arange(m + 1)[None, :], m, law(grid)[:, None])
+    dist = binom_pmf(np.arange(m + 1), m, g0)
     mean, var = [g0], [0.0]
     for _ in range(generations):
         mu = float(dist @ grid)

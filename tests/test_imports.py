@@ -1,0 +1,63 @@
+"""What each command imports, in a fresh interpreter: the time a user waits before anything runs.
+
+`collapse-jax list` and `--help` must not start JAX; a run of a chain study must not load the
+neural stack (torch, transformers, Flax, Optax, Orbax); the discrete study keeps `scipy.stats`
+out (its import alone is about a tenth of a warm run; the closed forms use `scipy.special`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+NEURAL = ("torch", "transformers", "flax", "optax", "orbax", "orbax.checkpoint")
+
+PROBE = """
+import json, sys
+from collapse_jax import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+def _imported(argv: list[str], tmp_path) -> set[str]:
+    env = {**os.environ, "COLLAPSE_JAX_NO_CACHE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    return set(result["modules"])
+
+
+@pytest.mark.parametrize("argv", [["list"], ["--help"]])
+def test_listing_and_help_do_not_start_jax(argv, tmp_path):
+    modules = _imported(argv, tmp_path)
+    assert "jax" not in modules
+    assert not modules & set(NEURAL)
+
+
+@pytest.mark.parametrize(
+    ("study", "flags", "also_absent"),
+    [
+        ("discrete", ["--chains", "8", "--generations", "3"], ("scipy.stats",)),
+        ("gaussian", ["--chains", "8", "--generations", "3"], ()),
+    ],
+)
+def test_a_chain_study_run_never_loads_the_neural_stack(study, flags, also_absent, tmp_path):
+    argv = ["run", study, *flags, "--out", str(tmp_path / "run"), "--no-progress"]
+    modules = _imported(argv, tmp_path)
+    assert (tmp_path / "run" / "report.md").exists()
+    assert "jax" in modules  # the probe sees the run's imports
+    loaded = modules & {*NEURAL, *also_absent}
+    assert not loaded, f"{study} run imported {sorted(loaded)}"
