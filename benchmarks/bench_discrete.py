@@ -84,7 +84,7 @@ def numpy_loop(k: int, m: int, chains: int, generations: int, seed: int = 0) -> 
     return time.perf_counter() - t0
 
 
-def ours(k, m, chains, generations, method="counts", compact=True, seed=0) -> tuple[float, float]:
+def ours(k, m, chains, generations, method="counts", compact="on", seed=0) -> tuple[float, float]:
     """Returns (seconds including compilation, seconds of a second, compiled run)."""
     cfg = study.Config(
         states=k,
@@ -130,12 +130,12 @@ def main() -> None:
         f"first call with compilation {first:.2f} s)"
     )
     print(f"ratio ours / numpy               : {t_np / t_ours:10.2f}x")
-    _, t_nc = ours(k, m, chains, gens, compact=False)
+    _, t_nc = ours(k, m, chains, gens, compact="off")
     print(f"collapse_jax counts, no compaction: {work / t_nc:10.3e} chain-gen/s ({t_nc:.2f} s)")
     if not args.skip_samples:
         sg = max(10, gens // 10)
-        _, t_s = ours(k, m, chains, sg, method="samples", compact=False)
-        _, t_c = ours(k, m, chains, sg, method="counts", compact=False)
+        _, t_s = ours(k, m, chains, sg, method="samples", compact="off")
+        _, t_c = ours(k, m, chains, sg, method="counts", compact="off")
         print(
             f"samples vs counts over {sg} generations: samples {chains * sg / t_s:.3e}, "
             f"counts {chains * sg / t_c:.3e} chain-gen/s (counts {t_s / t_c:.1f}x faster)"

@@ -140,6 +140,7 @@ RULES: dict[str, dict[str, Rule]] = {
             *NPY_FILES,
         ),
         "method": choice(),
+        "compact": choice("true"),
     },
     "gaussian": {
         "dim": ints(1, maximum=64, huge=True),

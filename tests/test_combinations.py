@@ -59,7 +59,7 @@ TINY = {
 }
 
 CASES = [
-    *_cases("discrete", ("method", ["counts", "samples"]), {"compact": [True, False]}),
+    *_cases("discrete", ("method", ["counts", "samples"]), {"compact": ["on", "off", "auto"]}),
     *_cases(  # EM options change the fit, not the loop: cycled over the policies (5 runs)
         "gmm",
         ("w2_method", ["exact"]),
@@ -114,7 +114,7 @@ def test_cases_cover_every_option_value():
         study, settings = case.values
         for k, v in settings.items():
             seen.setdefault((study, k), set()).add(str(v))
-    assert seen[("discrete", "compact")] == {"True", "False"}
+    assert seen[("discrete", "compact")] == {"on", "off", "auto"}
     assert seen[("gmm", "covariance_type")] == {"full", "diag", "spherical"}
     assert seen[("gmm", "init")] == {"kmeans", "kmeans++", "warm"}
     assert seen[("kde", "dataset")] == {"blobs", "circles", "moons", "swiss-roll"}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.loop import run_generations
 from collapse_jax.core.policies import Policy
 from collapse_jax.families.discrete import kernel as proc
@@ -193,7 +194,7 @@ def test_metrics_never_nan_and_kl_infinite_once_state_dies():
 
 def test_same_seed_same_results_and_record_every(tmp_path):
     cfg = study.Config(
-        states=6, p0="zipf:1.0", samples=20, chains=64, generations=40, seed=3, compact=False
+        states=6, p0="zipf:1.0", samples=20, chains=64, generations=40, seed=3, compact="off"
     )
     a = study.run(cfg, tmp_path / "a", progress=False)
     b = study.run(cfg, tmp_path / "b", progress=False)
@@ -332,3 +333,21 @@ def test_binomial_pmf_of_the_theory_equals_scipys():
         big = ref > 1e-250
         np.testing.assert_allclose(ours[big], ref[big], rtol=1e-10, atol=0)
         np.testing.assert_allclose(ours.sum(1), 1.0, rtol=1e-11)
+
+
+def test_automatic_compaction_follows_what_each_method_costs(tmp_path):
+    """``compact = auto`` compacts under the multinomial (cost ∝ live states) and under
+    draw-and-recount only when K > M (most states die at once); ``on``/``off`` are obeyed; the
+    run's summary says which applied, and bad values are refused naming the value."""
+    assert study.resolve_compact("auto", "counts", 20, 1000)
+    assert not study.resolve_compact("auto", "samples", 20, 100)
+    assert study.resolve_compact("auto", "samples", 300, 100)
+    assert study.resolve_compact("on", "samples", 20, 100)
+    assert not study.resolve_compact("off", "counts", 50, 1000)
+    base = dict(states=6, p0="zipf:1.0", samples=20, chains=8, generations=3)
+    for compact, method, expected in (("auto", "auto", False), ("auto", "counts", True)):
+        cfg = study.Config(**base, compact=compact, method=method)
+        out = study.run(cfg, tmp_path / f"{compact}-{method}", progress=False)
+        assert out["compacted"] is expected
+    with pytest.raises(ConfigError, match="'yes'"):
+        study.validate(study.Config(**base, compact="yes"))
