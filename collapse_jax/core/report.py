@@ -141,7 +141,6 @@ def curves_figure(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -472,7 +472,6 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         [("theory_log_det_cov", "exact E log det Σ_n", "k--")],
         logy=False,
     )
-    fig.tight_layout()
     save_figure(fig, path / "gaussian_metrics.png")
     figs = [
         (

@@ -155,7 +155,6 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.suptitle("samples of one recursion (generation 0: the original data)", fontsize=10)
-        fig.tight_layout()
         rep.save_figure(fig, path / "snapshots.png")
         figs.append(
             (
@@ -196,7 +195,6 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
     rep.save_figure(fig, path / "collapse.png")
     figs.append(
         (
@@ -256,7 +254,6 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
             ax.hist(np.log10(v), bins=40, color="C2")
         ax.set_xlabel(f"log10 {name} at generation {int(g[-1])}")
         ax.set_ylabel("recursions")
-    fig.tight_layout()
     rep.save_figure(fig, path / "final_distribution.png")
     figs.append(("final_distribution.png", "Distribution over recursions of the final values."))
     del summary

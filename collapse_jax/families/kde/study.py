@@ -373,7 +373,6 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         ax.set_title(f"generation {gen}", fontsize=9)
         ax.tick_params(labelsize=7)
     fig.suptitle("the generation-n sample of chain 0 (first two coordinates)", fontsize=10)
-    fig.tight_layout()
     rep.save_figure(fig, path / "snapshots.png")
     figs.append(("snapshots.png", "Samples of chain 0 (generation 0: the D0 sample)."))
     return figs

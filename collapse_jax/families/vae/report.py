@@ -103,7 +103,6 @@ def make_report(out: Path, summary: dict) -> None:
     axes[1].set_title("per-dimension spread")
     axes[1].set_xlabel("latent dimension")
     axes[1].set_ylabel("std of means")
-    fig.tight_layout()
     save_figure(fig, out / "latent_kde.png")
 
     # Class distribution (mean over seeds).
@@ -115,7 +114,6 @@ def make_report(out: Path, summary: dict) -> None:
     ax.set_xlabel("digit class (classifier)")
     fig.colorbar(im, ax=ax, label="fraction of samples")
     ax.set_title("class distribution of samples")
-    fig.tight_layout()
     save_figure(fig, out / "classes.png")
 
     # 8x8 sample grids (seed 0).
@@ -128,7 +126,6 @@ def make_report(out: Path, summary: dict) -> None:
         ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255)
         ax.set_title("real" if g == 0 else f"gen {g}", fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
     save_figure(fig, out / "samples.png")
 
     lines = [
