@@ -9,9 +9,10 @@ import pytest
 
 from collapse_jax import cli
 from collapse_jax.core.errors import ConfigError
-from collapse_jax.core.loop import Family, chain_stats, recorded_generations, run_generations
+from collapse_jax.core.loop import Family, recorded_generations, run_generations
 from collapse_jax.core.policies import Policy, Schedule, mix_training_data, split_batch
 from collapse_jax.core.runs import read_arrays, read_json, write_arrays, write_json
+from collapse_jax.core.statistics import chain_stats
 
 
 def test_policy_parse_and_split():
@@ -75,7 +76,8 @@ def test_nanquantile_sorts_by_integer_keys_like_numpy(dtype):
     """The integer-key sort orders floats exactly as NumPy does (NaN last, infinities at the
     ends, -0.0 with +0.0), and the quantiles equal jnp.nanquantile's to one unit in the last
     place, along either axis, with all-NaN rows NaN as in jnp."""
-    from collapse_jax.core.loop import _sort_nan_last, nanquantile, precision
+    from collapse_jax.core.loop import precision
+    from collapse_jax.core.statistics import _sort_nan_last, nanquantile
 
     rng = np.random.default_rng(3)
     x = rng.standard_cauchy((6, 257))

@@ -21,7 +21,7 @@ import numpy as np
 
 from collapse_jax.core import operators
 from collapse_jax.core import report as rep
-from collapse_jax.core.loop import Family, GenInput, run_generations, stats_arrays
+from collapse_jax.core.loop import Family, GenInput, run_generations
 from collapse_jax.core.policies import (
     PointBuffer,
     Policy,
@@ -32,6 +32,7 @@ from collapse_jax.core.policies import (
     next_buffer,
 )
 from collapse_jax.core.runs import RunDir, read_arrays, series
+from collapse_jax.core.statistics import stats_arrays
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

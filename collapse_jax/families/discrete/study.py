@@ -16,9 +16,10 @@ from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
-from collapse_jax.core.loop import chain_stats, run_generations
+from collapse_jax.core.loop import run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, series
+from collapse_jax.core.statistics import chain_stats
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.discrete import kernel as proc
 from collapse_jax.families.discrete import theory as wf

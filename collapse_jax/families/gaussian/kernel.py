@@ -42,7 +42,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from collapse_jax.core import operators
 from collapse_jax.core.errors import ConfigError, check_choice
-from collapse_jax.core.loop import Family, GenInput, chain_stats
+from collapse_jax.core.loop import Family, GenInput
 from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import (
     PointBuffer,
@@ -52,6 +52,7 @@ from collapse_jax.core.policies import (
     next_buffer,
     split_batch,
 )
+from collapse_jax.core.statistics import chain_stats
 from collapse_jax.families.gaussian.d0 import D0
 from collapse_jax.families.gaussian.metrics import (
     GaussianMetrics,

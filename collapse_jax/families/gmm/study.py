@@ -21,9 +21,10 @@ from collapse_jax.core.errors import (
     check_memory,
 )
 from collapse_jax.core.flags import add_config_arguments, apply_flags, as_tuple
-from collapse_jax.core.loop import chain_arrays, run_generations
+from collapse_jax.core.loop import run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields, check_reuse
 from collapse_jax.core.runs import RunDir, series
+from collapse_jax.core.statistics import chain_arrays
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gmm import kernel as proc
 from collapse_jax.families.gmm.metrics import w2_exact_batch, w2_sinkhorn

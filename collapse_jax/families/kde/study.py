@@ -18,9 +18,10 @@ from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_float, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
-from collapse_jax.core.loop import chain_arrays, run_generations
+from collapse_jax.core.loop import run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields, check_reuse
 from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
+from collapse_jax.core.statistics import chain_arrays
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gmm.metrics import w2_exact_batch
 from collapse_jax.families.kde import kernel as proc

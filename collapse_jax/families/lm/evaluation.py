@@ -1,5 +1,5 @@
 """Metrics of the language-model study assembled from its work directory, and the summary
-(mean ± standard error over seeds via :func:`collapse_jax.core.loop.chain_stats`)."""
+(mean ± standard error over seeds via :func:`collapse_jax.core.statistics.chain_stats`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax.core import operators
-from collapse_jax.core.loop import chain_stats
 from collapse_jax.core.runs import (
     series,
     write_arrays,
 )
+from collapse_jax.core.statistics import chain_stats
 from collapse_jax.families.lm import synthetic_language as sl
 from collapse_jax.families.lm import text_metrics as tm
 from collapse_jax.families.lm import training as lt
@@ -168,7 +168,7 @@ def _source_perplexity(source, blocks: np.ndarray) -> float:
 
 def mean_stderr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard error over seeds (axis 0) of the finite entries
-    (:func:`~collapse_jax.core.loop.chain_stats`; all-NaN entries stay NaN)."""
+    (:func:`~collapse_jax.core.statistics.chain_stats`; all-NaN entries stay NaN)."""
     st = chain_stats(np.asarray(x, np.float32))
     return np.asarray(st.mean, np.float64), np.asarray(st.stderr, np.float64)
 

@@ -16,9 +16,10 @@ from collapse_jax.core import operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
-from collapse_jax.core.loop import precision, run_generations, stats_arrays
+from collapse_jax.core.loop import precision, run_generations
 from collapse_jax.core.policies import Schedule, check_loop_fields, check_reuse, split_batch
 from collapse_jax.core.runs import RunDir, read_arrays, series
+from collapse_jax.core.statistics import stats_arrays
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.regression import kernel as proc
 from collapse_jax.families.regression import theory as th

@@ -10,8 +10,8 @@ import numpy as np
 from scipy.stats import gaussian_kde
 
 from collapse_jax.core import report as rep
-from collapse_jax.core.loop import chain_stats
 from collapse_jax.core.runs import read_arrays, save_figure, write_text
+from collapse_jax.core.statistics import chain_stats
 
 METRICS = ("latent_spread", "class_entropy", "nelbo", "pixel_diversity")
 

@@ -64,9 +64,9 @@ from collapse_jax.core.host_loop import (
     generation_key,
     restore_fit,
 )
-from collapse_jax.core.loop import chain_stats
 from collapse_jax.core.policies import Policy, Schedule, mix_training_data
 from collapse_jax.core.runs import RunDir, read_arrays, series, write_arrays
+from collapse_jax.core.statistics import chain_stats
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.vae import classifier as clf
 from collapse_jax.families.vae import data as mnist
