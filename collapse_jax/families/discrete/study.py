@@ -384,19 +384,15 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
     median = (
         float(np.quantile(capped, 0.5, method="inverted_cdf")) if absorbed.mean() > 0.5 else None
     )
+    method = resolve_method(config.method, int(np.max(sizes)))
 
     summary: dict = {
         "study": NAME,
         "operators": _operators(config, len(p0)).describe(),
         "p0": p0.tolist(),
         "states": len(p0),
-        "method": resolve_method(config.method, int(np.max(sizes))),
-        "compacted": resolve_compact(
-            config.compact,
-            resolve_method(config.method, int(np.max(sizes))),
-            len(p0),
-            int(np.max(sizes)),
-        ),
+        "method": method,
+        "compacted": resolve_compact(config.compact, method, len(p0), int(np.max(sizes))),
         "policy": policy.describe(),
         "schedule": Schedule.parse(config.schedule).describe(),
         "sizes_first_last": [int(sizes[0]), int(sizes[-1])],
