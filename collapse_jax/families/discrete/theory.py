@@ -7,8 +7,8 @@ M_n-point training set drawn at generation n (so M_0 samples of p0 fit generatio
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import gammaln, xlog1py, xlogy
 
+from collapse_jax.core.binomial import binom_pmf, binomial_transition
 from collapse_jax.core.policies import Policy, split_batch
 
 
@@ -69,34 +69,13 @@ def diffusion_absorption_time(p0, m: int) -> float:
     return float(-2.0 * m * np.sum((1 - p) * np.log1p(-p)))
 
 
-def binom_pmf(k, n, p) -> np.ndarray:
-    """P(Bin(n, p) = k), broadcast over the arguments (k = 0..n; p in [0, 1]).
-
-    Written out from log-gamma rather than ``scipy.stats.binom.pmf``: importing ``scipy.stats``
-    takes about 0.6 s, a tenth of a warm discrete run, and this module is imported by every
-    one (``scipy.special`` costs 0.1 s beside JAX). Relative error about 1e-12 for n <= 2000
-    (the log-gamma terms reach 1.3e4); tested against SciPy's.
-    """
-    k, n, p = np.asarray(k, np.float64), np.asarray(n, np.float64), np.asarray(p, np.float64)
-    log_pmf = (
-        gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1) + xlogy(k, p) + xlog1py(n - k, -p)
-    )
-    return np.where((k >= 0) & (k <= n), np.exp(log_pmf), 0.0)
-
-
-def _binomial_transition(m_from: int, m_to: int) -> np.ndarray:
-    """T[c, c'] = P(Bin(m_to, c / m_from) = c'), shape (m_from + 1, m_to + 1)."""
-    c = np.arange(m_from + 1)[:, None] / m_from
-    return binom_pmf(np.arange(m_to + 1)[None, :], m_to, c)
-
-
 def exact_two_state_absorption_time(p: float, m: int) -> float:
     """Exact mean absorption time for K = 2 under replace with constant M.
 
     The count of state 1 is a Markov chain on {0..M}; T = E[absorption generation] solves
     (I − Q) t = 1 on the transient states, with generation 1 the first fitted model.
     """
-    trans = _binomial_transition(m, m)
+    trans = binomial_transition(m, m)
     q = trans[1:m, 1:m]
     t = np.linalg.solve(np.eye(m - 1) - q, np.ones(m - 1))  # steps from count c to absorption
     start = binom_pmf(np.arange(m + 1), m, p)  # T_0 counts: generation 1's model
@@ -108,7 +87,7 @@ def exact_two_state_absorption_cdf(p: float, m: int, generations: int) -> np.nda
     """P(T <= n), n = 0..G, for K = 2 under replace with constant M: model n is a point mass
     when the counts of T_{n−1} (Bin(M, p) for T_0, then the binomial chain) are 0 or M. The
     restricted mean E[min(T, G)] of a censored run is Σ_{n<G} (1 − P(T <= n))."""
-    trans = _binomial_transition(m, m)
+    trans = binomial_transition(m, m)
     dist = binom_pmf(np.arange(m + 1), m, p)  # counts of T_0
     cdf = [0.0]
     for _ in range(generations):
@@ -141,7 +120,7 @@ def survival_probabilities(p0, sizes, policy: Policy | None = None) -> np.ndarra
         m_prev, m = int(sizes[n - 1]), int(sizes[n])
         a, _, g = (int(v) for v in split_batch(m, policy))
         if (m_prev, a) not in cache:
-            cache[(m_prev, a)] = _binomial_transition(m_prev, a)
+            cache[(m_prev, a)] = binomial_transition(m_prev, a)
         law = law @ cache[(m_prev, a)]
         if g > 0:
             fresh = binom_pmf(np.arange(g + 1)[None, :], g, uniq[:, None])

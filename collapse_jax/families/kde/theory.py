@@ -10,7 +10,8 @@ pick their centres uniformly among the M_{n−1} points of B_{n−1}.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+
+from collapse_jax.core.binomial import binomial_transition
 
 
 def _survival(sizes: np.ndarray, n: int) -> np.ndarray:
@@ -38,13 +39,6 @@ def pairwise_sq_distance(
     return np.asarray(out, np.float64)
 
 
-def _binomial_matrix(m_new: int, m_old: int) -> np.ndarray:
-    """P[c, c'] = P(c' descendants among m_new | c among m_old) = Binomial(m_new, c/m_old)."""
-    c = np.arange(m_old + 1)[:, None]
-    c_new = np.arange(m_new + 1)[None, :]
-    return stats.binom.pmf(c_new, m_new, c / m_old)
-
-
 def survival_probability(generations, sizes) -> np.ndarray:
     """P(a given D0 point of B_0 still has a descendant in B_n), exactly, by the Markov chain of
     its number of descendants c_n | c_{n−1} ~ Binomial(M_n, c_{n−1} / M_{n−1}), c_0 = 1
@@ -59,7 +53,7 @@ def survival_probability(generations, sizes) -> np.ndarray:
     for n in range(1, last + 1):
         shape = (int(sizes[n]), int(sizes[n - 1]))
         if shape != key:
-            matrix, key = _binomial_matrix(*shape), shape
+            matrix, key = binomial_transition(shape[1], shape[0]), shape
         p = p @ matrix
         alive[n] = 1.0 - p[0]
     return np.asarray([alive[int(n)] for n in gens], np.float64)
