@@ -50,7 +50,7 @@ from collapse_jax.core.loop import chain_sharding, run_generations, scan_generat
 from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 
-from whole import Whole, line
+from whole import Whole, extrapolate, line
 
 #: The issue's whole-process run (d = 1).
 WHOLE_CHAINS, WHOLE_GENS, WHOLE_M = 10_000, 5_000, 1000
@@ -86,7 +86,7 @@ def whole_process(short: tuple[int, int] = (20, 40)) -> None:
         a, b = short
         t_a = w.script(f"{settings}GENS = {a}\n{NUMPY_SAMPLES_SCRIPT}")
         t_b = w.script(f"{settings}GENS = {b}\n{NUMPY_SAMPLES_SCRIPT}")
-        samples = t_a + (t_b - t_a) * (WHOLE_GENS - a) / (b - a)
+        samples = extrapolate(a, t_a, b, t_b, WHOLE_GENS)
         print(f"NumPy sample-level script: {a} generations {t_a:.1f} s, {b} generations "
               f"{t_b:.1f} s -> {WHOLE_GENS} generations {samples:.0f} s (extrapolated)")  # fmt: skip
         for every in (10, 1):

@@ -35,7 +35,7 @@ from collapse_jax.core.runs import RunDir
 from collapse_jax.families.kde import kernel as proc
 from collapse_jax.families.kde import study
 
-from whole import Whole, line
+from whole import Whole, extrapolate, line
 
 M, H, NOISE = 100, 0.1, 0.05
 
@@ -122,7 +122,7 @@ def whole_process(chains: int, generations: int, peer_chains: int) -> None:
         settings = f"M, H, NOISE, G = {M}, {H}, {NOISE}, {generations}\n"
         t1 = w.script(f"CHAINS = {peer_chains}\n{settings}{SKLEARN_SCRIPT}")
         t2 = w.script(f"CHAINS = {2 * peer_chains}\n{settings}{SKLEARN_SCRIPT}")
-    peer_time = t1 + (t2 - t1) * (chains - peer_chains) / peer_chains
+    peer_time = extrapolate(peer_chains, t1, 2 * peer_chains, t2, chains)
     print(f"scikit-learn script: {peer_chains} chains {t1:.1f} s, {2 * peer_chains} chains "
           f"{t2:.1f} s -> {chains} chains {peer_time:.0f} s (extrapolated)")  # fmt: skip
     what = f"{chains} chains x {generations} generations (report + figures)"

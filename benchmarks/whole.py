@@ -69,6 +69,12 @@ class Whole:
         return timed([sys.executable, str(path)], _env(self.root / "xla-peer"))
 
 
+def extrapolate(x_a: float, t_a: float, x_b: float, t_b: float, x: float) -> float:
+    """A peer's whole-process time at size ``x`` from whole runs at sizes ``x_a`` and ``x_b``
+    (generations or chains, whose cost is constant per unit): T(x) = T(a) + slope (x − a)."""
+    return t_a + (t_b - t_a) * (x - x_a) / (x_b - x_a)
+
+
 def line(what: str, cold: float, warm: float, peer: float, peer_name: str) -> str:
     """One printed result: both of our figures, the peer's, and the ratios peer / ours."""
     return (
