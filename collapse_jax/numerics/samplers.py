@@ -262,12 +262,21 @@ def _binomial_step(params, state):
     qb = jnp.where(is_btrs, q, 0.25)
     kb, accept = _btrs_candidate(k0, k1, lane, nb, qb, fc_mode, j)
     s = q / (1.0 - q)
-    for _ in range(_INV_STEPS):
-        go = (u > f) & (x < nf)
-        x1 = x + 1.0
-        u = jnp.where(go, u - f, u)
-        f = jnp.where(go, f * s * (nf - x) / x1, f)
-        x = jnp.where(go, x1, x)
+
+    def inversion(xuf):
+        x, u, f = xuf
+        for _ in range(_INV_STEPS):
+            go = (u > f) & (x < nf)
+            x1 = x + 1.0
+            u = jnp.where(go, u - f, u)
+            f = jnp.where(go, f * s * (nf - x) / x1, f)
+            x = jnp.where(go, x1, x)
+        return x, u, f
+
+    # Most buffers hold only BTRS lanes (large counts) or have finished their inversion lanes:
+    # the inversion steps are skipped then (a real branch: the solver is never vmapped).
+    moving = jnp.any(~is_btrs & (u > f) & (x < nf))
+    x, u, f = jax.lax.cond(moving, inversion, lambda xuf: xuf, (x, u, f))
     finished = jnp.where(is_btrs, accept, (u <= f) | (x >= nf))
     return (jnp.where(is_btrs, kb, x), j + jnp.uint32(1), u, f), finished
 
@@ -449,25 +458,27 @@ def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int
         new = jnp.stack([left, c - left], axis=1).reshape(-1)
         return jnp.pad(new, (0, width - 2 * lanes))
 
-    counts = jnp.zeros((width,), jnp.int32).at[0].set(n)
-    # The first levels have few nodes, nearly all of them busy: sampled level by level with
-    # exactly 2**l lanes (a scan would pad them to a common width). The wider levels, where
-    # most nodes are empty once states die, run in one scan (one copy of the sampler in the
-    # program) through the packed sampler; there the nodes of level l sit in the first 2**l
-    # slots and the slots past them hold no items.
-    narrow = min(levels, _NARROW_LEVELS)
-    for lev in range(narrow):
-        counts = split(counts, probs[lev], jnp.uint32(2**lev), 2**lev, _binomial_lanes)
-    if levels > narrow:
-        wide = (
-            jnp.stack([jnp.pad(pr, (0, half - pr.shape[0])) for pr in probs[narrow:]]),
-            jnp.asarray([2**lev for lev in range(narrow, levels)], jnp.uint32),
+    def scan_levels(counts, first, last, lanes, sampler):
+        """Levels first .. last - 1 in one scan over ``lanes`` slots (one copy of the sampler
+        in the program): the nodes of level l sit in the first 2**l slots, and the slots past
+        them hold no items (trivial lanes: their draws are never used)."""
+        xs = (
+            jnp.stack([jnp.pad(pr, (0, lanes - pr.shape[0])) for pr in probs[first:last]]),
+            jnp.asarray([2**lev for lev in range(first, last)], jnp.uint32),
         )
+        return jax.lax.scan(lambda c, x: (split(c, *x, lanes, sampler), None), counts, xs)[0]
 
-        def level(counts, xs):
-            return split(counts, *xs, half, _binomial_packed), None
-
-        counts, _ = jax.lax.scan(level, counts, wide)
+    counts = jnp.zeros((width,), jnp.int32).at[0].set(n)
+    # The first levels have few nodes, nearly all of them busy: sampled without packing, in
+    # one scan padded to the widest of them (the staged solver moves the padding lanes, which
+    # are finished from the start, out of the way after one step). The wider levels, where
+    # most nodes are empty once states die, run in a second scan through the packed sampler.
+    # Two copies of the sampler in the program, whatever K: the compile time of a study's
+    # chunk is mostly these copies (one per level cost 3x the compile time).
+    narrow = min(levels, _NARROW_LEVELS)
+    counts = scan_levels(counts, 0, narrow, 2 ** (narrow - 1), _binomial_lanes)
+    if levels > narrow:
+        counts = scan_levels(counts, narrow, levels, half, _binomial_packed)
     return counts[:k_states]
 
 
