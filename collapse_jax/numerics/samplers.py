@@ -561,9 +561,10 @@ def _hypergeometric_lanes(
             x + hit.astype(jnp.int32),
         )
 
-    _, _, x_direct = jax.lax.fori_loop(
-        0, _HYP_DIRECT_MAX - 1, direct_body, (mg, pop, jnp.zeros_like(ns))
-    )
+    # As many item draws as the largest direct sample needs: none when every sample is large
+    # (a lane past its own sample size does not move anyway, so the draws are unchanged).
+    n_items = jnp.max(jnp.where(use_direct, ns, 0))
+    _, _, x_direct = jax.lax.fori_loop(0, n_items, direct_body, (mg, pop, jnp.zeros_like(ns)))
 
     # ---- HRUA ----
     x_hrua, _ = _solve(
