@@ -141,7 +141,7 @@ def _stage_sizes(length: int) -> tuple[int, ...]:
 
 
 def _solve(step, params, state, done, sizes):
-    """Iterate ``state, finished = step(params, state)`` on lanes until all are done.
+    """Iterate ``state, finished = step(params, state, done)`` on lanes until all are done.
 
     At each width the step runs on every lane (finished lanes keep their state) until at most
     ``sizes[1]`` lanes remain; those are gathered into a buffer of that size and solved
@@ -151,7 +151,7 @@ def _solve(step, params, state, done, sizes):
 
     def advance(carry):
         st, dn = carry
-        new, fin = step(params, st)
+        new, fin = step(params, st, dn)
         st = jax.tree.map(lambda old, nw: jnp.where(dn, old, nw), st, new)
         return st, dn | fin
 
@@ -252,15 +252,21 @@ def _btrs_candidate(k0, k1, lane, nn, qq, fc_mode, j):
     return k, inside & (squeeze | (lhs <= log_ratio))
 
 
-def _binomial_step(params, state):
+def _binomial_step(params, state, done):
     """One step per lane: a BTRS candidate on rejection lanes, ``_INV_STEPS`` steps of chop-down
     inversion (while u > f(x): u -= f(x), x += 1) on inversion lanes. Both are computed and
-    selected per lane, so one compiled step serves both regimes."""
+    selected per lane, so one compiled step serves both regimes; each is skipped when no
+    unfinished lane of the buffer needs it (a real branch: the solver is never vmapped), which
+    leaves the draws unchanged (finished lanes keep their state)."""
     k0, k1, lane, nf, q, fc_mode, is_btrs = params
     x, j, u, f = state
     nb = jnp.where(is_btrs, nf, 100.0)
     qb = jnp.where(is_btrs, q, 0.25)
-    kb, accept = _btrs_candidate(k0, k1, lane, nb, qb, fc_mode, j)
+    kb, accept = jax.lax.cond(
+        jnp.any(is_btrs & ~done),
+        lambda: _btrs_candidate(k0, k1, lane, nb, qb, fc_mode, j),
+        lambda: (x, jnp.zeros(x.shape, bool)),
+    )
     s = q / (1.0 - q)
 
     def inversion(xuf):
@@ -273,10 +279,7 @@ def _binomial_step(params, state):
             x = jnp.where(go, x1, x)
         return x, u, f
 
-    # Most buffers hold only BTRS lanes (large counts) or have finished their inversion lanes:
-    # the inversion steps are skipped then (a real branch: the solver is never vmapped).
-    moving = jnp.any(~is_btrs & (u > f) & (x < nf))
-    x, u, f = jax.lax.cond(moving, inversion, lambda xuf: xuf, (x, u, f))
+    x, u, f = jax.lax.cond(jnp.any(~is_btrs & ~done), inversion, lambda xuf: xuf, (x, u, f))
     finished = jnp.where(is_btrs, accept, (u <= f) | (x >= nf))
     return (jnp.where(is_btrs, kb, x), j + jnp.uint32(1), u, f), finished
 
@@ -491,7 +494,7 @@ _HRUA_D2 = 0.8989161620588988  # 3 - 2 sqrt(3/e)
 _HYP_DIRECT_MAX = 10  # below this sample size draw item by item
 
 
-def _hrua_step(params, state):
+def _hrua_step(params, state, done):
     """One HRUA candidate per lane for Hypergeometric(s; g, bb), s <= pop/2, g <= bb."""
     k0, k1, lane, s, g, bb = params
     _, j = state
