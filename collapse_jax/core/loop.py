@@ -197,10 +197,14 @@ def gen_inputs(sizes, record_every: int) -> GenInput:
     """The per-generation inputs 0..G of a run with sizes ``M_0 .. M_G``."""
     sizes = np.asarray(sizes)
     g = sizes.shape[0] - 1
-    return GenInput(
-        jnp.arange(g + 1, dtype=jnp.int32),
-        jnp.asarray(sizes, jnp.int32),
-        jnp.asarray(record_flags(g, record_every)),
+    # Built on the host and transferred: jnp.asarray of a host array runs a small program
+    # (traced, lowered and looked up in the compilation cache at every start).
+    return jax.device_put(
+        GenInput(
+            np.arange(g + 1, dtype=np.int32),
+            sizes.astype(np.int32),
+            np.asarray(record_flags(g, record_every)),
+        )
     )
 
 
@@ -304,15 +308,25 @@ def _fold(chain_keys, n):
 def _chain_params(params, n_chains: int):
     """Per-chain params; ``None`` becomes an empty array per chain (vmappable)."""
     if params is None:
-        return jnp.zeros((n_chains, 0), jnp.int32)
-    return jax.tree.map(jnp.asarray, params)
+        return jax.device_put(np.zeros((n_chains, 0), np.int32))
+    return jax.device_put(params)  # no program per leaf, unlike jnp.asarray (see gen_inputs)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_init(family: Family, sharding=None):
-    """Jitted, vmapped ``init`` and jitted ``reduce`` (cached per family)."""
+    """Generation 0 as one jitted program (cached per family): the keys of generation 0, the
+    vmapped ``init`` and the reduced info, ``(chain_keys, params, inputs) -> (state, trace0)``
+    (one program instead of one per step: each costs a trace, a lowering and a cache lookup
+    at every start)."""
     vinit, _ = _vmapped(family, sharding)
-    return jax.jit(vinit), jax.jit(_reduce_of(family))
+    reduce = _reduce_of(family)
+
+    @jax.jit
+    def start(chain_keys, params, inputs):
+        state, info0 = vinit(_fold(chain_keys, 0), params, _at(inputs, 0))
+        return state, reduce(info0)
+
+    return start
 
 
 @functools.lru_cache(maxsize=64)
@@ -474,10 +488,10 @@ def run_generations(
     params = shard_chains(_chain_params(params, n_chains), sharding)
 
     t0 = time.perf_counter()
-    init_fn, reduce_fn = _compiled_init(family, sharding)
+    start = _compiled_init(family, sharding)
     chunk = _compiled_chunk(family, record_every, records_per_chunk, sharding)
-    state, info0 = init_fn(_fold(chain_keys, 0), params, _at(inputs, 0))
-    trace0 = tree_to_host(reduce_fn(info0))
+    state, trace0 = start(chain_keys, params, inputs)
+    trace0 = tree_to_host(trace0)
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
