@@ -313,7 +313,7 @@ def _chain_params(params, n_chains: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_init(family: Family, sharding=None):
+def _compiled_start(family: Family, sharding=None):
     """Generation 0 as one jitted program (cached per family): the keys of generation 0, the
     vmapped ``init`` and the reduced info, ``(chain_keys, params, inputs) -> (state, trace0)``
     (one program instead of one per step: each costs a trace, a lowering and a cache lookup
@@ -488,7 +488,7 @@ def run_generations(
     params = shard_chains(_chain_params(params, n_chains), sharding)
 
     t0 = time.perf_counter()
-    start = _compiled_init(family, sharding)
+    start = _compiled_start(family, sharding)
     chunk = _compiled_chunk(family, record_every, records_per_chunk, sharding)
     state, trace0 = start(chain_keys, params, inputs)
     trace0 = tree_to_host(trace0)

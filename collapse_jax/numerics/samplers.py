@@ -477,7 +477,7 @@ def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int
     # are finished from the start, out of the way after one step). The wider levels, where
     # most nodes are empty once states die, run in a second scan through the packed sampler.
     # Two copies of the sampler in the program, whatever K: the compile time of a study's
-    # chunk is mostly these copies (one per level cost 3x the compile time).
+    # chunk is mostly these copies (one per level made it twice as long).
     narrow = min(levels, _NARROW_LEVELS)
     counts = scan_levels(counts, 0, narrow, 2 ** (narrow - 1), _binomial_lanes)
     if levels > narrow:
