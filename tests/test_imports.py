@@ -1,8 +1,9 @@
 """What each command imports, in a fresh interpreter: the time a user waits before anything runs.
 
 `collapse-jax list` and `--help` must not start JAX; a run of a chain study must not load the
-neural stack (torch, transformers, Flax, Optax, Orbax); the discrete study keeps `scipy.stats`
-out (its import alone is about a tenth of a warm run; the closed forms use `scipy.special`).
+neural stack (torch, transformers, Flax, Optax, Orbax); the discrete study, and the Gaussian one
+with its default normal D0, keep `scipy.stats` out (its import alone is about a tenth of a warm
+run; the closed forms use `scipy.special`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def test_listing_and_help_do_not_start_jax(argv, tmp_path):
     ("study", "flags", "also_absent"),
     [
         ("discrete", ["--chains", "8", "--generations", "3"], ("scipy.stats",)),
-        ("gaussian", ["--chains", "8", "--generations", "3"], ()),
+        ("gaussian", ["--chains", "8", "--generations", "3"], ("scipy.stats",)),
     ],
 )
 def test_a_chain_study_run_never_loads_the_neural_stack(study, flags, also_absent, tmp_path):

@@ -88,8 +88,6 @@ class D0:
         W₂² = ∫ (μ + σΦ⁻¹(u) − Q_0(u))² du, expanded), so the 1-D distance to any D0 costs one
         constant computed once here: closed forms where they exist, quadrature otherwise.
         """
-        from scipy import stats
-
         s = self.scale
         if self.family == "normal":
             return float(np.sqrt(self.cov[0, 0]))
@@ -97,6 +95,8 @@ class D0:
             return float(np.sqrt(3.0) * s / np.sqrt(np.pi))
         if self.family == "data":
             return kappa_empirical(self.data[:, 0])
+        from scipy import stats  # only here: its import is a tenth of a short run
+
         if self.family == "student-t":
             law = stats.t(self.df, scale=s * np.sqrt((self.df - 2) / self.df))
             return kappa_symmetric(law.pdf, law.sf)
