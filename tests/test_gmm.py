@@ -235,11 +235,15 @@ def test_w2_exact_and_sinkhorn_bound():
     eps = 1e-2
     est = float(metrics.w2_sinkhorn(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), eps))
     assert exact - 1e-3 <= est <= exact + eps * np.log(64) + 1e-3
-    batch = metrics.w2_exact_batch(
-        jnp.asarray(np.stack([x, x]), jnp.float32),
-        jnp.asarray(np.stack([y, x + shift]), jnp.float32),
-    )
-    np.testing.assert_allclose(np.asarray(batch), [exact, shift @ shift], rtol=1e-5)
+    # The host side over records: due records get each pair's exact W₂², the rest NaN (and
+    # every chain past the pairs).
+    pairs = [metrics.w2_pairs(np.stack([x, x]), np.stack([y, x + shift]), due) for due in (1, 0)]
+    records = {k: np.stack([p[k] for p in pairs]) for k in pairs[0]}
+    records["other"] = np.arange(2)
+    out = metrics.w2_exact_records(records, n_chains=3)
+    assert set(out) == {"other", "w2"} and out["w2"].shape == (2, 3)
+    np.testing.assert_allclose(out["w2"][0, :2], [exact, shift @ shift], rtol=1e-12)
+    assert np.isnan(out["w2"][0, 2]) and np.isnan(out["w2"][1]).all()
 
 
 def test_sampling_moments():

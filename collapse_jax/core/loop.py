@@ -14,7 +14,11 @@ The contract. A family is a :class:`Family` of pure functions written for ONE ch
 * ``reduce(info) -> stats`` turns the info of all chains into what is recorded (default:
   mean / stderr / finite fraction over chains);
 * ``between_chunks(state, params) -> state`` (optional, host side) may reshape the state between
-  chunks, e.g. drop dead states.
+  chunks, e.g. drop dead states;
+* ``host_reduce(records) -> records`` (optional, host side, :func:`run_generations` only) finishes
+  each chunk's reduced records on the host, for work a compiled program should not hold: a host
+  callback keeps a program out of JAX's persistent compilation cache, so it would be compiled
+  again at every start (the exact W₂² by optimal assignment of the GMM and KDE studies).
 
 The state convention: after ``init`` or ``step`` of generation n the state holds what generation
 n + 1 is fitted to (the training set, its pool, or exact sufficient statistics of it) and nothing
@@ -60,6 +64,9 @@ class Family(NamedTuple):
     step: Callable[..., tuple[Any, Any]]  # (key, state, params, gen) -> (state, info)
     reduce: Callable[[Any], Any] | None = None  # info over chains -> recorded stats
     between_chunks: Callable[[Any, Any], Any] | None = None  # host: (state, params) -> state
+    # host: the reduced records of a chunk (leading record axis) -> what the trace keeps, for
+    # work that cannot run in the compiled program (run_generations only; see the module doc)
+    host_reduce: Callable[[Any], Any] | None = None
 
 
 @contextlib.contextmanager
@@ -305,6 +312,14 @@ def _fold(chain_keys, n):
     return jax.vmap(jax.random.fold_in, (0, None))(chain_keys, n)
 
 
+def _host_reduce(family: Family, records: Any, one: bool = False) -> Any:
+    """``family.host_reduce`` of host records (leading record axis; ``one``: a single record,
+    given without that axis and returned with it)."""
+    if one:
+        records = jax.tree.map(lambda a: np.asarray(a)[None], records)
+    return records if family.host_reduce is None else family.host_reduce(records)
+
+
 def _chain_params(params, n_chains: int):
     """Per-chain params; ``None`` becomes an empty array per chain (vmappable)."""
     if params is None:
@@ -491,7 +506,7 @@ def run_generations(
     start = _compiled_start(family, sharding)
     chunk = _compiled_chunk(family, record_every, records_per_chunk, sharding)
     state, trace0 = start(chain_keys, params, inputs)
-    trace0 = tree_to_host(trace0)
+    trace0 = jax.tree.map(lambda a: a[0], _host_reduce(family, tree_to_host(trace0), one=True))
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -516,9 +531,9 @@ def run_generations(
         (state, next_gen), tr, last_info = chunk(
             state, jnp.asarray(gen, jnp.int32), chain_keys, params, inputs
         )
-        tr = tree_to_host(tr)
         take = min(records_per_chunk, n_records - done_records)
-        traces.append(jax.tree.map(lambda a, take=take: a[:take], tr))
+        part = jax.tree.map(lambda a, take=take: a[:take], tree_to_host(tr))
+        traces.append(_host_reduce(family, part))
         done_records += take
         advanced = min(take * record_every, n_generations - gen + 1)
         gen = int(next_gen)

@@ -159,12 +159,27 @@ def w2_exact(x: np.ndarray, y: np.ndarray) -> float:
     return float(cost[rows, cols].mean())
 
 
-def w2_exact_batch(x: Float[Array, "C S d"], y: Float[Array, "C S d"]) -> Float[Array, " C"]:
-    """:func:`w2_exact` for each of C pairs, callable inside ``jit`` (a host callback running
-    SciPy's ``linear_sum_assignment``; data move to the host, so keep S small)."""
+def w2_pairs(model: Float[Array, "C S d"], original: Float[Array, "C S d"], due) -> dict:
+    """What a record keeps for :func:`w2_exact_records`: the point pairs of the first C chains
+    and whether this record is due an estimate (a boolean scalar)."""
+    return {"w2_model": model, "w2_original": original, "w2_due": due}
 
-    def host(a, b):
-        return np.array([w2_exact(a[i], b[i]) for i in range(a.shape[0])], dtype=a.dtype)
 
-    out = jax.ShapeDtypeStruct(x.shape[:1], x.dtype)
-    return jax.pure_callback(host, out, x, y)
+def w2_exact_records(records: dict, n_chains: int) -> dict:
+    """Host side of the exact W₂²: ``records`` (leading record axis) with the pairs of
+    :func:`w2_pairs` replaced by ``w2`` (records × ``n_chains``): :func:`w2_exact` of each pair
+    on due records, NaN elsewhere and past the C chains that have pairs.
+
+    A ``Family.host_reduce``: run in the compiled step as a host callback, it kept the study's
+    programs out of JAX's persistent compilation cache (compiled again at every start).
+    """
+    records = dict(records)
+    model, original = records.pop("w2_model"), records.pop("w2_original")
+    due = np.asarray(records.pop("w2_due"), bool)
+    w2 = np.full((due.shape[0], n_chains), np.nan, model.dtype)
+    for r in np.flatnonzero(due):
+        w2[r, : model.shape[1]] = [
+            w2_exact(a, b) for a, b in zip(model[r], original[r], strict=True)
+        ]
+    records["w2"] = w2
+    return records

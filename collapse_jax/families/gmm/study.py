@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from collapse_jax.core.runs import RunDir, series
 from collapse_jax.core.statistics import chain_arrays
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gmm import kernel as proc
-from collapse_jax.families.gmm.metrics import w2_exact_batch, w2_sinkhorn
+from collapse_jax.families.gmm.metrics import w2_exact_records, w2_pairs, w2_sinkhorn
 from collapse_jax.families.gmm.report import claims, make_figures, write_report
 
 NAME = "gmm"
@@ -244,22 +245,20 @@ def make_reduce(config: Config):
     eps = config.w2_epsilon
     n_w2 = config.chains if config.w2_chains == 0 else min(config.w2_chains, config.chains)
 
-    def estimate(a, b):
-        if config.w2_method == "exact":
-            return w2_exact_batch(a, b)
-        return jax.vmap(lambda p, q: w2_sinkhorn(p, q, eps))(a, b)
-
     def reduce(info: proc.GMMInfo):
         gen = info.generation[0]
         do_w2 = (gen % every == 0) | (gen == last)
-        nan = jnp.full(info.generation.shape, jnp.nan, info.w2_model.dtype)
-        w2 = jax.lax.cond(
-            do_w2,
-            lambda: nan.at[:n_w2].set(estimate(info.w2_model[:n_w2], info.w2_original[:n_w2])),
-            lambda: nan,
-        )
         out = {name: getattr(info, name) for name in METRICS}
-        out["w2"] = w2
+        if config.w2_method == "exact":  # on the host, after the chunk (w2_exact_records)
+            out.update(w2_pairs(info.w2_model[:n_w2], info.w2_original[:n_w2], do_w2))
+        else:
+            nan = jnp.full(info.generation.shape, jnp.nan, info.w2_model.dtype)
+            sinkhorn = jax.vmap(lambda p, q: w2_sinkhorn(p, q, eps))
+            out["w2"] = jax.lax.cond(
+                do_w2,
+                lambda: nan.at[:n_w2].set(sinkhorn(info.w2_model[:n_w2], info.w2_original[:n_w2])),
+                lambda: nan,
+            )
         out["snapshot"] = info.batch[0]
         out["snapshot_w"] = info.batch_w[0]
         return out
@@ -271,7 +270,14 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None):
     """Run the recursions; return (trace of per-record arrays, generations, sizes, seconds,
     D0, policy, final per-recursion state)."""
     d0, policy, sizes, spec = setup(config)
-    family = proc.make_family(spec, d0)._replace(reduce=make_reduce(config))
+    family = proc.make_family(spec, d0)._replace(
+        reduce=make_reduce(config),
+        host_reduce=(
+            functools.partial(w2_exact_records, n_chains=config.chains)
+            if config.w2_method == "exact"
+            else None
+        ),
+    )
     result = run_generations(
         family,
         jax.random.key(config.seed),

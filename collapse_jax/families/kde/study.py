@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from collapse_jax.core.policies import Policy, Schedule, check_loop_fields, chec
 from collapse_jax.core.runs import RunDir, read_arrays, read_json, series
 from collapse_jax.core.statistics import chain_arrays
 from collapse_jax.families import DESCRIPTIONS
-from collapse_jax.families.gmm.metrics import w2_exact_batch
+from collapse_jax.families.gmm.metrics import w2_exact_records, w2_pairs
 from collapse_jax.families.kde import kernel as proc
 from collapse_jax.families.kde import theory
 from collapse_jax.families.kde.datasets import Dataset, make_dataset
@@ -191,9 +192,9 @@ def make_reduce(config: Config):
     n_w2 = config.chains if config.w2_chains == 0 else min(config.w2_chains, config.chains)
 
     def reduce(info: proc.KDEInfo):
-        w2 = w2_exact_batch(info.w2_model[:n_w2], info.w2_original[:n_w2])
         out = {name: getattr(info, name) for name in METRICS}
-        out["w2"] = jnp.full(info.ancestors.shape, jnp.nan, w2.dtype).at[:n_w2].set(w2)
+        # the W₂² itself on the host, after the chunk (w2_exact_records)
+        out.update(w2_pairs(info.w2_model[:n_w2], info.w2_original[:n_w2], jnp.array(True)))
         out["snapshot"] = info.batch[0]
         out["snapshot_w"] = info.batch_w[0]
         return out
@@ -205,7 +206,10 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None):
     """Run the chains; return (trace of per-record arrays, generations, sizes, seconds, D0,
     policy, spec, final per-chain state)."""
     dataset, policy, sizes, spec = setup(config)
-    family = proc.make_family(spec, dataset)._replace(reduce=make_reduce(config))
+    family = proc.make_family(spec, dataset)._replace(
+        reduce=make_reduce(config),
+        host_reduce=functools.partial(w2_exact_records, n_chains=config.chains),
+    )
     result = run_generations(
         family,
         jax.random.key(config.seed),
