@@ -53,10 +53,10 @@ def batches(n_steps=4, batch=16, length=12, seed=0):
     return [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(n_steps)]
 
 
-def train(params, devices, data, *, accum=1, dropout=True, remat=False):
+def train(params, devices, data, *, accum=1, dropout=True, remat=False, attention="auto"):
     mesh = T.make_mesh(devices=devices)
     cfg = dataclasses.replace(OPT_CFG, grad_accum_steps=accum)
-    apply_fn = LT.opt_apply_fn(TINY, remat=remat)
+    apply_fn = LT.opt_apply_fn(TINY, remat=remat, attention=attention)
     state, step = LT.make_lm_train_step(apply_fn, cfg, params, mesh, dropout=dropout)
     losses = []
     for i, b in enumerate(data):
@@ -140,6 +140,64 @@ def test_accumulation_and_remat_over_eight_devices_equal_one_big_batch(params, r
     l8, p8, _ = train(params, jax.devices()[:8], data, accum=2, dropout=False, remat=True)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     assert_params_close(p1, p8)
+
+
+def test_saved_probs_attention_trains_like_autodiff(params):
+    """The default core on CPU (``"saved_probs"``: hand-written backward keeping only the
+    probabilities) against JAX's own derivative of the plain core (``"xla"``): three AdamW
+    steps with dropout from the same keys end at the same parameters. The batches hold
+    left-padded rows, whose first queries see no key at all (fully masked rows)."""
+    data = batches(3)
+    l_xla, p_xla, _ = train(params, jax.devices()[:1], data, attention="xla")
+    l_own, p_own, _ = train(params, jax.devices()[:1], data, attention="saved_probs")
+    np.testing.assert_allclose(l_own, l_xla, rtol=1e-5)
+    assert_params_close(p_own, p_xla)
+    assert not np.allclose(p_own["layers_0"]["fc1"]["kernel"], params["layers_0"]["fc1"]["kernel"])
+
+
+def test_remat_policy_by_name_scanned_equals_unrolled(params, reference):
+    """``remat`` naming a ``jax.checkpoint_policies`` policy (save the projections, recompute
+    the rest) changes nothing but memory: scanned over stored stacks it trains like the
+    unrolled reference."""
+    l1, p1, _ = reference
+    mesh = T.make_mesh(devices=jax.devices()[:1])
+    apply_fn = LT.opt_apply_fn(TINY, remat="dots_with_no_batch_dims_saveable", scan_layers=True)
+    state, step = LT.make_lm_train_step(
+        apply_fn, OPT_CFG, stack_layers(params), mesh, dropout=False
+    )
+    losses = []
+    for i, b in enumerate(batches(1) * 3):
+        state, info = step(state, T.shard_batch(b, mesh), jax.random.key(i))
+        losses.append(float(info.loss))
+    np.testing.assert_allclose(losses, l1, rtol=1e-5)
+    assert_params_close(unstack_layers(jax.device_get(state.params)), p1)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_matches_xla_in_bfloat16():
+    """On a GPU, cuDNN's fused kernel (what ``"auto"`` runs there in bfloat16) gives the plain
+    core's output and gradients to bfloat16 accuracy, padded and fully masked rows included."""
+    from collapse_jax.families.lm import attention as A
+
+    rng = np.random.default_rng(0)
+    b, t, h, d = 4, 64, 4, 64
+    q, k, v, g = (jnp.asarray(rng.normal(size=(b, t, h, d)) / 3, jnp.bfloat16) for _ in range(4))
+    pad = np.ones((b, t), bool)
+    pad[1, :10] = False  # left padding: the first queries of row 1 see no key
+    pad[2, -7:] = False
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None, None] & pad[:, None, None, :])
+    # A query that sees no key gets no gradient in a model (no loss reads it, no later query
+    # sees its position); the mask-as-bias kernel would pass one to q and k there.
+    g = g.at[1, :10].set(0)
+    assert A.auto_implementation(jnp.bfloat16, d, cached=False) == "cudnn"
+    outs = []
+    for impl in ("xla", "cudnn"):
+        out, vjp = jax.vjp(lambda q, k, v, impl=impl: A.attention(impl, q, k, v, mask), q, k, v)
+        outs.append([out, *vjp(g)])
+    for ref, got in zip(*outs, strict=True):
+        ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(got, ref, atol=2e-2 * scale)
 
 
 def test_parameter_sharding_over_model_axis(params, reference):
@@ -256,6 +314,14 @@ def test_bad_settings_raise_config_error():
     mesh = T.make_mesh(devices=jax.devices()[:8])
     with pytest.raises(ConfigError, match="batch size 6"):
         T.shard_batch({"x": np.zeros((6, 2))}, mesh)
+    ids = jnp.ones((1, 4), jnp.int32)
+    for bad, match in ((dict(attention="flash"), "'flash'"), (dict(remat="nope"), "'nope'")):
+        with pytest.raises(ConfigError, match=match):
+            LT.opt_apply_fn(TINY, **bad)(params_for_errors(), ids, ids, False, jax.random.key(0))
+
+
+def params_for_errors():
+    return init_params(TINY, jax.random.key(0))
 
 
 def test_distributed_start_up_only_when_multihost(monkeypatch):

@@ -15,11 +15,13 @@ Interface (stable; :mod:`collapse_jax.families.lm.decoding` and :mod:`collapse_j
     field; ``config.to_hf_dict()`` writes one back.
 
 ``OPTForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
-remat=False)``
+remat=False, scan_layers=False, scan_unroll=1, attention="auto")``
     ``model.apply({"params": params}, input_ids, attention_mask, position_ids=None, cache=None,
     deterministic=True, rngs={"dropout": key}) -> (logits, cache)``. ``dtype`` is the compute
     dtype (``jnp.bfloat16`` for mixed precision: matmuls in bfloat16, softmax and LayerNorm
-    statistics in float32); ``remat`` recomputes each layer in the backward pass.
+    statistics in float32); ``remat`` recomputes each layer in the backward pass;
+    ``scan_layers`` runs the layers as one ``lax.scan``; ``attention`` picks the attention core
+    (:mod:`collapse_jax.families.lm.attention`).
 
     * ``input_ids``: int ``[B, T]``.
     * ``attention_mask``: ``[B, S]`` with 1 for real tokens and 0 for padding. Without a cache
@@ -66,6 +68,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.lm import attention as attn
+from collapse_jax.families.lm.stacking import STACKED, stack_layers, unstack_layers  # noqa: F401 (re-exported)
 
 # Activation functions of ``transformers.activations.ACT2FN`` that OPT checkpoints use.
 ACTIVATIONS = {
@@ -331,6 +335,7 @@ class OPTAttention(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     layer_index: int = 0  # which slice of the stacked KV cache this layer owns
+    attention: str = "auto"  # the core's implementation (collapse_jax.families.lm.attention)
 
     @nn.compact
     def __call__(self, h, mask, layer_cache, deterministic: bool):
@@ -359,13 +364,13 @@ class OPTAttention(nn.Module):
             )
             k = new_keys[layer].astype(self.dtype)
             v = new_values[layer].astype(self.dtype)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=self.precision)
-        scores = scores.astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        if cfg.attention_dropout > 0:
-            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=self.precision)
+        if cfg.attention_dropout > 0 and not deterministic:  # dropout inside: plain XLA core
+            probs = attn.probabilities(q, k, mask, self.precision)
+            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=False)
+            out = attn.weighted_values(probs, v, self.precision)
+        else:
+            cached = layer_cache is not None
+            out = attn.attention(self.attention, q, k, v, mask, self.precision, cached=cached)
         out = out.reshape(b, t, cfg.hidden_size)
         out = _dense(cfg.hidden_size, cfg, "out_proj", **kw)(out)
         return out, new_keys, new_values
@@ -379,6 +384,7 @@ class OPTDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     layer_index: int = 0  # which slice of the stacked KV cache this layer owns
+    attention: str = "auto"  # the attention core's implementation
 
     @nn.compact
     def __call__(self, h, mask, layer_cache, deterministic: bool):
@@ -391,7 +397,9 @@ class OPTDecoderLayer(nn.Module):
         residual = h
         if cfg.do_layer_norm_before:
             h = attn_norm(h)
-        attention = OPTAttention(cfg, dt, pdt, self.precision, self.layer_index, name="self_attn")
+        attention = OPTAttention(
+            cfg, dt, pdt, self.precision, self.layer_index, self.attention, name="self_attn"
+        )
         h, new_keys, new_values = attention(h, mask, layer_cache, deterministic)
         h = dropout(h, deterministic=deterministic)
         h = residual + h
@@ -431,12 +439,17 @@ class OPTForCausalLM(nn.Module):
     dtype: Any = jnp.float32  # compute dtype (activations, matmuls); logits are always float32
     param_dtype: Any = jnp.float32  # parameter storage dtype
     precision: Any = None  # jax.lax.Precision of matmuls (None: backend default)
-    remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
+    # Recompute each layer's activations in the backward pass (saves memory): True recomputes
+    # all of them; the name of a jax.checkpoint_policies policy (e.g.
+    # "dots_with_no_batch_dims_saveable") saves what it names and recomputes the rest.
+    remat: bool | str = False
     # Run the decoder layers as one lax.scan: XLA compiles one layer, not L. Give it parameters
     # stored stacked (stack_layers): with the per-layer tree it stacks them on every call, which
     # costs throughput and most of the compile gain (BENCHMARKS.md, "Scanned decoder layers").
     scan_layers: bool = False
     scan_unroll: int = 1  # layers per scan iteration (compile time against throughput)
+    # The attention core: "auto", "xla", "saved_probs" or "cudnn" (families.lm.attention).
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -449,6 +462,8 @@ class OPTForCausalLM(nn.Module):
     ) -> tuple[Float[Array, "batch seq vocab"], KVCache | None]:
         cfg = self.config
         dt, pdt = self.dtype, self.param_dtype
+        if self.attention not in attn.IMPLEMENTATIONS:
+            raise ConfigError(f"attention={self.attention!r} is not one of {attn.IMPLEMENTATIONS}")
         t = input_ids.shape[1]
         s = attention_mask.shape[1]
         if cache is None and s != t:
@@ -502,12 +517,14 @@ class OPTForCausalLM(nn.Module):
         else:
             # Rematerialisation (activation checkpointing) of each layer in training trades
             # compute for memory; ``deterministic`` (argument 4, counting self) must stay a bool.
-            layer_cls = (
-                nn.remat(OPTDecoderLayer, static_argnums=(4,)) if self.remat else OPTDecoderLayer
-            )
+            layer_cls = OPTDecoderLayer
+            if self.remat:
+                layer_cls = nn.remat(layer_cls, static_argnums=(4,), policy=self._remat_policy())
             for i in range(cfg.num_hidden_layers):
                 layer_cache = None if cache is None else (keys, values, index)
-                layer = layer_cls(cfg, dt, pdt, self.precision, i, name=f"layers_{i}")
+                layer = layer_cls(
+                    cfg, dt, pdt, self.precision, i, self.attention, name=f"layers_{i}"
+                )
                 h, keys, values = layer(h, mask, layer_cache, deterministic)
         if cfg.has_final_layer_norm:
             h = _layer_norm(cfg, "final_layer_norm", dt, pdt)(h)
@@ -540,6 +557,15 @@ class OPTForCausalLM(nn.Module):
         new_cache = None if cache is None else KVCache(keys, values, index + t)
         return logits, new_cache
 
+    def _remat_policy(self):
+        """The ``jax.checkpoint`` policy that ``remat`` names (None: recompute everything)."""
+        if self.remat is True:
+            return None
+        policy = getattr(jax.checkpoint_policies, str(self.remat), None)
+        if policy is None:
+            raise ConfigError(f"remat={self.remat!r} names no jax.checkpoint_policies policy")
+        return policy
+
     def _scanned_layers(self, h, mask, keys, values, index, deterministic: bool):
         """The decoder layers as one ``lax.scan`` over their stacked parameters (the parameter
         tree keeps its ``layers_{i}`` layout, so weights and checkpoints are unchanged): XLA
@@ -550,7 +576,9 @@ class OPTForCausalLM(nn.Module):
         params = self.variables["params"]
         # Stored stacked: no per-call copy; the per-layer tree is stacked on each call.
         stacked = (params if STACKED in params else stack_layers(params))[STACKED]
-        layer = OPTDecoderLayer(cfg, self.dtype, self.param_dtype, self.precision, 0)
+        layer = OPTDecoderLayer(
+            cfg, self.dtype, self.param_dtype, self.precision, 0, self.attention
+        )
         rng = None if deterministic else self.make_rng("dropout")
         has_cache = keys is not None
 
@@ -562,43 +590,12 @@ class OPTForCausalLM(nn.Module):
             return h, ((k[0], v[0]) if has_cache else None)
 
         if self.remat:
-            body = jax.checkpoint(body)
+            body = jax.checkpoint(body, policy=self._remat_policy())
         xs = (stacked, jnp.arange(n), (keys, values) if has_cache else None)
         h, new_kv = jax.lax.scan(body, h, xs, unroll=self.scan_unroll)
         if has_cache:
             return h, new_kv[0], new_kv[1]
         return h, None, None
-
-
-#: The key of the decoder layers' parameters stored stacked (leading axis: the layer); the
-#: optimizer's weight-decay mask knows it (:data:`collapse_jax.core.training.STACKED_LAYERS`).
-STACKED = "layers"
-
-
-def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
-    """The parameter tree with ``layers_0`` … ``layers_{L-1}`` replaced by one subtree
-    :data:`STACKED` whose leaves carry the layer as their leading axis (for
-    ``OPTForCausalLM(scan_layers=True)``: no per-call stacking, and the optimizer sees one leaf
-    per layer parameter instead of L). :func:`unstack_layers` inverts it exactly."""
-    n = sum(1 for k in params if k.startswith("layers_"))
-    if n == 0:
-        return dict(params)
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out[STACKED] = jax.tree.map(
-        lambda *ls: jnp.stack(ls), *[params[f"layers_{i}"] for i in range(n)]
-    )
-    return out
-
-
-def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`stack_layers` (a tree without :data:`STACKED` is returned as is)."""
-    if STACKED not in params:
-        return dict(params)
-    out = {k: v for k, v in params.items() if k != STACKED}
-    n = jax.tree.leaves(params[STACKED])[0].shape[0]
-    for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params[STACKED])
-    return out
 
 
 def init_params(

@@ -95,16 +95,24 @@ def opt_apply_fn(
     config: Any,
     dtype: Any = jnp.float32,
     *,
-    remat: bool = False,
+    remat: bool | str = False,
     scan_layers: bool = False,
     scan_unroll: int = 1,
+    attention: str = "auto",
 ) -> ApplyFn:
     """``apply_fn`` for :class:`collapse_jax.families.lm.opt.OPTForCausalLM` (dropout when
-    ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass;
+    ``deterministic`` is false; ``remat`` recomputes layer activations in the backward pass (all, or
+    all but what the ``jax.checkpoint_policies`` policy it names saves);
     ``scan_layers`` runs the layers as one scan, ``scan_unroll`` of them per iteration, ``False``
-    unrolls them)."""
+    unrolls them); ``attention`` picks the attention core's implementation
+    (:mod:`collapse_jax.families.lm.attention`)."""
     model = OPTForCausalLM(
-        config, dtype=dtype, remat=remat, scan_layers=scan_layers, scan_unroll=scan_unroll
+        config,
+        dtype=dtype,
+        remat=remat,
+        scan_layers=scan_layers,
+        scan_unroll=scan_unroll,
+        attention=attention,
     )
 
     def apply_fn(params, ids, mask, deterministic, key):
