@@ -173,31 +173,62 @@ def test_remat_policy_by_name_scanned_equals_unrolled(params, reference):
     assert_params_close(unstack_layers(jax.device_get(state.params)), p1)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
-def test_cudnn_attention_matches_xla_in_bfloat16():
-    """On a GPU, cuDNN's fused kernel (what ``"auto"`` runs there in bfloat16) gives the plain
-    core's output and gradients to bfloat16 accuracy, padded and fully masked rows included."""
-    from collapse_jax.families.lm import attention as A
-
+def _padded_attention_inputs():
+    """bfloat16 q, k, v, cotangent and a causal mask with left and right padding; row 1's
+    first 10 queries see no key (their cotangent is zero: no loss reads them and no later
+    query sees their positions). Returns (q, k, v, g, mask, rows that see a key)."""
     rng = np.random.default_rng(0)
     b, t, h, d = 4, 64, 4, 64
     q, k, v, g = (jnp.asarray(rng.normal(size=(b, t, h, d)) / 3, jnp.bfloat16) for _ in range(4))
     pad = np.ones((b, t), bool)
-    pad[1, :10] = False  # left padding: the first queries of row 1 see no key
+    pad[1, :10] = False
     pad[2, -7:] = False
-    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None, None] & pad[:, None, None, :])
-    # A query that sees no key gets no gradient in a model (no loss reads it, no later query
-    # sees its position); the mask-as-bias kernel would pass one to q and k there.
-    g = g.at[1, :10].set(0)
-    assert A.auto_implementation(jnp.bfloat16, d, cached=False) == "cudnn"
-    outs = []
-    for impl in ("xla", "cudnn"):
-        out, vjp = jax.vjp(lambda q, k, v, impl=impl: A.attention(impl, q, k, v, mask), q, k, v)
-        outs.append([out, *vjp(g)])
-    for ref, got in zip(*outs, strict=True):
-        ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
-        scale = np.abs(ref).max()
-        np.testing.assert_allclose(got, ref, atol=2e-2 * scale)
+    mask = np.tril(np.ones((t, t), bool))[None, None] & pad[:, None, None, :]
+    seen = mask.any(axis=-1)[:, 0]  # [B, T]
+    return q, k, v, g.at[1, :10].set(0), jnp.asarray(mask), seen
+
+
+def _attention_and_grads(impl, q, k, v, g, mask):
+    from collapse_jax.families.lm import attention as A
+
+    out, vjp = jax.vjp(lambda q, k, v: A.attention(impl, q, k, v, mask), q, k, v)
+    return [np.asarray(x, np.float32) for x in (out, *vjp(g))]
+
+
+def test_cudnn_guard_changes_no_real_row(monkeypatch):
+    """The ``"cudnn"`` wrapper lets a query that sees no key see its own slot (cuDNN's
+    gradients are NaN for such a query). Run through XLA's kernel in place of cuDNN's, it
+    changes no output of a query that sees a key and no gradient, and leaves no query without
+    a key."""
+    q, k, v, g, mask, seen = _padded_attention_inputs()
+    dpa = jax.nn.dot_product_attention
+    masks = []
+
+    def xla_kernel(*args, mask, implementation, **kw):
+        masks.append(mask)
+        return dpa(*args, mask=mask, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
+    ref = _attention_and_grads("xla", q, k, v, g, mask)
+    got = _attention_and_grads("cudnn", q, k, v, g, mask)
+    assert bool(np.asarray(masks[0]).any(axis=-1).all())
+    tol = 2e-2 * np.abs(ref[0]).max()  # a few bfloat16 steps: two kernels round differently
+    np.testing.assert_allclose(got[0][seen], ref[0][seen], atol=tol)
+    assert not np.allclose(got[0][~seen], ref[0][~seen], atol=tol)  # the guard did act
+    for a, b in zip(got[1:], ref[1:], strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_matches_xla_in_bfloat16():
+    """On a GPU, cuDNN's fused kernel gives the plain core's output (queries that see a key)
+    and gradients to bfloat16 accuracy, padded and fully masked rows included."""
+    q, k, v, g, mask, seen = _padded_attention_inputs()
+    ref = _attention_and_grads("xla", q, k, v, g, mask)
+    got = _attention_and_grads("cudnn", q, k, v, g, mask)
+    np.testing.assert_allclose(got[0][seen], ref[0][seen], atol=2e-2 * np.abs(ref[0]).max())
+    for a, b in zip(got[1:], ref[1:], strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max())
 
 
 def test_parameter_sharding_over_model_axis(params, reference):

@@ -10,9 +10,12 @@
   and copied back out).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused
   flash-attention kernel of cuDNN (NVIDIA GPUs, float16/bfloat16 only), the mask passed as a
-  bias.
+  bias; opt-in (see :func:`attention_cudnn`).
 
-``"auto"`` (the model's default) picks cuDNN where it runs and ``"saved_probs"`` elsewhere.
+``"auto"`` (the model's default) runs ``"saved_probs"``. cuDNN's kernel is faster on an NVIDIA
+GPU (1.18x for the OPT-125m train step on an H100 in bfloat16, BENCHMARKS.md) but stays opt-in:
+its gradients were measured NaN for queries that see no key, and the guard against that in
+:func:`attention_cudnn` has not yet run on a GPU.
 Queries arrive already scaled (OPT scales them after the projection), so no scale is applied
 here. Dropout on the probabilities is not part of the core: the model uses ``"xla"`` when it
 applies attention dropout.
@@ -26,18 +29,6 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "saved_probs", "cudnn")
-
-
-def auto_implementation(dtype, head_dim: int, *, cached: bool) -> str:
-    """What ``"auto"`` runs: cuDNN's kernel on an NVIDIA GPU for float16/bfloat16 without a KV
-    cache (training and scoring; head size a multiple of 8 up to 128, which it supports), else
-    ``"saved_probs"``. On an H100 in bfloat16 the OPT-125m train step runs 1.18x faster with
-    cuDNN than with ``"xla"`` (BENCHMARKS.md, "Scanned decoder layers")."""
-    fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    gpu = jax.default_backend() == "gpu"
-    if gpu and fused and not cached and head_dim % 8 == 0 and head_dim <= 128:
-        return "cudnn"
-    return "saved_probs"
 
 
 def probabilities(q, k, mask, precision):
@@ -88,17 +79,25 @@ attention_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
 
 
 def attention_cudnn(q, k, v, mask, precision=None):
-    """cuDNN's fused attention (GPU, float16/bfloat16); ``precision`` does not apply."""
+    """cuDNN's fused attention (NVIDIA GPU, float16/bfloat16; no KV cache: query t is key slot
+    t). ``precision`` does not apply. The kernel takes the mask as a large negative bias, and
+    on an H100 it returned NaN gradients for a query that sees no key (a padded position),
+    even with a zero cotangent there, which would poison a whole update. So a query that sees
+    no key sees its own slot here instead: only such queries change, and their output is read
+    by nothing (a padded position: no loss weight, no query sees its key)."""
     del precision
-    mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    t, s = q.shape[1], k.shape[1]
+    mask = jnp.broadcast_to(mask, (q.shape[0], 1, t, s))
+    blind = ~jnp.any(mask, axis=-1, keepdims=True)  # [B, 1, T, 1]
+    mask = mask | (blind & jnp.eye(t, s, dtype=bool)[None, None])
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
 
 
 def attention(implementation: str, q, k, v, mask, precision=None, *, cached: bool = False):
     """Dispatch on ``implementation`` (one of :data:`IMPLEMENTATIONS`; ``cached``: keys and
-    values come from a KV cache, which ``"auto"`` leaves to XLA)."""
-    if implementation == "auto":
-        implementation = auto_implementation(q.dtype, q.shape[-1], cached=cached)
+    values come from a KV cache, where ``"cudnn"`` runs ``"saved_probs"``)."""
+    if implementation == "auto" or (implementation == "cudnn" and cached):
+        implementation = "saved_probs"
     if implementation == "xla":
         return attention_xla(q, k, v, mask, precision)
     if implementation == "saved_probs":
