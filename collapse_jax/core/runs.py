@@ -35,6 +35,8 @@ def _to_jsonable(obj: Any) -> Any:
         arr = np.asarray(obj)
         if arr.ndim == 0:
             return _to_jsonable(arr.item())
+        if arr.dtype.kind in "biu" or (arr.dtype.kind == "f" and np.isfinite(arr).all()):
+            return arr.tolist()  # nothing to replace: skip the per-element walk
         return [_to_jsonable(v) for v in arr.tolist()]
     if isinstance(obj, float):
         if math.isnan(obj):
