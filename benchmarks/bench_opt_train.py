@@ -34,6 +34,24 @@ def peak_flops_guess() -> tuple[float, str]:
     return 266e9, "measured JAX float32 matmul ceiling of the 2-core reference CPU"
 
 
+def time_step(step, state, batches, key):
+    """(compile seconds, seconds of the timed steps, state, last info) of a jitted train step:
+    ``step.lower(...).compile()`` on the first batch, one warm-up step on it, then one timed
+    step per remaining batch (step i's key ``fold_in(key, i)``)."""
+    import jax
+
+    t0 = time.perf_counter()
+    step.lower(state, batches[0], jax.random.fold_in(key, 0)).compile()
+    compile_s = time.perf_counter() - t0
+    state, info = step(state, batches[0], jax.random.fold_in(key, 0))
+    jax.block_until_ready(info)
+    t0 = time.perf_counter()
+    for i in range(1, len(batches)):
+        state, info = step(state, batches[i], jax.random.fold_in(key, i))
+    jax.block_until_ready((state, info))
+    return compile_s, time.perf_counter() - t0, state, info
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model shape, few steps")
@@ -116,16 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         apply_fn = LT.opt_apply_fn(config, dtype, scan_layers=scan_layers, scan_unroll=unroll)
         tree = stack_layers(params) if scan_layers else params  # scanned: stored stacked
         state, step = LT.make_lm_train_step(apply_fn, opt_cfg, tree, mesh)
-        t0 = time.perf_counter()
-        step.lower(state, put(batches[0]), jax.random.fold_in(key, 0)).compile()
-        compile_s = time.perf_counter() - t0
-        state, info = step(state, put(batches[0]), jax.random.fold_in(key, 0))
-        jax.block_until_ready(info)
-        t0 = time.perf_counter()
-        for i in range(1, steps + 1):
-            state, info = step(state, put(batches[i]), jax.random.fold_in(key, i))
-        jax.block_until_ready(state)
-        rate = steps * tokens_per_step / (time.perf_counter() - t0)
+        compile_s, seconds, state, info = time_step(step, state, [put(b) for b in batches], key)
+        rate = steps * tokens_per_step / seconds
         return compile_s, rate, float(info.loss), step._cache_size() - 1
 
     results = {}

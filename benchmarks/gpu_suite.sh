@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one go (OPT train step and MFU, beam search, conv VAE,
+# The GPU figures of BENCHMARKS.md in one go (OPT train step and MFU, its scanned and attention
+# variants, beam search, conv VAE,
 # discrete engine), each peer on the same GPU where it has one. Usage, on a GPU machine whose
 # Python already has JAX (CUDA), PyTorch (CUDA), Flax, Optax and transformers:
 #     OUT=some/dir bash benchmarks/gpu_suite.sh
@@ -26,6 +27,7 @@ run() {  # run NAME LIMIT_S ARGS...
 }
 run opt_train_fp32 170 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --torch-device cuda --compare-scan
 run opt_train_bf16 120 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --dtype bfloat16 --skip-torch --compare-scan
+run opt_scan 200 benchmarks/opt_scan_ablation.py --variants unrolled,unrolled-cudnn,scanned-auto,scanned-cudnn-full
 run opt_generate 110 benchmarks/bench_opt_generate.py --torch-device cuda --prompts 8
 run vae 80 benchmarks/bench_vae.py --torch-device cuda --batch 256 --steps 50
 run discrete 110 benchmarks/bench_discrete.py --chains 16384 --generations 1000 --skip-samples

@@ -5,9 +5,11 @@ Usage: python benchmarks/opt_scan_ablation.py [--batch 32] [--seq 512] [--steps 
 
 Each variant is the OPT-125m train step (AdamW + clipping, same random weights and batches) with
 one thing changed: layers unrolled or scanned (parameters stored stacked), dropout on or off,
-activation recomputation (``remat``: ``full`` or a ``jax.checkpoint_policies`` name), only
-the forward loss, or the attention core (``collapse_jax.families.lm.attention``). Prints each variant's step compile time and tokens/s, and its ratio to the
-unrolled step with the same dropout.
+activation recomputation (``remat``: ``full`` or a ``jax.checkpoint_policies`` name), only the
+forward loss, or the attention core (``collapse_jax.families.lm.attention``). Prints each
+variant's step compile time and tokens/s, its ratio to the unrolled step with the same dropout
+and attention ``xla`` (the step before the attention cores), and with ``--profile DIR`` a trace
+of two steps per variant (``DIR/VARIANT``) for a kernel-by-kernel comparison.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     from collapse_jax.families.lm.opt import OPTConfig, stack_layers
     from collapse_jax.families.lm.opt_weights import load_pretrained
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_opt_train import time_step
+
     torch.manual_seed(0)
     hf_kwargs = OPTConfig().to_hf_dict()
     hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in ("architectures", "model_type")}
@@ -102,16 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 return s, sums(s, b, k)
 
             step.lower = lambda s, b, k, sums=sums: sums.lower(s, b, k)
-        t0 = time.perf_counter()
-        step.lower(state, put(batches[0]), jax.random.fold_in(key, 0)).compile()
-        compile_s = time.perf_counter() - t0
-        state, info = step(state, put(batches[0]), jax.random.fold_in(key, 0))
-        jax.block_until_ready(info)
-        t0 = time.perf_counter()
-        for i in range(1, args.steps + 1):
-            state, info = step(state, put(batches[i]), jax.random.fold_in(key, i))
-        jax.block_until_ready((state, info))
-        rate = args.steps * tokens / (time.perf_counter() - t0)
+        compile_s, seconds, state, info = time_step(step, state, [put(b) for b in batches], key)
+        rate = args.steps * tokens / seconds
         results[name] = rate
         base = ("unrolled" if dropout else "unrolled-nodrop") if not forward else "unrolled-fwd"
         ratio = f", {rate / results[base]:.2f}x {base}" if base in results and base != name else ""
