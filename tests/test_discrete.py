@@ -323,7 +323,7 @@ def test_auto_method_by_batch_size():
 
 
 def test_binomial_pmf_of_the_theory_equals_scipys():
-    """The closed forms' binomial pmf (log-gamma form, to keep scipy.stats out of every run's
+    """The closed forms' binomial pmf (log-factorial form, to keep SciPy out of every run's
     imports) equals scipy.stats.binom.pmf to 1e-10 relative wherever SciPy's value is above
     1e-250, including p in {0, 1}, p within 1e-9 of them, and n up to 2000."""
     for n in (1, 2, 7, 100, 1000, 2000):

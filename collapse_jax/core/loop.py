@@ -328,18 +328,21 @@ def _chain_params(params, n_chains: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_start(family: Family, sharding=None):
-    """Generation 0 as one jitted program (cached per family): the keys of generation 0, the
-    vmapped ``init`` and the reduced info, ``(chain_keys, params, inputs) -> (state, trace0)``
-    (one program instead of one per step: each costs a trace, a lowering and a cache lookup
-    at every start)."""
+def _compiled_start(family: Family, sharding, n_chains: int):
+    """Generation 0 as one jitted program (cached per family): the chains' keys split from
+    the run's key, the keys of generation 0, the vmapped ``init`` and the reduced info,
+    ``(key, params, inputs) -> (state, trace0, chain_keys)`` (one program instead of one per
+    step: each costs a trace, a lowering and a cache lookup at every start)."""
     vinit, _ = _vmapped(family, sharding)
     reduce = _reduce_of(family)
 
     @jax.jit
-    def start(chain_keys, params, inputs):
+    def start(key, params, inputs):
+        chain_keys = jax.random.split(key, n_chains)
+        if sharding is not None:
+            chain_keys = jax.lax.with_sharding_constraint(chain_keys, sharding)
         state, info0 = vinit(_fold(chain_keys, 0), params, _at(inputs, 0))
-        return state, reduce(info0)
+        return state, reduce(info0), chain_keys
 
     return start
 
@@ -499,13 +502,12 @@ def run_generations(
     records_per_chunk = max(1, chunk_generations // record_every)
 
     sharding = chain_sharding(n_chains)
-    chain_keys = shard_chains(jax.random.split(key, n_chains), sharding)
     params = shard_chains(_chain_params(params, n_chains), sharding)
 
     t0 = time.perf_counter()
-    start = _compiled_start(family, sharding)
+    start = _compiled_start(family, sharding, n_chains)
     chunk = _compiled_chunk(family, record_every, records_per_chunk, sharding)
-    state, trace0 = start(chain_keys, params, inputs)
+    state, trace0, chain_keys = start(key, params, inputs)
     trace0 = jax.tree.map(lambda a: a[0], _host_reduce(family, tree_to_host(trace0), one=True))
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -529,7 +531,11 @@ def run_generations(
         if family.between_chunks is not None and done_records:
             state = family.between_chunks(state, params)
         (state, next_gen), tr, last_info = chunk(
-            state, jnp.asarray(gen, jnp.int32), chain_keys, params, inputs
+            state,
+            np.int32(gen),
+            chain_keys,
+            params,
+            inputs,  # NumPy: no program to convert
         )
         take = min(records_per_chunk, n_records - done_records)
         part = jax.tree.map(lambda a, take=take: a[:take], tree_to_host(tr))

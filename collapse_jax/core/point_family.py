@@ -33,6 +33,7 @@ from collapse_jax.core.policies import (
 )
 from collapse_jax.core.runs import RunDir, read_arrays, series
 from collapse_jax.core.statistics import stats_arrays
+from collapse_jax.numerics.random import seed_key
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -144,7 +145,7 @@ def run(
     ops = point_operators(pf, config)
     result = run_generations(
         make_family(pf, policy, max_size, pool, ops),
-        jax.random.key(config.seed),
+        seed_key(config.seed),
         config.chains,
         sizes,
         record_every=config.record_every,

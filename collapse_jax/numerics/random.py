@@ -16,6 +16,16 @@ from jaxtyping import Array, Float, Int
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
+def seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)``, built on the host: the same key (Threefry's seed words are
+    ``[seed >> 32, seed & 0xFFFFFFFF]``) without the two small programs that function runs,
+    each a trace, a lowering and a cache lookup at every start of a run. Other seeds, or
+    another default PRNG implementation, go to ``jax.random.key``."""
+    if jax.config.jax_default_prng_impl != "threefry2x32" or not 0 <= seed < 2**31:
+        return jax.random.key(seed)
+    return jax.random.wrap_key_data(np.array([0, seed], np.uint32), impl="threefry2x32")
+
+
 def _rotl(x: Array, r: int) -> Array:
     return (x << jnp.uint32(r)) | (x >> jnp.uint32(32 - r))
 

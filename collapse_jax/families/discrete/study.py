@@ -24,6 +24,7 @@ from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.discrete import kernel as proc
 from collapse_jax.families.discrete import theory as wf
 from collapse_jax.families.discrete.report import make_figures, write_report
+from collapse_jax.numerics.random import seed_key
 
 NAME = "discrete"
 DESCRIPTION = DESCRIPTIONS[NAME]
@@ -237,7 +238,7 @@ def simulate(
     )
     result = run_generations(
         family,
-        jax.random.key(config.seed),
+        seed_key(config.seed),
         n_values * chains,
         np.concatenate([sizes, sizes[-1:]]),  # M_G: the last batch is drawn but never fitted
         proc.discrete_params(
@@ -278,7 +279,9 @@ def simulate(
                 result.generations,
                 value_sizes,
                 result.seconds,
-                jax.tree.map(
+                result.state  # one value: as it is (each reshape below is a program to load)
+                if n_values == 1
+                else jax.tree.map(
                     lambda a, v=v: a.reshape(n_values, chains, *a.shape[1:])[v], result.state
                 ),
             )

@@ -29,6 +29,7 @@ from collapse_jax.families.gaussian import d0 as gd0
 from collapse_jax.families.gaussian import kernel as proc
 from collapse_jax.families.gaussian import theory as th
 from collapse_jax.families.gaussian.metrics import ot_w2_sq
+from collapse_jax.numerics.random import seed_key
 
 NAME = "gaussian"
 DESCRIPTION = DESCRIPTIONS[NAME]
@@ -180,7 +181,7 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> d
         )
         result = run_generations(
             family._replace(reduce=reduce),
-            jax.random.key(config.seed),
+            seed_key(config.seed),
             config.chains,
             np.concatenate([sizes, sizes[-1:]]),  # M_G: held by the last state, never drawn
             record_every=config.record_every,

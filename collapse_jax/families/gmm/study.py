@@ -30,6 +30,7 @@ from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.gmm import kernel as proc
 from collapse_jax.families.gmm.metrics import w2_exact_records, w2_pairs, w2_sinkhorn
 from collapse_jax.families.gmm.report import claims, make_figures, write_report
+from collapse_jax.numerics.random import seed_key
 
 NAME = "gmm"
 DESCRIPTION = DESCRIPTIONS[NAME]
@@ -280,7 +281,7 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None):
     )
     result = run_generations(
         family,
-        jax.random.key(config.seed),
+        seed_key(config.seed),
         config.chains,
         sizes,
         record_every=config.record_every,

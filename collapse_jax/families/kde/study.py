@@ -11,7 +11,6 @@ import functools
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,6 +27,7 @@ from collapse_jax.families.gmm.metrics import w2_exact_records, w2_pairs
 from collapse_jax.families.kde import kernel as proc
 from collapse_jax.families.kde import theory
 from collapse_jax.families.kde.datasets import Dataset, make_dataset
+from collapse_jax.numerics.random import seed_key
 
 NAME = "kde"
 DESCRIPTION = DESCRIPTIONS[NAME]
@@ -212,7 +212,7 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None):
     )
     result = run_generations(
         family,
-        jax.random.key(config.seed),
+        seed_key(config.seed),
         config.chains,
         sizes,
         record_every=config.record_every,

@@ -9,7 +9,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from collapse_jax.core import operators
@@ -23,6 +22,7 @@ from collapse_jax.core.statistics import stats_arrays
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.regression import kernel as proc
 from collapse_jax.families.regression import theory as th
+from collapse_jax.numerics.random import seed_key
 
 NAME = "regression"
 DESCRIPTION = DESCRIPTIONS[NAME]
@@ -148,7 +148,7 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> d
     with precision(config.x64):
         result = run_generations(
             proc.make_family(spec, sampler),
-            jax.random.key(config.seed),
+            seed_key(config.seed),
             config.chains,
             sizes,
             record_every=config.record_every,
