@@ -261,9 +261,15 @@ def make_family(spec: RecursionSpec, d0: OriginalData, dtype=jnp.float32) -> Fam
     S = spec.w2_samples
     policy = spec.policy
     d = d0.dim
-    mixture = GMM(*(jnp.asarray(a, dtype) for a in d0.mixture)) if d0.mixture is not None else None
-    points = jnp.asarray(d0.points, dtype) if d0.points is not None else None
-    fixed_heldout = jnp.asarray(d0.heldout, dtype) if d0.heldout is not None else None
+    # Converted on the host and put on the device: jnp.asarray runs a small program per array.
+    mixture = (
+        GMM(*(jax.device_put(np.asarray(a, dtype)) for a in d0.mixture))
+        if d0.mixture is not None
+        else None
+    )
+    points = jax.device_put(np.asarray(d0.points, dtype)) if d0.points is not None else None
+    heldout = d0.heldout
+    fixed_heldout = jax.device_put(np.asarray(heldout, dtype)) if heldout is not None else None
     if mixture is None and fixed_heldout is None:
         raise ConfigError("a D0 point set needs held-out points: call OriginalData.split_heldout")
 
