@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import tomllib
@@ -158,5 +159,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> None:
+    """The ``collapse-jax`` command: :func:`main`, then exit with its code.
+
+    After a JAX run in one process it leaves with ``os._exit`` once stdout and stderr are
+    flushed: the interpreter's teardown (freeing JAX's CPU client and the compiled programs)
+    took 0.44 s after a warm 3.8 s discrete run, and nothing of a run depends on it. Every file
+    a run writes is complete and closed (written atomically) before :func:`main` returns. A
+    multi-process run (``jax.distributed``) and one that imported Orbax exit normally, so their
+    shutdown hooks run.
+    """
+    code = main()
+    jax = sys.modules.get("jax")
+    if (
+        jax is not None
+        and "orbax.checkpoint" not in sys.modules
+        and not jax.distributed.is_initialized()
+    ):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
