@@ -62,3 +62,44 @@ def test_a_chain_study_run_never_loads_the_neural_stack(study, flags, also_absen
     assert "jax" in modules  # the probe sees the run's imports
     loaded = modules & {*NEURAL, *also_absent}
     assert not loaded, f"{study} run imported {sorted(loaded)}"
+
+
+EXIT_PROBE = """
+import atexit, sys
+from collapse_jax import cli
+atexit.register(lambda: print("teardown ran", flush=True))
+sys.argv = ["collapse-jax", *sys.argv[1:]]
+cli.console()
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "teardown"),
+    [
+        (["run", "discrete", "--chains", "8", "--generations", "3", "--no-progress"], 0, False),
+        (["run", "discrete", "--chains", "0", "--no-progress"], 2, False),
+        (["list"], 0, True),  # no JAX imported: an ordinary exit
+    ],
+)
+def test_the_command_exits_fast_after_a_jax_run_with_its_code(argv, code, teardown, tmp_path):
+    """``collapse-jax`` skips the interpreter's teardown after a one-process JAX run (os._exit),
+    with the run's exit code, its output flushed through a pipe and every file written."""
+    out = tmp_path / "run"
+    argv = [*argv, "--out", str(out)] if argv[0] == "run" else argv
+    env = {**os.environ, "COLLAPSE_JAX_NO_CACHE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == code, done.stderr[-2000:]
+    assert ("teardown ran" in done.stdout) == teardown
+    if code == 0 and argv[0] == "run":
+        assert f"wrote {out / 'report.md'}" in done.stdout  # flushed before the exit
+        assert "## Figures" in (out / "report.md").read_text()  # the report's last section
+        assert json.loads((out / "summary.json").read_text())["chains"] == 8
+    if code == 2:
+        assert done.stderr.strip().splitlines()[-1].startswith("collapse-jax")
