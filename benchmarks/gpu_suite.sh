@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one go (OPT train step and MFU, its scanned and attention
-# variants, beam search, conv VAE, discrete engine), each peer on the same GPU where it has one. Usage, on a GPU machine whose
-# Python already has JAX (CUDA), PyTorch (CUDA), Flax, Optax and transformers:
+# variants, beam search, conv VAE, discrete engine), each peer on the same GPU where it has one.
+# Usage, on a GPU machine whose Python already has JAX (CUDA), PyTorch (CUDA), Flax, Optax and
+# transformers:
 #     OUT=some/dir bash benchmarks/gpu_suite.sh
 # Every benchmark writes its own log under $OUT; one that fails or runs too long does not stop
 # the others.
