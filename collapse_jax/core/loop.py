@@ -530,13 +530,8 @@ def run_generations(
     while done_records < n_records:
         if family.between_chunks is not None and done_records:
             state = family.between_chunks(state, params)
-        (state, next_gen), tr, last_info = chunk(
-            state,
-            np.int32(gen),
-            chain_keys,
-            params,
-            inputs,  # NumPy: no program to convert
-        )
+        # The generation as NumPy: jnp.asarray(gen, jnp.int32) would run a program to convert it.
+        (state, next_gen), tr, last_info = chunk(state, np.int32(gen), chain_keys, params, inputs)
         take = min(records_per_chunk, n_records - done_records)
         part = jax.tree.map(lambda a, take=take: a[:take], tree_to_host(tr))
         traces.append(_host_reduce(family, part))
