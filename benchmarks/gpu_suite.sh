@@ -27,7 +27,7 @@ run() {  # run NAME LIMIT_S ARGS...
 }
 run opt_train_fp32 170 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --torch-device cuda --compare-scan
 run opt_train_bf16 120 benchmarks/bench_opt_train.py --batch 32 --seq 512 --steps 10 --dtype bfloat16 --skip-torch --compare-scan
-run opt_scan 200 benchmarks/opt_scan_ablation.py --variants unrolled,unrolled-cudnn,scanned-auto,scanned-cudnn-full
+run opt_scan 200 benchmarks/opt_scan_ablation.py --variants unrolled,unrolled-cudnn,scanned-probs,scanned-cudnn-full
 run opt_generate 110 benchmarks/bench_opt_generate.py --torch-device cuda --prompts 8
 run vae 80 benchmarks/bench_vae.py --torch-device cuda --batch 256 --steps 50
 run discrete 110 benchmarks/bench_discrete.py --chains 16384 --generations 1000 --skip-samples

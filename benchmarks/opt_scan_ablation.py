@@ -37,9 +37,6 @@ VARIANTS = {
     "unrolled-cudnn": (False, True, False, False, "cudnn"),
     "scanned-cudnn": (True, True, False, False, "cudnn"),
     "scanned-cudnn-full": (True, True, True, False, "cudnn"),
-    "unrolled-auto": (False, True, False, False, "auto"),
-    "scanned-auto": (True, True, False, False, "auto"),
-    "scanned-auto-full": (True, True, True, False, "auto"),
 }
 
 
