@@ -10,7 +10,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from collapse_jax.core import compilation
+from collapse_jax.core import compilation, figures
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.experiments import (
     default_out,
@@ -78,8 +78,6 @@ def cmd_run(argv: list[str]) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a run directory")
     if args.sweep:
-        from collapse_jax.core.report import run_sweep  # matplotlib: only when sweeping
-
         if chunk_resume and args.resume:
             raise ConfigError("--resume continues one run; it cannot be combined with --sweep")
         field, values = parse_sweep(args.sweep, config)
@@ -88,11 +86,16 @@ def cmd_run(argv: list[str]) -> int:
                 module.validate(dataclasses.replace(config, **{field: v}))
             except ConfigError as e:
                 raise ConfigError(f"--sweep {args.sweep!r}: {field} = {v}: {e}") from None
-        run_sweep(module, config, field, values, out, progress=args.progress)
-    elif chunk_resume:
-        module.run(config, RunDir(out, resume=args.resume), progress=args.progress)
-    else:
-        module.run(config, out, progress=args.progress)
+    # The figure workers start now: they import matplotlib while the run computes.
+    with figures.for_studies([module]):
+        if args.sweep:
+            from collapse_jax.core.report import run_sweep
+
+            run_sweep(module, config, field, values, out, progress=args.progress)
+        elif chunk_resume:
+            module.run(config, RunDir(out, resume=args.resume), progress=args.progress)
+        else:
+            module.run(config, out, progress=args.progress)
     print(f"wrote {out / 'report.md'}")
     return 0
 
@@ -114,6 +117,16 @@ def cmd_demo(argv: list[str]) -> int:
                 f"--only {args.only!r}: {name!r} is not a demo study ({', '.join(DEMO)})"
             )
     sections = ["# collapse_jax demo", ""]
+    with figures.for_studies([load_study(name) for name in names]):
+        sections += _demo_sections(names, out)
+    write_text(out / "report.md", "\n".join(sections))
+    print(f"wrote {out / 'report.md'}")
+    return 0
+
+
+def _demo_sections(names: list[str], out: Path) -> list[str]:
+    """Run each demo study into OUT/NAME; the report's sections."""
+    sections = []
     for name in names:
         module = load_study(name)
         t0 = time.perf_counter()
@@ -130,9 +143,7 @@ def cmd_demo(argv: list[str]) -> int:
             body.replace("\n## ", "\n### "),
             "",
         ]
-    write_text(out / "report.md", "\n".join(sections))
-    print(f"wrote {out / 'report.md'}")
-    return 0
+    return sections
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ for the policies and :func:`collapse_jax.core.loop.run_generations` for the loop
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -189,7 +190,7 @@ def run(
             gens, arrays[f"{name}_mean"], arrays[f"{name}_stderr"], arrays[f"{name}_quantiles"]
         )
     run_dir.write_summary(summary)
-    figures = run_dir.figures(lambda path: _figures(path, list(result.trace), theory))
+    figures = run_dir.figures(functools.partial(_figures, names=list(result.trace), theory=theory))
     lines = [
         f"# {pf.name}",
         "",

@@ -9,13 +9,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from collapse_jax.core.runs import save_figure, write_json, write_text
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, imported on first use: a run whose figures
+    are drawn by workers (:mod:`collapse_jax.core.figures`) never imports it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 #: A Monte Carlo value agrees with theory when it is within this many standard errors.
 Z_AGREE = 4.0
@@ -107,7 +115,7 @@ def curves_figure(
     n = len(panels)
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    fig, axes = pyplot().subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         x = np.asarray(panel["x"], dtype=np.float64)
         for s in panel.get("series", []):

@@ -121,9 +121,15 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     in one pass: the engine's default ``rect`` makes it measure every axes twice, for the same
     subplot parameters on these figures (about a tenth of the figure time).
     """
-    import matplotlib.pyplot as plt
     from matplotlib.layout_engine import TightLayoutEngine
 
+    from collapse_jax.core import figures
+    from collapse_jax.core.report import pyplot
+
+    plt = pyplot()
+    if not figures.owns(path):  # a figure worker's share is another figure (core/figures.py)
+        plt.close(fig)
+        return Path(path)
     if fig.get_layout_engine() is None:
         fig.set_layout_engine(TightLayoutEngine(rect=None))
     with atomic_path(path) as tmp:
@@ -232,8 +238,13 @@ class RunDir:
         return write_arrays(self.file(name), **arrays) if self.path else None
 
     def figures(self, make_figures) -> list[tuple[str, str]]:
-        """``make_figures(path)`` (drawn from the saved arrays); none for an in-memory run."""
-        return make_figures(self.path) if self.path is not None else []
+        """``make_figures(path)`` (drawn from the saved arrays, by the figure workers when the
+        command started some: :mod:`collapse_jax.core.figures`); none for an in-memory run."""
+        if self.path is None:
+            return []
+        from collapse_jax.core import figures
+
+        return figures.draw(make_figures, self.path)
 
     def write_report(self, text: str) -> Path | None:
         self.report = text

@@ -119,7 +119,7 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         rep.curves_figure(path / "operators.png", panels, ncols=3)
         figs.append(("operators.png", "What the data operators act on, per generation."))
 
-    import matplotlib.pyplot as plt
+    plt = rep.pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.6))
     p0 = np.asarray(summary["p0"])

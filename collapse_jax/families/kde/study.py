@@ -323,7 +323,7 @@ def run(config: Config, out_dir: str | Path | RunDir, *, progress: bool | None =
 
 def make_figures(path: Path) -> list[tuple[str, str]]:
     """Draw every figure from the saved arrays; return (file, caption) pairs."""
-    import matplotlib.pyplot as plt
+    plt = rep.pyplot()
 
     a = read_arrays(path / "metrics.npz")
     summary = read_json(path / "summary.json")

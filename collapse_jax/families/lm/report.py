@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -14,6 +13,8 @@ from collapse_jax.core.runs import (
 )
 from collapse_jax.families.lm.config import BUILTIN_MODELS, REPEAT_N, Config, Setup
 from collapse_jax.families.lm.evaluation import mean_stderr
+
+plt = rep.pyplot()
 
 # --------------------------------------------------------------------------------------------
 # Figures and report (from the saved arrays only)

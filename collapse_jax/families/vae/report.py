@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 from scipy.stats import gaussian_kde
 
 from collapse_jax.core import report as rep
 from collapse_jax.core.runs import read_arrays, save_figure, write_text
 from collapse_jax.core.statistics import chain_stats
+
+plt = rep.pyplot()
 
 METRICS = ("latent_spread", "class_entropy", "nelbo", "pixel_diversity")
 

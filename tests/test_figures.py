@@ -1,0 +1,139 @@
+"""Figures drawn by worker processes (core/figures.py): the same files as in process, every
+failure drawn in process instead, no worker left behind, and a command's own process never
+importing matplotlib."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collapse_jax.core import figures
+from collapse_jax.core.errors import ConfigError
+from collapse_jax.families.discrete import report as discrete_report
+from collapse_jax.families.discrete import study as discrete
+
+PNGS = ("metrics.png", "theory.png", "absorption.png")
+
+
+def _config():
+    return discrete.Config(states=6, samples=20, chains=16, generations=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> Path:
+    """A small discrete run whose figures were drawn in this process."""
+    out = tmp_path_factory.mktemp("in_process")
+    discrete.run(_config(), out)
+    return out
+
+
+def _fails(path):
+    raise RuntimeError(f"no figures for {path.name}")
+
+
+def test_workers_draw_the_same_files_as_the_process(in_process, tmp_path):
+    with figures.workers([discrete_report.__name__], count=2) as pool:
+        assert len(pool.procs) == 2
+        discrete.run(_config(), tmp_path)
+        # The run's figures came from the workers: asked again, they answer for every figure.
+        assert pool.draw(discrete_report.make_figures, tmp_path) is not None
+    for name in PNGS:
+        assert (tmp_path / name).read_bytes() == (in_process / name).read_bytes(), name
+
+
+def test_each_figure_is_drawn_by_exactly_one_worker(tmp_path, monkeypatch):
+    discrete.run(_config(), tmp_path)
+    drawn = []
+    for index in range(2):
+        monkeypatch.setattr(figures, "_share", (index, 2))
+        figures._seen.clear()
+        figures._drawn.clear()
+        listed = discrete_report.make_figures(tmp_path)
+        drawn.append(list(figures._drawn))
+        assert figures._seen == [str(tmp_path / name) for name, _ in listed]
+    assert sorted(drawn[0] + drawn[1]) == sorted(figures._seen)
+    assert not set(drawn[0]) & set(drawn[1])
+
+
+def test_what_a_worker_cannot_draw_is_drawn_in_process(in_process, tmp_path):
+    discrete.run(_config(), tmp_path, progress=False)
+    with figures.workers([], count=1) as pool:
+        # A lambda cannot be sent: drawn here.
+        assert pool.draw(lambda p: discrete_report.make_figures(p), tmp_path) is None
+        assert figures.draw(lambda p: [("x.png", "x")], tmp_path) == [("x.png", "x")]
+        # A figure function that raises in the worker raises again here, with its own error.
+        assert pool.draw(_fails, tmp_path) is None
+        with pytest.raises(RuntimeError, match="no figures for"):
+            figures.draw(_fails, tmp_path)
+        # A worker that died: the pool closes and the figures are drawn here.
+        pool.procs[0].kill()
+        pool.procs[0].wait()
+        for name in PNGS:
+            (tmp_path / name).unlink()
+        listed = figures.draw(discrete_report.make_figures, tmp_path)
+        assert pool.procs == []
+    assert sorted(name for name, _ in listed) == sorted(PNGS)
+    for name in PNGS:
+        assert (tmp_path / name).read_bytes() == (in_process / name).read_bytes(), name
+
+
+def test_closing_the_pool_ends_every_worker():
+    with figures.workers([], count=2) as pool:
+        procs = list(pool.procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert figures._active is None
+
+
+def test_worker_count_from_the_environment(monkeypatch):
+    monkeypatch.setenv("COLLAPSE_JAX_FIGURE_WORKERS", "0")
+    with figures.workers([]) as pool:
+        assert pool is None
+    monkeypatch.setenv("COLLAPSE_JAX_FIGURE_WORKERS", "3")
+    assert figures.default_count() == 3
+    monkeypatch.setenv("COLLAPSE_JAX_FIGURE_WORKERS", "two")
+    with pytest.raises(ConfigError, match="'two'"):
+        figures.default_count()
+
+
+def test_only_studies_that_draw_from_the_run_directory_get_workers(monkeypatch):
+    monkeypatch.setenv("COLLAPSE_JAX_FIGURE_WORKERS", "1")
+    from collapse_jax.families.gaussian import study as gaussian
+
+    with figures.for_studies([object()]) as pool:  # no make_figures: nothing started
+        assert pool is None
+    with figures.for_studies([gaussian]) as pool:
+        assert len(pool.procs) == 1
+
+
+PROBE = """
+import json, sys
+from collapse_jax import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "pyplot": "matplotlib.pyplot" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_a_command_with_workers_never_imports_matplotlib(workers, tmp_path):
+    env = {**os.environ, "COLLAPSE_JAX_NO_CACHE": "1", "COLLAPSE_JAX_FIGURE_WORKERS": workers}
+    out = tmp_path / "run"
+    argv = ["run", "discrete", "--chains", "8", "--generations", "5", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "pyplot": workers == "0"}
+    for name in PNGS:
+        assert (out / name).stat().st_size > 0
+    assert "absorption.png" in (out / "report.md").read_text()
