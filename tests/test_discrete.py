@@ -352,3 +352,26 @@ def test_automatic_compaction_follows_what_each_method_costs(tmp_path):
         assert out["compacted"] is expected
     with pytest.raises(ConfigError, match="'yes'"):
         study.validate(study.Config(**base, compact="yes"))
+
+
+def test_counts_compiler_options_change_no_draw():
+    """The ``counts`` method's programs carry XLA:CPU emitter options (faster to compile); the
+    chains' counts, absorption generations and states are the same bits without them."""
+    policy, sizes = Policy(), np.full(41, 300)
+    family = proc.make_family(policy, "counts", max_size=300)
+    assert dict(family.compiler_options) == {"xla_cpu_use_fusion_emitters": False}
+    assert proc.make_family(policy, "samples", max_size=300).compiler_options == ()
+    runs = []
+    for options in (family.compiler_options, ()):
+        res = run_generations(
+            family._replace(compiler_options=options),
+            jax.random.key(5),
+            64,
+            sizes,
+            proc.discrete_params(np.full(12, 1 / 12), 64),
+            chunk_generations=20,
+            progress=False,
+        )
+        runs.append(res.state)
+    for a, b in zip(runs[0], runs[1], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -117,6 +117,14 @@ def initial_distribution(spec: str | np.ndarray, states: int | None = None) -> n
     return p
 
 
+#: XLA options of the ``counts`` method's programs on CPU. XLA:CPU's loop emitters compile the
+#: exact samplers (nested while loops of rejection steps) about a quarter faster than its
+#: default fusion emitters and run them as fast: on K = 50, M = 1000, 8,192 chains the start
+#: compiled in 4.1 s instead of 5.8 s and each chunk in 4.5 s instead of 6.1 s, at the same
+#: steady-state speed, with bit-identical counts (only metric logarithms may differ in the last
+#: bit). Not for ``samples``: its draw-and-recount ran twice as slow that way.
+COUNTS_CPU_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
+
 #: The ``samples`` method compares each uniform with every CDF entry up to this many states.
 _COMPARE_ALL_MAX = 64
 
@@ -269,7 +277,9 @@ def make_family(
     def between_chunks(state: DiscreteState, params: DiscreteParams) -> DiscreteState:
         return compact(state, fresh_fraction(params), policy)
 
-    return Family(init, step, None, between_chunks)
+    cpu = jax.default_backend() == "cpu"
+    options = COUNTS_CPU_OPTIONS if method == "counts" and cpu else ()
+    return Family(init, step, None, between_chunks, compiler_options=options)
 
 
 def discrete_params(p0, n_chains: int, samples=0, gamma=0.0) -> DiscreteParams:
