@@ -1,13 +1,9 @@
 """Figures drawn by worker processes (core/figures.py): the same files as in process, every
-failure drawn in process instead, no worker left behind, and a command's own process never
-importing matplotlib."""
+failure drawn in process instead, no worker left behind (test_imports checks that a command's
+own process then never imports matplotlib)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -108,32 +104,3 @@ def test_only_studies_that_draw_from_the_run_directory_get_workers(monkeypatch):
         assert pool is None
     with figures.for_studies([gaussian]) as pool:
         assert len(pool.procs) == 1
-
-
-PROBE = """
-import json, sys
-from collapse_jax import cli
-code = cli.main(sys.argv[1:])
-print(json.dumps({"code": code, "pyplot": "matplotlib.pyplot" in sys.modules}))
-"""
-
-
-@pytest.mark.parametrize("workers", ["2", "0"])
-def test_a_command_with_workers_never_imports_matplotlib(workers, tmp_path):
-    env = {**os.environ, "COLLAPSE_JAX_NO_CACHE": "1", "COLLAPSE_JAX_FIGURE_WORKERS": workers}
-    out = tmp_path / "run"
-    argv = ["run", "discrete", "--chains", "8", "--generations", "5", "--no-progress"]
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"code": 0, "pyplot": workers == "0"}
-    for name in PNGS:
-        assert (out / name).stat().st_size > 0
-    assert "absorption.png" in (out / "report.md").read_text()

@@ -64,6 +64,20 @@ def test_a_chain_study_run_never_loads_the_neural_stack(study, flags, also_absen
     assert not loaded, f"{study} run imported {sorted(loaded)}"
 
 
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_a_run_with_figure_workers_never_imports_matplotlib(workers, tmp_path, monkeypatch):
+    """The figure workers (core/figures.py) draw the figures; the run's process never imports
+    pyplot (0.3 s). Without workers it does, and draws the same files."""
+    monkeypatch.setenv("COLLAPSE_JAX_FIGURE_WORKERS", workers)
+    out = tmp_path / "run"
+    argv = ["run", "discrete", "--chains", "8", "--generations", "5", "--no-progress"]
+    modules = _imported([*argv, "--out", str(out)], tmp_path)
+    assert ("matplotlib.pyplot" in modules) == (workers == "0")
+    for name in ("metrics.png", "theory.png", "absorption.png"):
+        assert (out / name).stat().st_size > 0
+        assert name in (out / "report.md").read_text()
+
+
 EXIT_PROBE = """
 import atexit, sys
 from collapse_jax import cli

@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -243,12 +244,14 @@ def _serve() -> None:
     the run closes its input."""
     global _share
     os.nice(10)  # while the run computes, its threads come first
+    # Ctrl-C reaches the whole process group: the run stops and closes the workers' input.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out_fd = os.dup(1)  # answers go here; anything printed goes to stderr
-    os.dup2(2, 1)
     index = int(os.environ.pop("COLLAPSE_JAX_WORKER_INDEX"))
-    if index:  # warnings from the figure code once, not once per worker
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
+    # The figure code's warnings once, from the first worker, not once per worker.
+    quiet = os.open(os.devnull, os.O_WRONLY) if index else 2
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
     from collapse_jax.core.report import pyplot
 
     plt = pyplot()
