@@ -168,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"collapse-jax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # one line, not JAX's chained tracebacks from inside a trace
+        print(
+            "collapse-jax: interrupted (files already written are complete; --resume "
+            "continues a run from its last checkpoint)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def console() -> None:

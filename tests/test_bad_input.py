@@ -729,3 +729,17 @@ def test_lm_option_refuses_bad_value(command, dest, value, lm_files, tmp_path, c
         names |= {"tokenizer", "model", "vocab_size"}
     check_refused(rc, err, names, value, None)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_interrupt_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a run: one line on stderr and the shell's code for SIGINT (130)."""
+    module = load_study("discrete")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run", interrupted)
+    rc, err = run_cli(["run", "discrete", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 130
+    assert err.strip().splitlines() == [err.strip()]
+    assert err.startswith("collapse-jax: interrupted")
