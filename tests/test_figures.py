@@ -4,12 +4,15 @@ own process then never imports matplotlib)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from collapse_jax.core import figures
 from collapse_jax.core.errors import ConfigError
+from collapse_jax.families import STUDIES, load_study
 from collapse_jax.families.discrete import report as discrete_report
 from collapse_jax.families.discrete import study as discrete
 
@@ -104,3 +107,21 @@ def test_only_studies_that_draw_from_the_run_directory_get_workers(monkeypatch):
         assert pool is None
     with figures.for_studies([gaussian]) as pool:
         assert len(pool.procs) == 1
+
+
+def test_every_figure_module_imports_without_jax():
+    """The workers import each study's figure module while the run computes: none of them may
+    pull in JAX (half a second of a processor the run is using)."""
+    studies = [load_study(name) for name in STUDIES]
+    names = figures.figure_modules(studies)
+    assert set(names) == {
+        f"collapse_jax.families.{name}.report"
+        for name in ("discrete", "gaussian", "gmm", "regression", "kde")
+    }
+    probe = "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module(n)\n"
+    probe += "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib')))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *names], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

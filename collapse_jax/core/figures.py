@@ -89,11 +89,9 @@ def default_count() -> int:
     return 2 if cores >= 2 else 0
 
 
-def for_studies(studies: Sequence) -> contextlib.AbstractContextManager:
-    """:func:`workers` for runs of these study modules, preloading each one's figure module:
-    its package's ``report`` module where it has one, else the study itself. Only studies
-    whose figures are drawn from the run directory (a ``make_figures`` function) use workers;
-    for the others this is a no-op."""
+def figure_modules(studies: Sequence) -> list[str]:
+    """The module holding each study's ``make_figures``: its package's ``report`` module where it
+    has one, else the study itself (studies without ``make_figures`` draw in their own way)."""
     names = []
     for module in studies:
         if not hasattr(module, "make_figures"):
@@ -102,6 +100,13 @@ def for_studies(studies: Sequence) -> contextlib.AbstractContextManager:
         report = f"{package}.report"
         found = package and importlib.util.find_spec(report) is not None
         names.append(report if found else module.__name__)
+    return names
+
+
+def for_studies(studies: Sequence) -> contextlib.AbstractContextManager:
+    """:func:`workers` for runs of these study modules, preloading their figure modules; a
+    no-op when none of them draws its figures from the run directory (``make_figures``)."""
+    names = figure_modules(studies)
     return workers(names) if names else contextlib.nullcontext()
 
 

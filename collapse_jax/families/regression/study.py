@@ -17,11 +17,12 @@ from collapse_jax.core.errors import ConfigError, check_choice, check_float, che
 from collapse_jax.core.flags import add_config_arguments, apply_flags
 from collapse_jax.core.loop import precision, run_generations
 from collapse_jax.core.policies import Schedule, check_loop_fields, check_reuse, split_batch
-from collapse_jax.core.runs import RunDir, read_arrays, series
+from collapse_jax.core.runs import RunDir, series
 from collapse_jax.core.statistics import stats_arrays
 from collapse_jax.families import DESCRIPTIONS
 from collapse_jax.families.regression import kernel as proc
 from collapse_jax.families.regression import theory as th
+from collapse_jax.families.regression.report import make_figures
 from collapse_jax.numerics.random import seed_key
 
 NAME = "regression"
@@ -322,66 +323,6 @@ def run(config: Config, out_dir: str | Path | RunDir | None, *, progress: bool |
     figures = run_dir.figures(make_figures)
     write_report(run_dir, config, summary, checks_list, figures, time.perf_counter() - t0)
     return summary
-
-
-def make_figures(path: Path) -> list[tuple[str, str]]:
-    """Figures drawn from metrics.npz only."""
-    a = read_arrays(path / "metrics.npz")
-    g = a["generation"]
-    keep = g >= 1
-    theory = []
-    if "theory_excess_risk" in a:
-        theory.append({"y": a["theory_excess_risk"][keep], "label": "closed form"})
-    if "theory_excess_risk_given_design" in a:
-        theory.append(
-            {"y": a["theory_excess_risk_given_design"][keep], "label": "exact given the designs"}
-        )
-    if "theory_excess_risk_floor" in a:
-        theory.append(
-            {"y": a["theory_excess_risk_floor"][keep], "label": "p₂²‖Δ‖²_Σ floor", "style": "k-."}
-        )
-    if "theory_excess_risk_limit" in a:
-        theory.append(
-            {"y": a["theory_excess_risk_limit"][keep], "label": "π²/6 limit", "style": "k:"}
-        )
-
-    def s(name):
-        return [
-            {
-                "mean": a[f"{name}_mean"][keep],
-                "stderr": a[f"{name}_stderr"][keep],
-                "quantiles": a[f"{name}_quantiles"][keep],
-            }
-        ]
-
-    rep.curves_figure(
-        path / "regression.png",
-        [
-            {
-                "title": "test excess risk ‖ŵ_n − w*‖²_Σ",
-                "x": g[keep],
-                "series": [{**s("excess_risk")[0], "label": "Monte Carlo mean ± 2 se"}],
-                "theory": theory,
-            },
-            {"title": "‖ŵ_n − w*‖²", "x": g[keep], "series": s("param_error")},
-            {
-                "title": "training loss (mean squared residual)",
-                "x": g[keep],
-                "series": s("train_loss"),
-                "theory": [{"y": a["theory_train_loss"][keep], "label": "σ²(T − d)/T"}]
-                if "theory_train_loss" in a
-                else [],
-            },
-        ],
-        ncols=3,
-    )
-    return [
-        (
-            "regression.png",
-            "Excess risk, parameter error and training loss per generation (mean ± 2 stderr; "
-            "dotted: median, light band: 10–90 % of chains; dashed: closed forms).",
-        )
-    ]
 
 
 def write_report(run_dir, config, summary, checks_list, figures, seconds) -> None:
