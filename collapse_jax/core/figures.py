@@ -23,7 +23,7 @@ process unless it is called inside :func:`workers`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import os
 import pickle
@@ -90,17 +90,9 @@ def default_count() -> int:
 
 
 def figure_modules(studies: Sequence) -> list[str]:
-    """The module holding each study's ``make_figures``: its package's ``report`` module where it
-    has one, else the study itself (studies without ``make_figures`` draw in their own way)."""
-    names = []
-    for module in studies:
-        if not hasattr(module, "make_figures"):
-            continue
-        package = module.__name__.rpartition(".")[0]
-        report = f"{package}.report"
-        found = package and importlib.util.find_spec(report) is not None
-        names.append(report if found else module.__name__)
-    return names
+    """The modules that hold the studies' ``make_figures`` (those without one draw their figures
+    their own way, in process)."""
+    return [m.make_figures.__module__ for m in studies if hasattr(m, "make_figures")]
 
 
 def for_studies(studies: Sequence) -> contextlib.AbstractContextManager:
