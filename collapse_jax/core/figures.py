@@ -264,8 +264,8 @@ def _serve() -> None:
         message = _receive(in_fd)
         if message is None:
             return
-        index, count, request = message
-        _share = (index, count)
+        share, count, request = message  # this worker's place among the count
+        _share = (share, count)
         _seen.clear()
         _drawn.clear()
         try:
