@@ -252,6 +252,25 @@ def test_multinomial_packed_levels_do_not_depend_on_the_batch():
     assert np.all(vm.sum(1) == 1000) and np.all(vm[np.asarray(p) == 0] == 0)
 
 
+def test_multinomial_dense_levels_match_sparse_levels():
+    """A wide level with mostly live lanes is sampled block by block in place (the last block
+    moved back to end at the last lane), one with mostly trivial lanes after packing: either
+    way a chain's draw must be the one it gets alone. 300 chains x 50 live states: every wide
+    level is dense and spans 3 blocks of ``_BLOCK`` lanes, the last one partial."""
+    rng = np.random.default_rng(13)
+    chains, k_states = 300, 50
+    p = jnp.asarray(rng.dirichlet(np.full(k_states, 5.0), chains), jnp.float32)
+    keys = jax.random.split(jax.random.key(14), chains)
+    lanes = chains * 32  # the widest level of a 64-leaf tree
+    assert 2 * samplers._BLOCK < lanes < 3 * samplers._BLOCK
+    vm = np.asarray(jax.jit(jax.vmap(samplers.multinomial, in_axes=(0, None, 0)))(keys, 1000, p))
+    one = jax.jit(samplers.multinomial)
+    picks = [0, 1, 127, 128, 255, 256, 299]  # chains at block edges and in the last block
+    loop = np.stack([np.asarray(one(keys[c], 1000, p[c])) for c in picks])
+    np.testing.assert_array_equal(vm[picks], loop)
+    assert np.all(vm.sum(1) == 1000)
+
+
 def test_multinomial_in_scan():
     # The Wright–Fisher use: counts -> Multinomial(M, counts / M), vmapped, inside lax.scan.
     m, chains, k_states = 200, 64, 7

@@ -329,33 +329,62 @@ def _binomial_block(k0, k1, lane, n, p):
 _binomial_lanes = _lanewise(_binomial_block)
 
 
+#: A wide level with more than this fraction of non-trivial lanes is sampled in place, block
+#: after block, without packing: the prefix sum, gathers and scatter of the packing cost about as
+#: much per lane as a BTRS draw, so they only pay where most lanes are trivial. On K = 50 uniform
+#: states, 8,192 chains, M = 1000 this made a generation about 12 % faster at 50, 30 and 16 live
+#: states (the same draws: a lane's draw never depends on the block it is sampled in).
+_DENSE_FRACTION = 0.5
+
+
 @_lanewise
 def _binomial_packed(k0: Array, k1: Array, lane: Array, n: Array, p: Array) -> Array:
     """Binomial(n, p) per lane (all arguments (L,)), the same draws as :func:`_binomial_lanes`.
 
-    Work is proportional to the non-trivial lanes: those (``n > 0``, ``0 < p < 1``) are packed
-    to the front by a prefix sum and sampled in blocks of ``_BLOCK`` lanes by a loop that runs
-    ``ceil(#non-trivial / _BLOCK)`` times, so the dead nodes of a multinomial tree (no items or
-    no mass on one side) cost a few integer operations each. A lane's draw depends only on its
-    own seed words, counter and parameters, never on the block it lands in.
+    Work is proportional to the non-trivial lanes: when they are few, those (``n > 0``,
+    ``0 < p < 1``) are packed to the front by a prefix sum and sampled in blocks of ``_BLOCK``
+    lanes by a loop that runs ``ceil(#non-trivial / _BLOCK)`` times, so the dead nodes of a
+    multinomial tree (no items or no mass on one side) cost a few integer operations each. When
+    more than ``_DENSE_FRACTION`` of the lanes are non-trivial, the blocks are contiguous slices
+    of the lanes instead (no packing; the last block is moved back to end at the last lane, so
+    it re-draws a few lanes with the same result). One copy of the block sampler serves both.
+    A lane's draw depends only on its own seed words, counter and parameters, never on the
+    block it lands in.
     """
     length = n.shape[0]
     p = jnp.clip(p, 0.0, 1.0)
     default = jnp.where((p >= 1.0) & (n > 0), n, 0)  # trivial lanes: n = 0, p = 0 or p = 1
     active = (n > 0) & (p > 0.0) & (p < 1.0)
     block = min(length, _BLOCK)
-    idx = jnp.concatenate([_compact_indices(active, length), jnp.full((block,), length, jnp.int32)])
-    n_blocks = (jnp.sum(active.astype(jnp.int32)) + block - 1) // block
+    n_active = jnp.sum(active.astype(jnp.int32))
+    dense = n_active > int(_DENSE_FRACTION * length)
+    idx = jax.lax.cond(
+        dense,
+        lambda: jnp.zeros((length + block,), jnp.int32),  # unused: the blocks are slices
+        lambda: jnp.concatenate(
+            [_compact_indices(active, length), jnp.full((block,), length, jnp.int32)]
+        ),
+    )
+    n_blocks = jnp.where(dense, -(-length // block), (n_active + block - 1) // block)
+    arrays = (k0, k1, lane, n, p)
 
     def one_block(i, out):
+        start = jnp.minimum(i * block, length - block)  # slices: the last one ends at the end
         sel = jax.lax.dynamic_slice(idx, (i * block,), (block,))
 
-        def take(a):
-            return jnp.take(a, sel, mode="clip")
+        def sliced():
+            return tuple(jax.lax.dynamic_slice(a, (start,), (block,)) for a in arrays)
 
-        nn = jnp.where(sel < length, take(n), 0)  # padding lanes: n = 0, trivial
-        x = _binomial_block(take(k0), take(k1), take(lane), nn, take(p))
-        return out.at[sel].set(x, mode="drop")
+        def gathered():
+            kk0, kk1, ll, nn, pp = (jnp.take(a, sel, mode="clip") for a in arrays)
+            return kk0, kk1, ll, jnp.where(sel < length, nn, 0), pp  # padding lanes: trivial
+
+        x = _binomial_block(*jax.lax.cond(dense, sliced, gathered))
+        return jax.lax.cond(
+            dense,
+            lambda: jax.lax.dynamic_update_slice(out, x, (start,)),
+            lambda: out.at[sel].set(x, mode="drop"),
+        )
 
     return jax.lax.fori_loop(0, n_blocks, one_block, default)
 
