@@ -102,6 +102,10 @@ def _mt_propose(u_norm, u_acc, d, c):
     return ok, lv
 
 
+def _accepted_or_nan(ok, lv):
+    return jnp.where(ok, lv, jnp.nan)
+
+
 def log_gamma_from_uniforms(
     u: Float[Array, "k n"], key: jax.Array, a: Float[Array, " n"], *, boost: bool = True
 ) -> Float[Array, " n"]:
@@ -123,18 +127,22 @@ def log_gamma_from_uniforms(
     aa = jnp.where(a < 1, a + 1, a) if boost else a
     d = aa - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * d)
-    ok, lv = _mt_propose(u[0], u[1], d, c)
+    # A rejected lane carries NaN in place of its value (log v of an accepted proposal is
+    # finite), so the first proposal is one elementwise computation feeding both the loop's test
+    # and the result: with a separate accept flag XLA computed the proposal twice (once per
+    # consumer), which doubled the cost of a Gaussian sufficient-statistic generation.
+    lv = _accepted_or_nan(*_mt_propose(u[0], u[1], d, c))
 
     def cond(carry):
-        return ~jnp.all(carry[0])
+        return jnp.any(jnp.isnan(carry[0]))
 
     def body(carry):
-        ok, lv, i = carry
+        lv, i = carry
         w = uniforms(key, 2 * a.shape[0], dtype, stream=(i + 1).astype(jnp.uint32))
-        ok2, lv2 = _mt_propose(w[: a.shape[0]], w[a.shape[0] :], d, c)
-        return ok | ok2, jnp.where(ok, lv, lv2), i + 1
+        lv2 = _accepted_or_nan(*_mt_propose(w[: a.shape[0]], w[a.shape[0] :], d, c))
+        return jnp.where(jnp.isnan(lv), lv2, lv), i + 1
 
-    ok, lv, _ = jax.lax.while_loop(cond, body, (ok, lv, jnp.asarray(0, jnp.int32)))
+    lv, _ = jax.lax.while_loop(cond, body, (lv, jnp.asarray(0, jnp.int32)))
     out = jnp.log(d) + lv
     if boost:
         out = out + jnp.where(a < 1, jnp.log(u[2]) / jnp.where(a < 1, a, 1.0), 0.0)

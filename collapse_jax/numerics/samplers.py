@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from collapse_jax.numerics.lanes import compact_indices, lanewise, solve, stage_sizes
 from collapse_jax.numerics.random import threefry2x32
 
 __all__ = ["binomial", "hypergeometric", "multinomial", "multivariate_hypergeometric"]
@@ -122,95 +123,6 @@ def _lfact_diff_part(a: Array, b: Array, a_minus_b: Array) -> Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Lockstep-aware driver: run a per-lane rejection/search step until every lane is done, moving
-# the unfinished lanes into ever smaller buffers so late rounds cost only what is left.
-# --------------------------------------------------------------------------------------------
-
-
-def _stage_sizes(length: int) -> tuple[int, ...]:
-    """Static buffer sizes: the full width, then ~1/4 and ~1/32 of it for wide batches.
-
-    Few stages keep the compiled program small (each stage inlines the step); the last buffer
-    runs in lockstep until its lanes are done.
-    """
-    sizes = [length]
-    for frac, min_len in ((4, 512), (32, 4096)):
-        if length >= min_len:
-            sizes.append(length // frac + 32)
-    return tuple(sizes)
-
-
-def _solve(step, params, state, done, sizes):
-    """Iterate ``state, finished = step(params, state, done)`` on lanes until all are done.
-
-    At each width the step runs on every lane (finished lanes keep their state) until at most
-    ``sizes[1]`` lanes remain; those are gathered into a buffer of that size and solved
-    recursively, then scattered back. Each lane sees the same sequence of steps whatever the
-    buffer it sits in, so results do not depend on the batch (vmap == loop over chains).
-    """
-
-    def advance(carry):
-        st, dn = carry
-        new, fin = step(params, st, dn)
-        st = jax.tree.map(lambda old, nw: jnp.where(dn, old, nw), st, new)
-        return st, dn | fin
-
-    if len(sizes) == 1:
-        state, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[1]), advance, (state, done))
-        return state
-    length, nxt = sizes[0], sizes[1]
-    state, done = jax.lax.while_loop(
-        lambda c: jnp.sum((~c[1]).astype(jnp.int32)) > nxt, advance, (state, done)
-    )
-
-    def compact_and_solve(state):
-        idx = _compact_indices(~done, nxt)
-
-        def take(a):
-            return jnp.take(a, idx, mode="clip")
-
-        sub = _solve(
-            step, jax.tree.map(take, params), jax.tree.map(take, state), idx >= length, sizes[1:]
-        )
-        return jax.tree.map(lambda a, s: a.at[idx].set(s, mode="drop"), state, sub)
-
-    # A real branch when not vmapped (the usual case: under vmap the batch is flattened first).
-    return jax.lax.cond(jnp.any(~done), compact_and_solve, lambda st: st, state)
-
-
-def _compact_indices(active: Array, size: int) -> Array:
-    """Indices of the first ``size`` active lanes, padded with ``len(active)`` (stream compaction
-    by an inclusive prefix sum and a scatter; cheaper than ``jnp.nonzero`` on CPU)."""
-    length = active.shape[0]
-    pos = jax.lax.associative_scan(jnp.add, active.astype(jnp.int32)) - 1
-    target = jnp.where(active & (pos < size), pos, size)
-    return (
-        jnp.full((size,), length, jnp.int32)
-        .at[target]
-        .set(jax.lax.iota(jnp.int32, length), mode="drop", unique_indices=True)
-    )
-
-
-def _lanewise(fn):
-    """Wrap a lane-wise sampler ``fn(*arrays of shape (L,)) -> (L,)`` so that under ``vmap`` the
-    batch is flattened into one lane axis (one compaction over all chains) instead of running
-    the while loops in lockstep over the batch. Results are identical either way."""
-    wrapped = jax.custom_batching.custom_vmap(fn)
-
-    @wrapped.def_vmap
-    def _rule(axis_size, in_batched, *args):
-        args = [
-            a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
-            for a, b in zip(args, in_batched, strict=True)
-        ]
-        shape = args[0].shape
-        out = wrapped(*[a.reshape(-1) for a in args])
-        return out.reshape(shape), True
-
-    return wrapped
-
-
-# --------------------------------------------------------------------------------------------
 # Binomial
 # --------------------------------------------------------------------------------------------
 
@@ -290,7 +202,7 @@ _BLOCK = 4096  # lanes sampled per block: work is proportional to the non-trivia
 
 @jax.jit
 def _binomial_block(k0, k1, lane, n, p):
-    """Binomial(n, p) per lane (all arguments (B,)), every lane stepped by :func:`_solve`.
+    """Binomial(n, p) per lane (all arguments (B,)), every lane stepped by :func:`lanes.solve`.
 
     Lanes with ``n * min(p, 1-p) >= 10`` use BTRS (Hörmann, "The generation of binomial random
     variates", J. Stat. Comput. Simul. 46, 1993: transformed rejection with squeeze; acceptance
@@ -321,12 +233,12 @@ def _binomial_block(k0, k1, lane, n, p):
 
     state = (jnp.zeros_like(nf), jnp.zeros(n.shape, jnp.uint32), u, f)
     params = (k0, k1, lane, nf, q, fc_mode, is_btrs)
-    x, _, _, _ = _solve(_binomial_step, params, state, trivial, _stage_sizes(n.shape[0]))
+    x, _, _, _ = solve(_binomial_step, params, state, trivial, stage_sizes(n.shape[0]))
     x = jnp.where(trivial, 0, x.astype(jnp.int32))
     return jnp.where(flip, n - x, x)
 
 
-_binomial_lanes = _lanewise(_binomial_block)
+_binomial_lanes = lanewise(_binomial_block)
 
 
 #: A wide level with more than this fraction of non-trivial lanes is sampled in place, block
@@ -337,7 +249,7 @@ _binomial_lanes = _lanewise(_binomial_block)
 _DENSE_FRACTION = 0.5
 
 
-@_lanewise
+@lanewise
 def _binomial_packed(k0: Array, k1: Array, lane: Array, n: Array, p: Array) -> Array:
     """Binomial(n, p) per lane (all arguments (L,)), the same draws as :func:`_binomial_lanes`.
 
@@ -362,7 +274,7 @@ def _binomial_packed(k0: Array, k1: Array, lane: Array, n: Array, p: Array) -> A
         dense,
         lambda: jnp.zeros((length + block,), jnp.int32),  # unused: the blocks are slices
         lambda: jnp.concatenate(
-            [_compact_indices(active, length), jnp.full((block,), length, jnp.int32)]
+            [compact_indices(active, length), jnp.full((block,), length, jnp.int32)]
         ),
     )
     n_blocks = jnp.where(dense, -(-length // block), (n_active + block - 1) // block)
@@ -554,7 +466,7 @@ def _hrua_step(params, state, done):
     return (k, j + jnp.uint32(1)), accept
 
 
-@_lanewise
+@lanewise
 @jax.jit  # traced once per lane count (see _binomial_block)
 def _hypergeometric_lanes(
     k0: Array, k1: Array, lane: Array, n: Array, good: Array, bad: Array
@@ -599,7 +511,7 @@ def _hypergeometric_lanes(
     _, _, x_direct = jax.lax.fori_loop(0, n_items, direct_body, (mg, pop, jnp.zeros_like(ns)))
 
     # ---- HRUA ----
-    x_hrua, _ = _solve(
+    x_hrua, _ = solve(
         _hrua_step,
         (
             k0,
@@ -611,7 +523,7 @@ def _hypergeometric_lanes(
         ),
         (jnp.zeros(ns.shape, dtype), jnp.full(ns.shape, _HYP_DIRECT_MAX, jnp.uint32)),
         ~use_hrua,
-        _stage_sizes(ns.shape[0]),
+        stage_sizes(ns.shape[0]),
     )
     x = jnp.where(use_hrua, x_hrua.astype(jnp.int32), x_direct)
     x = jnp.where(trivial, 0, x)
