@@ -471,10 +471,10 @@ def make_family(
         def metrics():
             return gaussian_metrics(model.mean, model.chol, model.log_scale, spec, new.collapsed)
 
-        if d == 1:  # a few flops: cheaper than a conditional
-            info = metrics()
-        else:  # SVD for the Bures cross term: only on recorded generations
-            info = jax.lax.cond(gen.record, metrics, lambda: zero_metrics(new.mean.dtype))
+        # Only on recorded generations (for d > 1 an SVD for the Bures cross term; in 1-D a few
+        # flops, but skipping them on the other generations made the 10,000 × 5,000 run about
+        # 0.3 s faster, five alternating pairs, with identical records).
+        info = jax.lax.cond(gen.record, metrics, lambda: zero_metrics(new.mean.dtype))
         return new, info
 
     return Family(init, step)
