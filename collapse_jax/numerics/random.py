@@ -132,8 +132,9 @@ def _retry_lanes(k0, k1, c_norm, c_acc, d, c, lv):
     """Lanes holding NaN (a rejected first proposal) propose again until accepted, one lane at
     a time (lane i's r-th retry uses stream r of its key, so the draws are those of a loop over
     every lane). Under ``vmap`` the batch is flattened first: at 10,000 chains and shape 500 a
-    generation has 0.6 rejected lanes on average, and a retry round over the whole batch (about
-    half of all generations) cost a quarter of a Gaussian sufficient-statistic generation.
+    generation has 0.6 rejected lanes on average, and the retry round over the whole batch that
+    ran in about half of all generations made the vmapped Gaussian draw-and-update 49.3 ns per
+    chain-generation against 41.9 ns this way.
     """
 
     def one_lane(lv):
@@ -181,7 +182,8 @@ def log_gamma_from_uniforms(
     # A rejected lane carries NaN in place of its value (log v of an accepted proposal is
     # finite), so the first proposal is one elementwise computation feeding both the loop's test
     # and the result: with a separate accept flag XLA computed the proposal twice (once per
-    # consumer), which doubled the cost of a Gaussian sufficient-statistic generation.
+    # consumer): 64.6 against 49.3 ns per chain-generation for the vmapped Gaussian draw-and-
+    # update at 10,000 chains.
     lv = _accepted_or_nan(*_mt_propose(u[0], u[1], d, c))
     # Rejected lanes propose again from streams 1, 2, ... of their key: shape j's proposal uses
     # uniforms j and n + j of ``uniforms(key, 2 n, stream)``, the words of counter (j, stream)
