@@ -5,7 +5,7 @@ lanes, each iteration over every lane. :func:`solve` runs a per-lane step until 
 done, moving the unfinished lanes into ever smaller buffers so that late rounds cost only what
 is left; :func:`lanewise` makes a lane-wise function flatten a ``vmap`` batch into its lane axis
 (one compaction over all chains instead of a lockstep loop per chain). Used by the exact count
-samplers (``samplers.py``).
+samplers (``samplers.py``) and the Gamma draws' retries (``random.py``).
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def make_family(
     ``sizes`` (M_0 .. M_{G-1}, or M_0 .. M_G) fixes the buffer shapes and is checked against the
     estimator; the runner supplies the same sizes per generation. Generation 1 is fitted to M_0
     real D0 samples drawn in ``init``; metrics are computed on recorded generations only
-    (d > 1: under a ``lax.cond`` on ``gen.record``).
+    (under a ``lax.cond`` on ``gen.record``).
 
     ``ops`` (:mod:`collapse_jax.core.operators`) act on the model part of every batch: curation
     K → ∞ replaces model n by its reward-tilted Gaussian (:func:`operators.tilt_gaussian`),
