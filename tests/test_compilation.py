@@ -112,3 +112,123 @@ def test_entries_without_access_time_are_repaired(tmp_path):
     new = [p for p in cache.glob("*-cache") if not p.name.startswith("jit_old")]
     assert new and all((cache / (p.name[: -len("-cache")] + "-atime")).exists() for p in new)
     assert compilation.repair(cache) == 0  # nothing left to repair
+
+
+# --------------------------------------------------------------------------------------------
+# The program store: compiled programs loaded without tracing
+
+
+def test_program_store_cold_warm_off_identical_with_compiler_options(tmp_path):
+    """The discrete `counts` method compiles with non-default XLA options (its emitters); a
+    stored program loaded without them fails at its first call, so this is the case that
+    checks the options travel with it. Cold, warm (every program loaded from the store, none
+    compiled or added) and without any cache give the same arrays."""
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
+    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    flags = ("--method", "counts", "--states", "6", "--samples", "300")
+    cold = _run(tmp_path / "cold", env, *flags)
+    store = cache / compilation.PROGRAMS
+    programs = sorted(store.iterdir())
+    assert [p.name.split("-")[0] for p in programs] == ["chunk", "start"]
+    stamps = {p: p.stat().st_mtime_ns for p in programs}
+    os.utime(programs[0], ns=(0, 0)), os.utime(programs[1], ns=(0, 0))
+    warm = _run(tmp_path / "warm", env, *flags)
+    assert sorted(store.iterdir()) == programs  # nothing compiled anew
+    assert all(p.stat().st_mtime_ns > 0 for p in programs)  # each was read and loaded
+    off = _run(tmp_path / "off", env, *flags, "--no-cache")
+    for name in cold:
+        np.testing.assert_array_equal(cold[name], warm[name], err_msg=name)
+        np.testing.assert_array_equal(cold[name], off[name], err_msg=name)
+    assert stamps  # (the store held both programs after the cold run)
+
+
+def _tiny_gaussian_family():
+    import functools
+
+    from collapse_jax.families.gaussian import d0 as gd0
+    from collapse_jax.families.gaussian import kernel as proc
+
+    d0 = gd0.make_d0("normal", 1)
+    family = proc.make_family(d0, np.full(6, 30))
+    reduce = functools.partial(proc.reduce_info, log_trace0=0.0)
+    return family._replace(reduce=reduce)
+
+
+def test_program_store_in_process(monkeypatch, tmp_path):
+    """run_generations through the store: the first run compiles and keeps its programs, a
+    second (in-process memo cleared) loads them and gives the same trace and state; a damaged
+    file fails its checksum and is compiled again; an unkeyed family never touches the store."""
+    import jax
+
+    from collapse_jax.core.loop import run_generations
+
+    monkeypatch.setattr(compilation, "_store_dir", lambda family: _store(family, tmp_path))
+    monkeypatch.setattr(compilation, "_loaded", {})
+    family = compilation.keyed(_tiny_gaussian_family(), "test", {"m": 30})
+    assert family.cache_key is not None
+
+    def run():
+        compilation._loaded.clear()
+        r = run_generations(family, jax.random.key(3), 16, np.full(6, 30), progress=False)
+        return jax.tree.leaves((r.trace, r.state))
+
+    before = dict(compilation.stats)
+    first = run()
+    assert compilation.stats["compiled"] - before["compiled"] == 2
+    files = sorted(tmp_path.glob("*.bin"))
+    assert len(files) == 2
+    second = run()
+    assert compilation.stats["loaded"] - before["loaded"] == 2
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    damaged = bytearray(files[0].read_bytes())
+    damaged[-10] ^= 0xFF
+    files[0].write_bytes(bytes(damaged))
+    third = run()
+    assert compilation.stats["compiled"] - before["compiled"] == 3  # the damaged one again
+    assert compilation._read(files[0]) is None
+    for a, b in zip(first, third, strict=True):
+        np.testing.assert_array_equal(a, b)
+    unkeyed = before["unkeyed"]
+    r = run_generations(_tiny_gaussian_family(), jax.random.key(3), 16, np.full(6, 30))
+    assert compilation.stats["unkeyed"] - unkeyed == 2 and len(list(tmp_path.glob("*.bin"))) == 2
+    del r
+
+
+def _store(family, root):
+    """The store folder for a family that is (still) keyed, as `_store_dir` decides."""
+    key = family.cache_key
+    return root if key is not None and key[1] == compilation._field_ids(family) else None
+
+
+def test_keyed_families(tmp_path):
+    """What a key depends on: every part but the seed (runs with other seeds share programs),
+    a file named by a part by its contents; a field replaced after keying unkeys the family,
+    and a part that is not plain data (a function) leaves it unkeyed."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        p0: str = "uniform"
+        samples: int = 10
+        seed: int = 0
+
+    family = _tiny_gaussian_family()
+
+    def key(*parts):
+        return compilation.keyed(family, "study", *parts).cache_key[0]
+
+    assert key(Cfg()) == key(Cfg(seed=7))
+    assert key(Cfg()) != key(Cfg(samples=11))
+    assert key(Cfg(), ("samples", [1, 2])) != key(Cfg(), ("samples", [1, 3]))
+    assert key(Cfg(), np.arange(3.0)) != key(Cfg(), np.arange(3.0) + 1e-12)
+    path = tmp_path / "p0.npy"
+    np.save(path, np.array([0.5, 0.5]))
+    with_file = key(Cfg(p0=str(path)))
+    np.save(path, np.array([0.4, 0.6]))
+    assert key(Cfg(p0=str(path))) != with_file
+    keyed = compilation.keyed(family, "study", Cfg())
+    assert _store(keyed, tmp_path) == tmp_path
+    assert _store(keyed._replace(reduce=lambda info: info), tmp_path) is None
+    assert compilation.keyed(family, "study", Cfg(), print).cache_key is None

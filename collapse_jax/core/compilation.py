@@ -15,10 +15,15 @@ recently used entries beyond it), so runs that share the cache concurrently are 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import os
+import pickle
 import platform
 from pathlib import Path
+from typing import Any
 
 #: Every compiled program is kept: with a time threshold, whether a program is cached would
 #: depend on how long its compilation happened to take (the machine's load), so a warm run could
@@ -89,3 +94,293 @@ def repair(path: Path) -> int:
             stamp = p.stat().st_mtime_ns.to_bytes(8, "little")
             (path / (p.name.removesuffix("-cache") + "-atime")).write_bytes(stamp)
     return len(missing)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled programs kept whole: a warm start without tracing or lowering
+
+#: Folder of the program store inside JAX's cache directory.
+PROGRAMS = "programs"
+#: Programs kept in the store; beyond it the least recently used are deleted.
+MAX_PROGRAMS = 256
+_MAGIC = b"collapse_jax program 2\n"
+_loaded: dict[str, Any] = {}  # key -> compiled program, this process
+_MAX_LOADED = 32
+_options: dict[str, bytes] = {}  # key -> compile options caught when it was compiled here
+#: What this process did with keyed programs (for tests and benchmarks).
+stats = {"loaded": 0, "compiled": 0, "unkeyed": 0}
+
+
+class _Unkeyable(TypeError):
+    pass
+
+
+def _digest(text: str | bytes) -> str:
+    return hashlib.sha256(text if isinstance(text, bytes) else text.encode()).hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """A digest of every Python source file of this package (any change to the code that builds
+    a program makes a new key)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _token(x: Any) -> str:
+    """A text that determines ``x`` exactly (arrays by the digest of their bytes; a string that
+    names a file also by the digest of its contents); raises :class:`_Unkeyable` for anything
+    else, e.g. a function, whose behaviour no text of it pins down."""
+    import numpy as np  # here: the CLI's `list` and `--help` import this module, not NumPy
+
+    if x is None or isinstance(x, (bool, int, float, complex, bytes)):
+        return repr(x)
+    if isinstance(x, str):
+        if x and len(x) < 4096 and os.path.isfile(x):
+            return f"{x!r}@{_digest(Path(x).read_bytes())}"
+        return repr(x)
+    if isinstance(x, (np.ndarray, np.generic)):
+        a = np.ascontiguousarray(x)
+        return f"nd({a.dtype},{a.shape},{_digest(a.tobytes())})"
+    name = f"{type(x).__module__}.{type(x).__qualname__}"
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        fields = (f"{f.name}={_token(getattr(x, f.name))}" for f in dataclasses.fields(x))
+        return f"{name}({','.join(fields)})"
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return f"{name}({','.join(f'{k}={_token(getattr(x, k))}' for k in x._fields)})"
+    if isinstance(x, (tuple, list)):
+        return f"{name}[{','.join(_token(v) for v in x)}]"
+    if isinstance(x, dict):
+        items = sorted((_token(k), _token(v)) for k, v in x.items())
+        return f"{name}{{{','.join(f'{k}:{v}' for k, v in items)}}}"
+    raise _Unkeyable(name)
+
+
+def _field_ids(family) -> tuple[int, ...]:
+    return tuple(id(getattr(family, f)) for f in family._fields if f != "cache_key")
+
+
+def keyed(family, *parts: Any, drop: tuple[str, ...] = ("seed",)):
+    """``family`` with a key for the program store: ``parts`` are everything its functions are
+    built from (a study's name and config, a sweep, ...): dataclasses, named tuples, arrays,
+    numbers and strings (a file named by a string counts by its contents). Config fields in
+    ``drop`` are left out: the seed reaches the programs as their key argument, so runs with
+    other seeds share programs. The key also holds the package's source digest. The key is kept
+    only while the family's functions are the ones it was made for: a field replaced later
+    (``family._replace(reduce=...)``) unkeys it. Parts that cannot be keyed leave it unkeyed."""
+
+    def strip(p):
+        if dataclasses.is_dataclass(p) and not isinstance(p, type):
+            return {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name not in drop}
+        return p
+
+    family = family._replace(cache_key=None)
+    try:
+        text = _token([type(p).__qualname__ if dataclasses.is_dataclass(p) else "" for p in parts])
+        text += _token([strip(p) for p in parts])
+    except _Unkeyable:
+        return family
+    return family._replace(cache_key=(_digest(text + source_digest()), _field_ids(family)))
+
+
+def _environment() -> str:
+    """What, besides the program's own inputs, shapes a compiled program: versions, the backend
+    and its devices, the configuration options that change tracing, XLA flags, the processor."""
+    import jax
+    import jaxlib
+
+    cfg = jax.config
+    devices = jax.devices()
+    return repr(
+        (
+            jax.__version__,
+            jaxlib.__version__,
+            devices[0].client.platform,
+            devices[0].client.platform_version,
+            [(d.id, d.device_kind) for d in devices],
+            bool(cfg.jax_enable_x64),
+            str(cfg.jax_default_prng_impl),
+            bool(cfg.jax_threefry_partitionable),
+            str(cfg.jax_default_matmul_precision),
+            os.environ.get("XLA_FLAGS", ""),
+            _machine_tag(),
+        )
+    )
+
+
+def _signature(args: Any) -> str:
+    """The avals and placements of a program's arguments (what a compiled program accepts)."""
+    import jax
+    import numpy as np
+
+    leaves, tree = jax.tree.flatten(args)
+    parts = [str(tree)]
+    for x in leaves:
+        if isinstance(x, jax.Array):
+            parts.append(f"{x.aval.str_short()}:{x.aval.weak_type}:{x.sharding}")
+        else:
+            a = np.asarray(x)
+            parts.append(f"host:{a.dtype}{a.shape}:{type(x).__name__}")
+    return "|".join(parts)
+
+
+def program(family, name: str, jitted, static: Any, args: tuple):
+    """The program ``jitted`` (a ``jax.jit`` of the family's ``name`` program, closed over
+    ``static``) for ``args``: for a keyed family with the compilation cache on, the compiled
+    program from the store (no trace, no lowering: a warm start of the discrete demo config
+    spent 1.2 s of its 5.8 s tracing and lowering its two programs), compiled and kept there on
+    a miss; otherwise ``jitted`` itself. Same program either way: the one XLA compiles from the
+    same lowering (results identical; tested)."""
+    store = _store_dir(family)
+    if store is None:
+        stats["unkeyed"] += 1
+        return jitted
+    key = _digest(
+        "\0".join(
+            (family.cache_key[0], name, repr(static), _signature(args), _environment(),
+             repr(family.compiler_options))
+        )
+    )  # fmt: skip
+    if key in _loaded:
+        return _loaded[key]
+    path = store / f"{name}-{key}.bin"
+    compiled = _read(path)
+    if compiled is None:
+        compiled, options = _compile(jitted, args)
+        options = _options.setdefault(key, options) if options else _options.get(key)
+        _write(path, compiled, options)
+        stats["compiled"] += 1
+    else:
+        stats["loaded"] += 1
+    if len(_loaded) >= _MAX_LOADED:
+        _loaded.pop(next(iter(_loaded)))
+    _loaded[key] = compiled
+    return compiled
+
+
+def _store_dir(family) -> Path | None:
+    """The store's folder when ``family`` is keyed (and still the family it was keyed for) and
+    JAX's compilation cache is on in a single-process run; else None."""
+    import jax
+
+    key = getattr(family, "cache_key", None)
+    root = jax.config.jax_compilation_cache_dir
+    if key is None or not root or key[1] != _field_ids(family) or jax.process_count() > 1:
+        return None
+    return Path(root) / PROGRAMS
+
+
+def _compile(jitted, args):
+    """``jitted.lower(*args).compile()``, and the serialised XLA compile options JAX passed
+    for it (None when JAX took the program from its in-memory cache, or has no such hook).
+
+    The options are needed to load the program again: JAX's serialised program does not hold
+    them, and XLA's CPU runtime loads a program compiled with non-default options (the discrete
+    sampler's emitters) only when given them ("Function ..._kernel not found" at its first call
+    otherwise). JAX's own persistent cache passes them the same way; they are caught here at the
+    one internal call that receives them rather than rebuilt."""
+    from jax._src import compiler
+
+    seen = []
+    real = getattr(compiler, "compile_or_get_cached", None)
+
+    def spy(backend, computation, devices, compile_options, *rest, **kw):
+        seen.append(compile_options)
+        return real(backend, computation, devices, compile_options, *rest, **kw)
+
+    if real is not None:
+        compiler.compile_or_get_cached = spy
+    try:
+        compiled = jitted.lower(*args).compile()
+    finally:
+        if real is not None:
+            compiler.compile_or_get_cached = real
+    return compiled, (seen[0].SerializeAsString() if len(seen) == 1 else None)
+
+
+class _Unpickler(pickle.Unpickler):
+    """Reads what ``jax.experimental.serialize_executable.serialize`` pickled (its persistent
+    ids: 'exec', 'device', 'client'), loading the executable with its compile options."""
+
+    def __init__(self, file, backend, options):
+        super().__init__(file)
+        from jax._src.lib import xla_client
+
+        self.backend, self.options = backend, options
+        self.devices = xla_client.DeviceList(tuple(backend.devices()))
+        self.by_id = {d.id: d for d in backend.devices()}
+
+    def persistent_load(self, pid):
+        if pid[0] == "exec":
+            return self.backend.deserialize_executable(pid[1], self.devices, self.options)
+        if pid[0] == "device":
+            return self.by_id[pid[1]]
+        if pid[0] == "client":
+            return self.backend
+        raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
+
+
+def _read(path: Path):
+    """The compiled program stored at ``path``, or None (absent, damaged or not loadable)."""
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    head = len(_MAGIC) + 64
+    if blob[: len(_MAGIC)] != _MAGIC or _digest(blob[head:]).encode() != blob[len(_MAGIC) : head]:
+        return None
+    try:
+        import io
+
+        import jax
+        from jax._src.lib import xla_client
+
+        payload, in_tree, out_tree, options = pickle.loads(blob[head:])
+        options = xla_client.CompileOptions.ParseFromString(options)
+        backend = jax.devices()[0].client
+        unloaded, args_flat, no_kwargs = _Unpickler(io.BytesIO(payload), backend, options).load()
+        args_info = in_tree.unflatten(args_flat)
+        compiled = jax.stages.Compiled(
+            unloaded.load(), [], args_info, out_tree, no_kwargs=no_kwargs
+        )
+    except Exception:  # a store written by another version: compile again
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used
+    return compiled
+
+
+def _write(path: Path, compiled, options: bytes | None) -> None:
+    """Keep ``compiled`` at ``path`` (atomically, with a checksum); a program that cannot be
+    serialised, or a full disk, only means the next run compiles it again."""
+    if options is None:
+        return
+    try:
+        from jax.experimental.serialize_executable import serialize
+
+        body = pickle.dumps((*serialize(compiled), options), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return
+    from collapse_jax.core.runs import atomic_path
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(_MAGIC + _digest(body).encode() + body)
+        _evict(path.parent)
+    except OSError:
+        return
+
+
+def _evict(folder: Path) -> None:
+    """Delete the least recently used programs beyond :data:`MAX_PROGRAMS`."""
+    entries = []
+    for p in folder.glob("*.bin"):
+        with contextlib.suppress(OSError):
+            entries.append((p.stat().st_mtime, p))
+    for _, p in sorted(entries)[: max(0, len(entries) - MAX_PROGRAMS)]:
+        with contextlib.suppress(OSError):
+            p.unlink()

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from collapse_jax.core import compilation
 from collapse_jax.core.errors import ConfigError, check_int
 from collapse_jax.core.runs import ScanCheckpoint, read_arrays, write_arrays
 from collapse_jax.core.statistics import summarize_chains
@@ -70,6 +71,9 @@ class Family(NamedTuple):
     # XLA options for the family's programs (start and chunk), as (name, value) pairs: e.g. an
     # emitter that compiles a large sampler faster at the same speed (see the discrete kernel)
     compiler_options: tuple[tuple[str, Any], ...] = ()
+    # set by ``compilation.keyed`` (never by hand): the key of the family's compiled programs
+    # in the program store, so a warm start loads them without tracing (core/compilation.py)
+    cache_key: tuple[str, tuple[int, ...]] | None = None
 
 
 def _jit(family: Family, fn):
@@ -515,6 +519,7 @@ def run_generations(
     t0 = time.perf_counter()
     start = _compiled_start(family, sharding, n_chains)
     chunk = _compiled_chunk(family, record_every, records_per_chunk, sharding)
+    start = compilation.program(family, "start", start, (n_chains, sharding), (key, params, inputs))
     state, trace0, chain_keys = start(key, params, inputs)
     trace0 = jax.tree.map(lambda a: a[0], _host_reduce(family, tree_to_host(trace0), one=True))
 
@@ -539,7 +544,11 @@ def run_generations(
         if family.between_chunks is not None and done_records:
             state = family.between_chunks(state, params)
         # The generation as NumPy: jnp.asarray(gen, jnp.int32) would run a program to convert it.
-        (state, next_gen), tr, last_info = chunk(state, np.int32(gen), chain_keys, params, inputs)
+        args = (state, np.int32(gen), chain_keys, params, inputs)
+        static = (record_every, records_per_chunk, sharding)
+        (state, next_gen), tr, last_info = compilation.program(
+            family, "chunk", chunk, static, args
+        )(*args)
         take = min(records_per_chunk, n_records - done_records)
         part = jax.tree.map(lambda a, take=take: a[:take], tree_to_host(tr))
         traces.append(_host_reduce(family, part))

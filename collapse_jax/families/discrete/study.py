@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from collapse_jax.core import operators
+from collapse_jax.core import compilation, operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
@@ -236,6 +236,8 @@ def simulate(
         reduce=_group_reduce(n_values, chains),
         between_chunks=family.between_chunks if compact else None,
     )
+    # every number the programs close over follows from the config and the sweep
+    family = compilation.keyed(family, NAME, config, sweep)
     result = run_generations(
         family,
         seed_key(config.seed),

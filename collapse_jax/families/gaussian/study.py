@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from collapse_jax.core import operators
+from collapse_jax.core import compilation, operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import (
     ConfigError,
@@ -180,8 +180,10 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> d
         reduce = functools.partial(
             proc.reduce_info, log_trace0=float(np.log(d0.trace)), thresholds=thresholds(config)
         )
+        # every number the programs close over follows from the config (x64 included)
+        family = compilation.keyed(family._replace(reduce=reduce), NAME, config)
         result = run_generations(
-            family._replace(reduce=reduce),
+            family,
             seed_key(config.seed),
             config.chains,
             np.concatenate([sizes, sizes[-1:]]),  # M_G: held by the last state, never drawn
