@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from collapse_jax.core import compilation
 from collapse_jax.core.runs import read_arrays
@@ -232,3 +233,54 @@ def test_keyed_families(tmp_path):
     assert _store(keyed, tmp_path) == tmp_path
     assert _store(keyed._replace(reduce=lambda info: info), tmp_path) is None
     assert compilation.keyed(family, "study", Cfg(), print).cache_key is None
+
+
+def _programs(cache):
+    store = cache / compilation.PROGRAMS
+    return {p.name: p.stat().st_mtime_ns for p in store.iterdir()} if store.is_dir() else {}
+
+
+@pytest.mark.parametrize(
+    "study, flags, shared",
+    [
+        ("discrete", ("--states", "4", "--samples", "20", "--chains", "8"), True),
+        ("gaussian", ("--samples", "20", "--chains", "8", "--generations", "10"), True),
+        # D0 a point set: its held-out split depends on the seed, so the programs (which close
+        # over the training points) must not be shared between seeds
+        ("gmm", ("--d0", "POINTS", "--samples", "40", "--chains", "4", "--generations", "3",
+                 "--heldout", "20", "--w2-samples", "10", "--max-iter", "5"), False),
+    ],
+)  # fmt: skip
+def test_program_store_across_seeds(tmp_path, study, flags, shared):
+    """The seed is left out of a study's key: a run with another seed loads the programs of the
+    first where they do not depend on it (and compiles its own where they do), and gives the
+    arrays of that seed's run without any cache."""
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(0).normal(size=(120, 2)))
+    flags = [str(points) if f == "POINTS" else f for f in flags]
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
+    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    run = [sys.executable, "-m", "collapse_jax.cli", "run", study, *flags, "--no-progress"]
+
+    def arrays(out, *extra):
+        proc = subprocess.run(
+            [*run, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr
+        return read_arrays(out / "metrics.npz")
+
+    arrays(tmp_path / "seed0", "--seed", "0")
+    first = _programs(cache)
+    assert first, "the first run kept no program"
+    for name in first:
+        os.utime(cache / compilation.PROGRAMS / name, ns=(0, 0))
+    warm = arrays(tmp_path / "seed1", "--seed", "1")
+    after = _programs(cache)
+    if shared:
+        assert after.keys() == first.keys() and all(after.values())  # all loaded, none added
+    else:
+        assert after.keys() > first.keys() and not any(after[n] for n in first)
+    off = arrays(tmp_path / "off", "--seed", "1", "--no-cache")
+    for name in off:
+        np.testing.assert_array_equal(warm[name], off[name], err_msg=name)

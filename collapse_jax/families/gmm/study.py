@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.core import operators
+from collapse_jax.core import compilation, operators
 from collapse_jax.core.errors import (
     ConfigError,
     check_choice,
@@ -279,6 +279,8 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None):
             else None
         ),
     )
+    # the programs close over the config and what setup derived from it (D0's points included)
+    family = compilation.keyed(family, NAME, config, d0, policy, sizes, spec)
     result = run_generations(
         family,
         seed_key(config.seed),

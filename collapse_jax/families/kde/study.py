@@ -14,7 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.core import operators
+from collapse_jax.core import compilation, operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_float, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
@@ -211,6 +211,8 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None):
         reduce=make_reduce(config),
         host_reduce=functools.partial(w2_exact_records, n_chains=config.chains),
     )
+    # the programs close over the config and what setup derived from it (the data included)
+    family = compilation.keyed(family, NAME, config, dataset, policy, sizes, spec)
     result = run_generations(
         family,
         seed_key(config.seed),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from collapse_jax.core import operators
+from collapse_jax.core import compilation, operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int
 from collapse_jax.core.flags import add_config_arguments, apply_flags
@@ -147,8 +147,10 @@ def simulate(config: Config, progress: bool | None = None, checkpoint=None) -> d
     """Run the chains; returns per-recorded-generation arrays, the theory curves and facts."""
     spec, sampler, sizes, policy = setup(config)
     with precision(config.x64):
+        # the programs close over the config and what setup derived from it (x64 included)
+        family = proc.make_family(spec, sampler)
         result = run_generations(
-            proc.make_family(spec, sampler),
+            compilation.keyed(family, NAME, config, spec, sampler, sizes, policy),
             seed_key(config.seed),
             config.chains,
             sizes,
