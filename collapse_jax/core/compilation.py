@@ -11,6 +11,10 @@ deserialising it crashed a test worker (segmentation fault). With a budget
 (:data:`MAX_CACHE_BYTES`) JAX takes a file lock around every read and write (and evicts the least
 recently used entries beyond it), so runs that share the cache concurrently are safe. ``COLLAPSE_JAX_CACHE_DIR`` moves it; ``COLLAPSE_JAX_NO_CACHE=1`` or the CLI's
 ``--no-cache`` switches it off.
+
+Beside it, the program store (:func:`keyed`, :func:`program`) keeps a study's compiled start and
+chunk programs whole, under a key made from the study's settings rather than from the lowered
+program, so a warm start loads them without tracing or lowering them (see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
