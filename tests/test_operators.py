@@ -460,7 +460,15 @@ BEFORE = [
 )
 def test_operators_off_give_the_numbers_of_before(study, settings, metric, value):
     res = cj.run(study, **settings)
-    assert float(res.arrays[metric][-1]) == value
+    if study == "gmm":
+        # EM runs in float32 and stops on a tolerance, so its last digits follow the processor's
+        # order of float32 sums: the recorded value came from an AVX-512 machine, and an AVX2
+        # one gives -3.3266168 (2.4e-5 relative; tolerance 1e-4). Any operator that is not off
+        # moves it far more: best-of-2 curation with a reward slope of only 0.01 by 1.0e-3
+        # relative, a verifier that rejects 0.1 % of points by 2.9e-2.
+        assert float(res.arrays[metric][-1]) == pytest.approx(value, rel=1e-4, abs=0)
+    else:
+        assert float(res.arrays[metric][-1]) == value
     assert res.summary["operators"] == []
     if study == "discrete":  # identity settings are "off" too: the same numbers
         same = cj.run(study, temperature=1.0, top_p=1.0, top_k=0, verify="off", **settings)
