@@ -25,7 +25,9 @@ with d = 1, M = 1000, 10,000 chains, 5,000 generations, the ``sufficient`` sampl
 every 10th generation and (today's default) every generation, against NumPy scripts: the
 sufficient-statistic loop at full length, and the sample-level loop, whose 5,000 generations
 (about 25 minutes) are extrapolated from two shorter whole runs of the same script (its cost per
-generation is constant): T(G) = T(a) + (T(b) − T(a)) (G − a) / (b − a).
+generation is constant): T(G) = T(a) + (T(b) − T(a)) (G − a) / (b − a), with a = 20 and
+b = 220 (b = 40 gave 669 s and 1,246 s in two runs of one session: a 0.5 s jitter in either
+short run moves the slope by a quarter).
 
     python benchmarks/bench_gaussian.py [--quick] [--repeats N] [--x64] [--whole-only]
 """
@@ -76,7 +78,7 @@ np.savez(OUT, mean=mu, sd=sigma)
 """
 
 
-def whole_process(short: tuple[int, int] = (20, 40)) -> None:
+def whole_process(short: tuple[int, int] = (20, 220)) -> None:
     """Print the whole-process figures (``short``: the sample-level loop's two timed lengths)."""
     settings = f"CHAINS, M = {WHOLE_CHAINS}, {WHOLE_M}\n"
     flags = ["gaussian", "--dim", "1", "--samples", str(WHOLE_M), "--chains", str(WHOLE_CHAINS),
@@ -234,7 +236,7 @@ def main() -> None:
             f"{d:>3} {'NumPy sample-level (draw M, fit)':<44} {samp:>12.3g} {ours / samp:>11.1f}x"
         )
         print(f"{d:>3} {'NumPy sufficient statistics':<44} {suff:>12.3g} {ours / suff:>11.2f}x")
-    whole_process(short=(3, 6) if args.quick else (20, 40))
+    whole_process(short=(3, 6) if args.quick else (20, 220))
 
 
 if __name__ == "__main__":
