@@ -37,6 +37,7 @@ MIN_COMPILE_SECONDS = 0.0
 MAX_CACHE_BYTES = 8 * 2**30
 
 
+@functools.cache  # read once: the program store's key asks for it at every chunk
 def _machine_tag() -> str:
     """The processor type and a digest of its feature flags (Linux), e.g. ``x86_64-3fa2c1``."""
     flags = ""
