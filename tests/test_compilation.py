@@ -144,6 +144,32 @@ def test_program_store_cold_warm_off_identical_with_compiler_options(tmp_path):
     assert stamps  # (the store held both programs after the cold run)
 
 
+def test_program_store_filled_from_jax_cache(tmp_path):
+    """A program missing from the store but held by JAX's own cache (the package's source
+    changed, or the store's copy was evicted) is served by JAX's cache and then kept in the
+    store. XLA:CPU serialises a program it loaded only in part (the copy is smaller and fails
+    at its first call: "Function wrapped_iota not found"), so the store must keep the bytes
+    JAX's cache holds: the next run loads that copy and gives the arrays of a run without any
+    cache, and its files are the ones a cold run writes."""
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
+    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    flags = ("--method", "counts", "--states", "6", "--samples", "300")
+    _run(tmp_path / "cold", env, *flags)
+    store = cache / compilation.PROGRAMS
+    cold = {p.name: p.read_bytes() for p in store.iterdir()}
+    jax_entries = sorted(p.name for p in cache.iterdir() if p.is_file())
+    for p in store.iterdir():
+        p.unlink()
+    _run(tmp_path / "from-jax-cache", env, *flags)  # JAX's cache serves both programs
+    assert sorted(p.name for p in cache.iterdir() if p.is_file()) == jax_entries
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == cold
+    warm = _run(tmp_path / "warm", env, *flags)  # loads the copies made from JAX's cache
+    off = _run(tmp_path / "off", env, *flags, "--no-cache")
+    for name in off:
+        np.testing.assert_array_equal(warm[name], off[name], err_msg=name)
+
+
 def _tiny_gaussian_family():
     import functools
 

@@ -254,9 +254,9 @@ def program(family, name: str, jitted, static: Any, args: tuple):
     path = store / f"{name}-{key}.bin"
     compiled = _read(path)
     if compiled is None:
-        compiled, options = _compile(jitted, args)
+        compiled, options, served = _compile(jitted, args)
         options = _options.setdefault(key, options) if options else _options.get(key)
-        _write(path, compiled, options)
+        _write(path, compiled, options, served)
         stats["compiled"] += 1
     else:
         stats["loaded"] += 1
@@ -279,31 +279,85 @@ def _store_dir(family) -> Path | None:
 
 
 def _compile(jitted, args):
-    """``jitted.lower(*args).compile()``, and the serialised XLA compile options JAX passed
-    for it (None when JAX took the program from its in-memory cache, or has no such hook).
+    """``jitted.lower(*args).compile()``; the serialised XLA compile options JAX passed for it
+    (None when JAX took the program from its in-memory cache, or has no such hook); and, when
+    JAX's persistent cache served the program, ``{id(executable): (executable, bytes)}`` with
+    the bytes that cache holds for it (None where they could not be read).
 
     The options are needed to load the program again: JAX's serialised program does not hold
     them, and XLA's CPU runtime loads a program compiled with non-default options (the discrete
     sampler's emitters) only when given them ("Function ..._kernel not found" at its first call
     otherwise). JAX's own persistent cache passes them the same way; they are caught here at the
-    one internal call that receives them rather than rebuilt."""
-    from jax._src import compiler
+    one internal call that receives them rather than rebuilt.
 
-    seen = []
+    The bytes are needed because XLA:CPU serialises a program that it loaded, rather than
+    compiled, only in part: such a copy was a quarter smaller and failed at its first call
+    ("Function wrapped_iota not found"). So a program JAX's cache served is kept in the store as
+    the bytes JAX's cache holds, which were written from the compiled program."""
+    from jax._src import compilation_cache, compiler
+
+    seen, served = [], {}
     real = getattr(compiler, "compile_or_get_cached", None)
+    real_get = getattr(compilation_cache, "get_executable_and_time", None)
 
     def spy(backend, computation, devices, compile_options, *rest, **kw):
         seen.append(compile_options)
         return real(backend, computation, devices, compile_options, *rest, **kw)
 
+    def get(cache_key, compile_options, backend, *rest, **kw):
+        executable, seconds = real_get(cache_key, compile_options, backend, *rest, **kw)
+        if executable is not None:
+            served[id(executable)] = (executable, _cached_bytes(cache_key, backend))
+        return executable, seconds
+
     if real is not None:
         compiler.compile_or_get_cached = spy
+    if real_get is not None:
+        compilation_cache.get_executable_and_time = get
     try:
         compiled = jitted.lower(*args).compile()
     finally:
         if real is not None:
             compiler.compile_or_get_cached = real
-    return compiled, (seen[0].SerializeAsString() if len(seen) == 1 else None)
+        if real_get is not None:
+            compilation_cache.get_executable_and_time = real_get
+    return compiled, (seen[0].SerializeAsString() if len(seen) == 1 else None), served
+
+
+def _cached_bytes(cache_key: str, backend) -> bytes | None:
+    """The serialised program JAX's persistent cache holds under ``cache_key``, or None."""
+    try:
+        from jax._src import compilation_cache as cc
+
+        blob = cc._get_cache(backend).get(cache_key)
+        return cc.extract_executable_and_time(cc.decompress_executable(blob))[0]
+    except Exception:  # another JAX's internals: the program is then not kept
+        return None
+
+
+def _serialize(compiled, served) -> tuple:
+    """``jax.experimental.serialize_executable.serialize(compiled)``, with the executables JAX's
+    cache served written as the bytes it holds (see :func:`_compile`)."""
+    from jax.experimental import serialize_executable as se
+
+    if not served:
+        return se.serialize(compiled)
+    plain = se._JaxPjrtPickler
+
+    class Pickler(plain):
+        def persistent_id(self, obj):
+            if id(obj) in served:
+                data = served[id(obj)][1]
+                if data is None:
+                    raise ValueError("the bytes of a cached program could not be read")
+                return ("exec", data)
+            return super().persistent_id(obj)
+
+    se._JaxPjrtPickler = Pickler
+    try:
+        return se.serialize(compiled)
+    finally:
+        se._JaxPjrtPickler = plain
 
 
 class _Unpickler(pickle.Unpickler):
@@ -358,15 +412,14 @@ def _read(path: Path):
     return compiled
 
 
-def _write(path: Path, compiled, options: bytes | None) -> None:
+def _write(path: Path, compiled, options: bytes | None, served=None) -> None:
     """Keep ``compiled`` at ``path`` (atomically, with a checksum); a program that cannot be
     serialised, or a full disk, only means the next run compiles it again."""
     if options is None:
         return
     try:
-        from jax.experimental.serialize_executable import serialize
-
-        body = pickle.dumps((*serialize(compiled), options), protocol=pickle.HIGHEST_PROTOCOL)
+        body = _serialize(compiled, served or {})
+        body = pickle.dumps((*body, options), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         return
     from collapse_jax.core.runs import atomic_path
