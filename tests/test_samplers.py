@@ -16,7 +16,7 @@ import pytest
 import scipy.stats as st
 
 from collapse_jax.numerics import samplers
-from collapse_jax.numerics.random import seed_key, threefry2x32
+from collapse_jax.numerics.random import fold_in, key_bits, seed_key, threefry2x32
 
 ALPHA = 1e-4
 
@@ -60,6 +60,24 @@ def test_seed_key_is_jax_random_key():
         assert jax.random.key_impl(ours) == jax.random.key_impl(ref)
         np.testing.assert_array_equal(jax.random.key_data(ours), jax.random.key_data(ref))
         np.testing.assert_array_equal(jax.random.bits(ours, (4,)), jax.random.bits(ref, (4,)))
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_fold_in_and_key_bits_equal_jax(impl, partitionable):
+    """The unrolled ``fold_in`` and ``key_bits`` give JAX's keys and words bit for bit, under
+    vmap and jit as the run loop and the samplers call them (other implementations, and
+    Threefry's non-partitionable bits, are JAX's own functions)."""
+    keys = jax.random.split(jax.random.key(11, impl=impl), 257)
+    with jax.threefry_partitionable(partitionable):
+        for data in (0, 1, 800, 2**31 - 1):
+            ref = jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+            ours = jax.jit(jax.vmap(fold_in, (0, None)))(keys, jnp.int32(data))
+            assert jax.random.key_impl(ours) == jax.random.key_impl(ref)
+            np.testing.assert_array_equal(jax.random.key_data(ours), jax.random.key_data(ref))
+        ref = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+        ours = jnp.stack(jax.jit(jax.vmap(key_bits))(keys), axis=1)
+        np.testing.assert_array_equal(ours, ref)
 
 
 def test_threefry_known_answer():

@@ -48,6 +48,7 @@ from collapse_jax.core import compilation
 from collapse_jax.core.errors import ConfigError, check_int
 from collapse_jax.core.runs import ScanCheckpoint, read_arrays, write_arrays
 from collapse_jax.core.statistics import summarize_chains
+from collapse_jax.numerics.random import fold_in
 
 
 class GenInput(NamedTuple):
@@ -253,7 +254,7 @@ def _records(family, vstep, state, gen, chain_keys, params, inputs, record_every
     reduce = _reduce_of(family)
 
     def run(state, gen):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(chain_keys, gen)
+        keys = jax.vmap(fold_in, (0, None))(chain_keys, gen)
         return vstep(keys, state, params, _at(inputs, jnp.minimum(gen, n_generations)))
 
     info0 = jax.tree.map(
@@ -321,7 +322,7 @@ def scan_generations(
 
 
 def _fold(chain_keys, n):
-    return jax.vmap(jax.random.fold_in, (0, None))(chain_keys, n)
+    return jax.vmap(fold_in, (0, None))(chain_keys, n)
 
 
 def _host_reduce(family: Family, records: Any, one: bool = False) -> Any:

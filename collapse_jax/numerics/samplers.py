@@ -36,7 +36,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from collapse_jax.numerics.lanes import compact_indices, lanewise, solve, stage_sizes
-from collapse_jax.numerics.random import threefry2x32
+from collapse_jax.numerics.random import key_bits, threefry2x32
 
 __all__ = ["binomial", "hypergeometric", "multinomial", "multivariate_hypergeometric"]
 
@@ -46,9 +46,9 @@ __all__ = ["binomial", "hypergeometric", "multinomial", "multivariate_hypergeome
 
 
 def _key_words(key: jax.Array) -> tuple[Array, Array]:
-    """Two uint32 seed words from a key of any implementation (typed or legacy uint32)."""
-    w = jax.random.bits(key, (2,), jnp.uint32)
-    return w[0], w[1]
+    """Two uint32 seed words from a key of any implementation (typed or legacy uint32):
+    ``jax.random.bits(key, (2,), jnp.uint32)`` (:func:`~collapse_jax.numerics.random.key_bits`)."""
+    return key_bits(key)
 
 
 def _lane_seeds(key: jax.Array, lane: Array) -> tuple[Array, Array]:
