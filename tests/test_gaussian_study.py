@@ -109,7 +109,14 @@ def test_cli_flags_map_onto_config():
 def test_run_end_to_end(tmp_path):
     cfg = study.Config(samples=12, chains=256, generations=40, record_every=4, x64=False)
     summary = study.run(cfg, tmp_path)
-    for name in ("config.json", "metrics.npz", "summary.json", "report.md", "gaussian_metrics.png"):
+    for name in (
+        "config.json",
+        "metrics.npz",
+        "summary.json",
+        "report.md",
+        "gaussian_metrics.png",
+        "gaussian_covariance.png",
+    ):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "summary.json").read_text())
     for key in ("w2_sq", "mean_sq_error", "trace_cov"):
