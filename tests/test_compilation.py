@@ -170,6 +170,47 @@ def test_program_store_filled_from_jax_cache(tmp_path):
         np.testing.assert_array_equal(warm[name], off[name], err_msg=name)
 
 
+_RESERIALISE = """
+import pickle, sys
+from pathlib import Path
+from collapse_jax.core import compilation
+import jax
+for name in sys.argv[1:]:
+    path = Path(name)
+    blob = path.read_bytes()
+    options = pickle.loads(blob[len(compilation._MAGIC) + 64 :])[3]
+    compilation._write(path, compilation._read(path), options)  # a loaded program, again
+"""
+
+
+def test_program_store_replaces_a_program_that_fails_to_run(tmp_path):
+    """A stored program that loads but fails at its first call (here the incomplete copy XLA:CPU
+    makes when it serialises a program it loaded, which failed with "Function wrapped_iota not
+    found") is deleted, compiled again and kept; the run goes on and gives the arrays of a run
+    without any cache, and the next run loads the new copy."""
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
+    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    flags = ("--method", "counts", "--states", "6", "--samples", "300")
+    _run(tmp_path / "cold", env, *flags)
+    store = cache / compilation.PROGRAMS
+    cold = {p.name: p.stat().st_size for p in store.iterdir()}
+    damage = [sys.executable, "-c", _RESERIALISE, *map(str, store.iterdir())]
+    subprocess.run(damage, env=env, check=True, capture_output=True, timeout=600)
+    damaged = {p.name: p.stat().st_size for p in store.iterdir()}
+    assert damaged.keys() == cold.keys() and all(damaged[n] < cold[n] for n in cold), damaged
+    warm = _run(tmp_path / "warm", env, *flags)
+    kept = {p.name: p.read_bytes() for p in store.iterdir()}
+    # compiled and kept again, whole (the payload's debug details may differ by a few bytes)
+    assert kept.keys() == cold.keys() and all(len(kept[n]) > damaged[n] for n in cold)
+    again = _run(tmp_path / "again", env, *flags)
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == kept  # loaded and run as kept
+    off = _run(tmp_path / "off", env, *flags, "--no-cache")
+    for name in off:
+        np.testing.assert_array_equal(warm[name], off[name], err_msg=name)
+        np.testing.assert_array_equal(again[name], off[name], err_msg=name)
+
+
 def _tiny_gaussian_family():
     import functools
 

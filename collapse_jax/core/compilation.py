@@ -113,7 +113,7 @@ _loaded: dict[str, Any] = {}  # key -> compiled program, this process
 _MAX_LOADED = 32
 _options: dict[str, bytes] = {}  # key -> compile options caught when it was compiled here
 #: What this process did with keyed programs (for tests and benchmarks).
-stats = {"loaded": 0, "compiled": 0, "unkeyed": 0}
+stats = {"loaded": 0, "compiled": 0, "unkeyed": 0, "rejected": 0}
 
 
 class _Unkeyable(TypeError):
@@ -254,16 +254,50 @@ def program(family, name: str, jitted, static: Any, args: tuple):
     path = store / f"{name}-{key}.bin"
     compiled = _read(path)
     if compiled is None:
-        compiled, options, served = _compile(jitted, args)
-        options = _options.setdefault(key, options) if options else _options.get(key)
-        _write(path, compiled, options, served)
-        stats["compiled"] += 1
+        compiled = _compile_and_keep(key, path, jitted, args)
     else:
         stats["loaded"] += 1
+        compiled = _FirstCall(compiled, key, path, jitted)
     if len(_loaded) >= _MAX_LOADED:
         _loaded.pop(next(iter(_loaded)))
     _loaded[key] = compiled
     return compiled
+
+
+def _compile_and_keep(key: str, path: Path, jitted, args):
+    compiled, options, served = _compile(jitted, args)
+    options = _options.setdefault(key, options) if options else _options.get(key)
+    _write(path, compiled, options, served)
+    stats["compiled"] += 1
+    return compiled
+
+
+class _FirstCall:
+    """A program loaded from the store, until its first call has run to the end.
+
+    A stored program that loads but fails when run (XLA:CPU found a function missing from an
+    incompletely serialised program: "Function wrapped_iota not found") is deleted, compiled
+    again and kept, and the call is made again with the new program: a bad entry costs one
+    compilation, never the run. The first call waits for its results, which the run loop reads
+    at once anyway; later calls go to the program itself."""
+
+    def __init__(self, compiled, key: str, path: Path, jitted):
+        self.compiled, self.key, self.path, self.jitted = compiled, key, path, jitted
+
+    def __call__(self, *args):
+        import jax
+
+        try:
+            return jax.block_until_ready(self.compiled(*args))
+        except jax.errors.JaxRuntimeError:
+            stats["rejected"] += 1
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.compiled = _compile_and_keep(self.key, self.path, self.jitted, args)
+            return self.compiled(*args)
+        finally:
+            if _loaded.get(self.key) is self:
+                _loaded[self.key] = self.compiled
 
 
 def _store_dir(family) -> Path | None:
