@@ -29,6 +29,17 @@ RUN = [
 ]
 
 
+#: The discrete `counts` method: compiled with non-default XLA options (its emitters).
+COUNTS = ("--method", "counts", "--states", "6", "--samples", "300")
+
+
+def _cache_env(cache):
+    """The environment of a run with the compilation cache on at ``cache``."""
+    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
+    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    return env
+
+
 def _run(out, env, *extra):
     proc = subprocess.run(
         [*RUN, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=600
@@ -39,8 +50,7 @@ def _run(out, env, *extra):
 
 def test_cache_gives_identical_results_cold_warm_and_off(tmp_path):
     cache = tmp_path / "xla"
-    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
-    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    env = _cache_env(cache)
     cold = _run(tmp_path / "cold", env)
     entries = sorted(p.name for p in cache.iterdir())
     assert entries, "the first run wrote no compiled program to the cache"
@@ -125,9 +135,8 @@ def test_program_store_cold_warm_off_identical_with_compiler_options(tmp_path):
     checks the options travel with it. Cold, warm (every program loaded from the store, none
     compiled or added) and without any cache give the same arrays."""
     cache = tmp_path / "xla"
-    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
-    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
-    flags = ("--method", "counts", "--states", "6", "--samples", "300")
+    env = _cache_env(cache)
+    flags = COUNTS
     cold = _run(tmp_path / "cold", env, *flags)
     store = cache / compilation.PROGRAMS
     programs = sorted(store.iterdir())
@@ -152,9 +161,8 @@ def test_program_store_filled_from_jax_cache(tmp_path):
     JAX's cache holds: the next run loads that copy and gives the arrays of a run without any
     cache, and its files are the ones a cold run writes."""
     cache = tmp_path / "xla"
-    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
-    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
-    flags = ("--method", "counts", "--states", "6", "--samples", "300")
+    env = _cache_env(cache)
+    flags = COUNTS
     _run(tmp_path / "cold", env, *flags)
     store = cache / compilation.PROGRAMS
     cold = {p.name: p.read_bytes() for p in store.iterdir()}
@@ -189,9 +197,8 @@ def test_program_store_replaces_a_program_that_fails_to_run(tmp_path):
     found") is deleted, compiled again and kept; the run goes on and gives the arrays of a run
     without any cache, and the next run loads the new copy."""
     cache = tmp_path / "xla"
-    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
-    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
-    flags = ("--method", "counts", "--states", "6", "--samples", "300")
+    env = _cache_env(cache)
+    flags = COUNTS
     _run(tmp_path / "cold", env, *flags)
     store = cache / compilation.PROGRAMS
     cold = {p.name: p.stat().st_size for p in store.iterdir()}
@@ -326,8 +333,7 @@ def test_program_store_across_seeds(tmp_path, study, flags, shared):
     np.save(points, np.random.default_rng(0).normal(size=(120, 2)))
     flags = [str(points) if f == "POINTS" else f for f in flags]
     cache = tmp_path / "xla"
-    env = {k: v for k, v in os.environ.items() if k != "COLLAPSE_JAX_NO_CACHE"}
-    env["COLLAPSE_JAX_CACHE_DIR"] = str(cache)
+    env = _cache_env(cache)
     run = [sys.executable, "-m", "collapse_jax.cli", "run", study, *flags, "--no-progress"]
 
     def arrays(out, *extra):
