@@ -200,9 +200,10 @@ _NARROW_LEVELS = 3  # tree levels (from the root) sampled without packing: few l
 _BLOCK = 4096  # lanes sampled per block: work is proportional to the non-trivial lanes only
 
 
-@jax.jit
-def _binomial_block(k0, k1, lane, n, p):
-    """Binomial(n, p) per lane (all arguments (B,)), every lane stepped by :func:`lanes.solve`.
+def _binomial_draws(k0, k1, lane, n, p, staged: bool):
+    """Binomial(n, p) per lane (all arguments (B,)), every lane stepped by :func:`lanes.solve`
+    (``staged=False``: in one buffer, every lane in lockstep until all are done: the same draws
+    from a program with one copy of the step instead of one per stage, but slower).
 
     Lanes with ``n * min(p, 1-p) >= 10`` use BTRS (Hörmann, "The generation of binomial random
     variates", J. Stat. Comput. Simul. 46, 1993: transformed rejection with squeeze; acceptance
@@ -211,10 +212,10 @@ def _binomial_block(k0, k1, lane, n, p):
     ``p > 1/2`` is drawn as ``n - X`` with ``X ~ Binomial(n, 1 - p)``. A lane's draw depends
     only on its seed words, counter and parameters.
 
-    Jitted on its own so that a lane count seen before reuses its trace: a study's program
-    holds this block at a handful of lane counts (one per tree level, the same at every
-    compaction width), and tracing it again for each was most of a warm run's time. XLA
-    inlines the call, so the compiled program and its draws are unchanged.
+    Called through the two jitted blocks below, so that a lane count seen before reuses its
+    trace: a study's program holds a block at a handful of lane counts (one per tree level, the
+    same at every compaction width), and tracing it again for each was most of a warm run's
+    time. XLA inlines the call, so the compiled program and its draws are unchanged.
     """
     dtype = p.dtype
     n = jnp.maximum(n, 0)
@@ -233,12 +234,26 @@ def _binomial_block(k0, k1, lane, n, p):
 
     state = (jnp.zeros_like(nf), jnp.zeros(n.shape, jnp.uint32), u, f)
     params = (k0, k1, lane, nf, q, fc_mode, is_btrs)
-    x, _, _, _ = solve(_binomial_step, params, state, trivial, stage_sizes(n.shape[0]))
+    sizes = stage_sizes(n.shape[0]) if staged else n.shape[:1]
+    x, _, _, _ = solve(_binomial_step, params, state, trivial, sizes)
     x = jnp.where(trivial, 0, x.astype(jnp.int32))
     return jnp.where(flip, n - x, x)
 
 
+@jax.jit
+def _binomial_block(k0, k1, lane, n, p):
+    """:func:`_binomial_draws` through the staged solver."""
+    return _binomial_draws(k0, k1, lane, n, p, staged=True)
+
+
+@jax.jit
+def _binomial_block_lockstep(k0, k1, lane, n, p):
+    """:func:`_binomial_draws` in lockstep (a smaller program, the same draws)."""
+    return _binomial_draws(k0, k1, lane, n, p, staged=False)
+
+
 _binomial_lanes = lanewise(_binomial_block)
+_binomial_lockstep = lanewise(_binomial_block_lockstep)
 
 
 #: A wide level with more than this fraction of non-trivial lanes is sampled in place, block
@@ -353,7 +368,9 @@ def _tree_sums(w: Array, levels: int) -> list[Array]:
     return sums[::-1]
 
 
-def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int[Array, " K"]:
+def multinomial(
+    key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"], *, small_program: bool = False
+) -> Int[Array, " K"]:
     """Exact Multinomial(n, p) counts for one chain, by a binary tree of conditional binomials.
 
     The state axis is padded to ``2**L`` (``L = ceil(log2 K)``) and split in halves: a node with
@@ -369,6 +386,10 @@ def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int
         key: PRNG key (any implementation).
         n: total count, int32 scalar >= 0.
         p: (K,) non-negative weights with a positive sum (normalised internally).
+        small_program: the same counts from a program a fraction of the size, which compiles
+            several times faster and runs slower: every level in one scan through one lockstep
+            copy of the binomial sampler (no packing, no stages). For a draw made once, where
+            the compilation is the cost (a study's generation 0).
 
     Returns:
         (K,) int32 counts summing to ``n``; ``counts[k] = 0`` wherever ``p[k] = 0``.
@@ -413,6 +434,8 @@ def multinomial(key: jax.Array, n: Int[Array, ""], p: Float[Array, " K"]) -> Int
         return jax.lax.scan(lambda c, x: (split(c, *x, lanes, sampler), None), counts, xs)[0]
 
     counts = jnp.zeros((width,), jnp.int32).at[0].set(n)
+    if small_program:  # a lane's draw depends only on its seed words, counter and parameters
+        return scan_levels(counts, 0, levels, half, _binomial_lockstep)[:k_states]
     # The first levels have few nodes, nearly all of them busy: sampled without packing, in
     # one scan padded to the widest of them (the staged solver moves the padding lanes, which
     # are finished from the start, out of the way after one step). The wider levels, where

@@ -129,10 +129,14 @@ COUNTS_CPU_OPTIONS = (("xla_cpu_use_fusion_emitters", False),)
 _COMPARE_ALL_MAX = 64
 
 
-def _sample_model(key, n, p, method: str, max_size: int):
-    """Counts of ``n`` draws from ``p``: directly (``counts``) or draw-and-recount (``samples``)."""
+def _sample_model(key, n, p, method: str, max_size: int, once: bool = False):
+    """Counts of ``n`` draws from ``p``: directly (``counts``) or draw-and-recount (``samples``).
+
+    ``once``: a draw made once per run (generation 0), taken from the multinomial's small
+    program: the same counts, a fraction of the compile time (K = 50, 8,192 chains: 1.95
+    against 6.7 s), a few tenths of a second slower, once."""
     if method == "counts":
-        return samplers.multinomial(key, n, p)
+        return samplers.multinomial(key, n, p, small_program=once)
     # The paper's literal procedure: M categorical draws by inverse CDF, then recount. The
     # uniforms come from the project's fused Threefry (numerics/random.py: about 7x cheaper per
     # word on CPU than jax.random.uniform); a short CDF is searched by comparing every entry
@@ -190,8 +194,8 @@ def make_family(
             None if good is None else good[state.index],
         )
 
-    def draw(key, n, p):
-        return _sample_model(key, n, p, method, max_size)
+    def draw(key, n, p, once: bool = False):
+        return _sample_model(key, n, p, method, max_size, once)
 
     def fresh_fraction(params: DiscreteParams):
         """γ of a chain: its own value in a vmapped sweep over it, else the policy's."""
@@ -202,7 +206,7 @@ def make_family(
         p0 = params.p0
         k = p0.shape[0]
         samples = jnp.asarray(params.samples, jnp.int32)
-        counts = draw(key, jnp.where(samples > 0, samples, gen.size), p0)
+        counts = draw(key, jnp.where(samples > 0, samples, gen.size), p0, once=True)
         pool = counts if policy.mode == "accumulate-subsample" else jnp.zeros_like(counts)
         state = DiscreteState(
             counts=counts,
