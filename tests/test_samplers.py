@@ -16,7 +16,16 @@ import pytest
 import scipy.stats as st
 
 from collapse_jax.numerics import samplers
-from collapse_jax.numerics.random import fold_in, key_bits, seed_key, threefry2x32
+from collapse_jax.numerics.random import (
+    fold_in,
+    jax_bernoulli,
+    jax_categorical,
+    jax_normal,
+    jax_uniform,
+    key_bits,
+    seed_key,
+    threefry2x32,
+)
 
 ALPHA = 1e-4
 
@@ -78,6 +87,50 @@ def test_fold_in_and_key_bits_equal_jax(impl, partitionable):
         ref = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
         ours = jnp.stack(jax.jit(jax.vmap(key_bits))(keys), axis=1)
         np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_flat_draws_equal_jax_random(dtype, partitionable):
+    """``jax_normal`` / ``jax_uniform`` / ``jax_bernoulli`` / ``jax_categorical`` (drawn flat
+    for a shorter compile) give ``jax.random``'s arrays bit for bit, under vmap and jit as the
+    kernels call them, for 2-D and 3-D shapes, with Threefry's partitionable setting on and
+    off, in float32 and float64."""
+    keys = jax.random.split(jax.random.key(5), 9)
+    with jax.threefry_partitionable(partitionable), jax.enable_x64(dtype == "float64"):
+        logits = jnp.log(jnp.asarray([0.1, 0.2, 0.3, 0.4], dtype))
+        for shape in ((5, 3), (2, 3, 2)):
+            pairs = [
+                (
+                    lambda k, shape=shape: jax.random.normal(k, shape, dtype),
+                    lambda k, shape=shape: jax_normal(k, shape, dtype),
+                ),
+                (
+                    lambda k, shape=shape: jax.random.uniform(k, shape, dtype, -1.0, 2.0),
+                    lambda k, shape=shape: jax_uniform(k, shape, dtype, -1.0, 2.0),
+                ),
+                (
+                    lambda k, shape=shape: jax.random.bernoulli(k, 0.3, shape),
+                    lambda k, shape=shape: jax_bernoulli(k, 0.3, shape),
+                ),
+                (
+                    lambda k, shape=shape: jax.random.categorical(k, logits, shape=shape),
+                    lambda k, shape=shape: jax_categorical(k, logits, shape),
+                ),
+            ]
+            for ref, ours in pairs:
+                np.testing.assert_array_equal(
+                    jax.jit(jax.vmap(ours))(keys), jax.jit(jax.vmap(ref))(keys)
+                )
+        p = jax.random.uniform(jax.random.key(6), (9, 4, 3), dtype)  # one p per element
+        np.testing.assert_array_equal(
+            jax.vmap(jax_bernoulli)(keys, p), jax.vmap(jax.random.bernoulli)(keys, p)
+        )
+        batch = jnp.log(jax.random.uniform(jax.random.key(7), (9, 2, 4), dtype))  # (2,) batch
+        np.testing.assert_array_equal(
+            jax.vmap(lambda k, lg: jax_categorical(k, lg, (5, 2)))(keys, batch),
+            jax.vmap(lambda k, lg: jax.random.categorical(k, lg, shape=(5, 2)))(keys, batch),
+        )
 
 
 def test_threefry_known_answer():

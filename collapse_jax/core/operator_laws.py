@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from collapse_jax.numerics.random import jax_uniform
+
 if TYPE_CHECKING:
     from collapse_jax.core.operators import Operators, PointReward
 
@@ -183,7 +185,7 @@ def point_samples(
     x = curated(k_draw, n * v.draws)
     x = x.reshape(n, v.draws, *x.shape[1:])
     rate = jnp.where(v.good.contains(feat(x)), v.tpr, v.fpr)
-    accept = jax.random.uniform(k_accept, (n, v.draws), x.dtype) < rate
+    accept = jax_uniform(k_accept, (n, v.draws), x.dtype) < rate
     first = jnp.argmax(accept, 1)
     kept = jnp.take_along_axis(x, first[:, None, None], 1)[:, 0]
     return kept, jnp.any(accept, 1).astype(x.dtype)

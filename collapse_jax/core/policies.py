@@ -36,6 +36,7 @@ from collapse_jax.core.errors import (
     check_int,
     load_array,
 )
+from collapse_jax.numerics.random import jax_uniform
 
 POLICY_MODES = ("replace", "mix", "accumulate", "accumulate-subsample")
 
@@ -183,7 +184,7 @@ def subsample(key: jax.Array, x: jax.Array, w: jax.Array, k: int) -> jax.Array:
     """``k`` of the valid points (w > 0) of ``x`` uniformly without replacement (top-k of
     uniform keys). With fewer than ``k`` valid points the trailing rows are padding; callers
     use only as many rows as there are valid points."""
-    u = jax.random.uniform(key, w.shape)
+    u = jax_uniform(key, w.shape)
     _, idx = jax.lax.top_k(jnp.where(w > 0, u, -1.0), k)
     return x[idx]
 

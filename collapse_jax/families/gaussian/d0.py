@@ -13,6 +13,7 @@ from jaxtyping import Array, Float
 
 from collapse_jax.core.errors import ConfigError, check_choice, check_float, check_int, load_array
 from collapse_jax.families.gaussian.metrics import kappa_empirical, kappa_symmetric
+from collapse_jax.numerics.random import jax_bernoulli, jax_normal, jax_uniform
 
 D0_FAMILIES = ("normal", "student-t", "mixture", "uniform")
 #: mixture D0: each coordinate is ½ N(−a s, (b s)²) + ½ N(a s, (b s)²) with a² + b² = 1
@@ -64,18 +65,18 @@ class D0:
         mean = jnp.asarray(self.mean, dtype)
         if self.family == "normal":
             chol = jnp.asarray(np.linalg.cholesky(self.cov), dtype)
-            z = jax.random.normal(key, (n, d), dtype)
+            z = jax_normal(key, (n, d), dtype)
             return mean[None, :] + z @ chol.T
         if self.family == "student-t":
             t = jax.random.t(key, self.df, (n, d), dtype)
             return mean[None, :] + self.scale * np.sqrt((self.df - 2) / self.df) * t
         if self.family == "mixture":
             k1, k2 = jax.random.split(key)
-            sign = jnp.where(jax.random.bernoulli(k1, 0.5, (n, d)), 1.0, -1.0).astype(dtype)
-            z = jax.random.normal(k2, (n, d), dtype)
+            sign = jnp.where(jax_bernoulli(k1, 0.5, (n, d)), 1.0, -1.0).astype(dtype)
+            z = jax_normal(k2, (n, d), dtype)
             return mean[None, :] + self.scale * (MIXTURE_OFFSET * sign + MIXTURE_SD * z)
         if self.family == "uniform":
-            u = jax.random.uniform(key, (n, d), dtype, -1.0, 1.0)
+            u = jax_uniform(key, (n, d), dtype, -1.0, 1.0)
             return mean[None, :] + self.scale * np.sqrt(3.0) * u
         data = jnp.asarray(self.data, dtype)
         idx = jax.random.randint(key, (n,), 0, data.shape[0])

@@ -63,6 +63,7 @@ from collapse_jax.families.gaussian.metrics import (
 )
 from collapse_jax.families.gaussian.theory import ESTIMATORS
 from collapse_jax.numerics import linalg
+from collapse_jax.numerics.random import jax_normal
 from collapse_jax.numerics.wishart import sufficient_draws
 
 SAMPLERS = ("samples", "sufficient")
@@ -358,7 +359,7 @@ def make_family(
         dt = mean.dtype
 
         def draw(k, m):
-            return mean[None, :] + jax.random.normal(k, (m, d), dt) @ lchol.T
+            return mean[None, :] + jax_normal(k, (m, d), dt) @ lchol.T
 
         if ops.on_points:
             return operators.point_samples(key, draw, rows, ops)
@@ -396,7 +397,7 @@ def make_family(
                 )
             shift = absolute_chol(model) @ z / jnp.sqrt(m)
         else:
-            zs = jax.random.normal(key, (max_model, d), dt)
+            zs = jax_normal(key, (max_model, d), dt)
             mask = jnp.arange(max_model) < state.size
             st = masked_stats(zs, mask)  # whitened coordinates
             shift = absolute_chol(model) @ st.mean

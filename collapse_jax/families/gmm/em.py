@@ -36,6 +36,7 @@ from collapse_jax.families.gmm.metrics import (
     precision_cholesky,
 )
 from collapse_jax.numerics import linalg
+from collapse_jax.numerics.random import jax_categorical, jax_normal
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
 INITS = ("kmeans", "kmeans++", "warm")
@@ -208,7 +209,7 @@ def kmeans_plusplus(
     for k in range(1, n_components):
         p = w * d2
         logits = jnp.where(jnp.sum(p) > 0, jnp.log(p), logw)  # all points equal: any valid one
-        cand = jax.random.categorical(keys[k], logits, shape=(n_trials,))
+        cand = jax_categorical(keys[k], logits, (n_trials,))
         cd2 = jnp.sum((xt[None, :, :] - x[cand][:, :, None]) ** 2, 1)  # trials N
         cd2 = jnp.minimum(cd2, d2[None, :])
         best = jnp.argmin(jnp.sum(cd2 * w[None, :], -1))
@@ -315,7 +316,7 @@ def sample(key: jax.Array, gmm: GMM, n: int) -> Float[Array, "n d"]:
     """``n`` i.i.d. points of the mixture: k ~ Categorical(π), x = μ_k + L_k z, z ~ N(0, I)."""
     k_comp, k_norm = jax.random.split(key)
     d = gmm.means.shape[-1]
-    comp = jax.random.categorical(k_comp, jnp.log(gmm.weights), shape=(n,))
-    z = jax.random.normal(k_norm, (n, d), gmm.means.dtype)
+    comp = jax_categorical(k_comp, jnp.log(gmm.weights), (n,))
+    z = jax_normal(k_norm, (n, d), gmm.means.dtype)
     chol = safe_cholesky(gmm.covs)
     return gmm.means[comp] + jnp.sum(chol[comp] * z[:, None, :], -1)

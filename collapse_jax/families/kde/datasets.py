@@ -45,6 +45,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from collapse_jax.core.errors import ConfigError, load_array
+from collapse_jax.numerics.random import jax_normal
 
 #: The synthetic point sets (any other value must be a path to a ``.npy`` file).
 SYNTHETIC = ("blobs", "circles", "moons", "swiss-roll")
@@ -74,7 +75,7 @@ class Dataset:
         if self.points is not None:
             raise ValueError("a point-set D0 is resampled by the kernel, not sampled here")
         k_pick, k_pos, k_noise = jax.random.split(key, 3)
-        noise = jax.random.normal(k_noise, (n, self.dim), dtype)
+        noise = jax_normal(k_noise, (n, self.dim), dtype)
         if self.name == "blobs":
             centers = jnp.asarray(self.centers, dtype)
             pick = jax.random.randint(k_pick, (n,), 0, centers.shape[0])

@@ -25,6 +25,7 @@ from collapse_jax.core.loop import Family, GenInput
 from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import PointBuffer, Policy, initial_buffer, new_batch, next_buffer
 from collapse_jax.families.kde.datasets import Dataset
+from collapse_jax.numerics.random import jax_normal
 
 #: Bandwidth rules besides a fixed number.
 RULES = ("scott", "silverman")
@@ -90,7 +91,7 @@ def sample(key: jax.Array, kde: KDE, n: int, extra=None) -> Float[Array, "n d"]:
     appended after the d coordinates."""
     k_pick, k_noise = jax.random.split(key)
     idx = pick_centers(k_pick, kde.weights, n)
-    noise = jax.random.normal(k_noise, (n, kde.centers.shape[1]), kde.centers.dtype)
+    noise = jax_normal(k_noise, (n, kde.centers.shape[1]), kde.centers.dtype)
     pts = kde.centers[idx] + kde.bandwidth * noise
     if extra is None:
         return pts

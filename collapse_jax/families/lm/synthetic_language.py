@@ -43,6 +43,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from collapse_jax.core.errors import ConfigError, check_float, check_int
+from collapse_jax.numerics.random import jax_uniform
 
 N_SPECIAL = 3  # <pad>, </s>, <unk> after the V words
 
@@ -135,7 +136,7 @@ def _sample(key: jax.Array, source: HMMSource, n: int, length: int) -> Int[Array
     s0 = _inverse_cdf(jnp.broadcast_to(cdf_init, (n, cdf_init.shape[0])), u0)
 
     def step(states, k):
-        u = jax.random.uniform(k, (2, n))
+        u = jax_uniform(k, (2, n))
         tokens = _inverse_cdf(cdf_emit[states], u[0])
         return _inverse_cdf(cdf_trans[states], u[1]), tokens
 

@@ -43,7 +43,7 @@ from collapse_jax.core.policies import (
     split_batch,
 )
 from collapse_jax.numerics import linalg
-from collapse_jax.numerics.random import log_gamma
+from collapse_jax.numerics.random import jax_normal, log_gamma
 from collapse_jax.numerics.wishart import bartlett
 
 DESIGNS = ("fixed", "fresh")
@@ -145,7 +145,7 @@ def make_family(spec: RegressionSpec, sampler: str) -> Family:
 
 
 def _rows(key, spec: RegressionSpec, n: int, dtype):
-    return jax.random.normal(key, (n, spec.dim), dtype) * jnp.asarray(spec.scale, dtype)[None, :]
+    return jax_normal(key, (n, spec.dim), dtype) * jnp.asarray(spec.scale, dtype)[None, :]
 
 
 def n_wrong(real_rows, spec: RegressionSpec):

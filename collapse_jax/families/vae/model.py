@@ -51,6 +51,7 @@ from collapse_jax.core.training import (
     train_state_sharding,
 )
 from collapse_jax.core.training import make_train_step as make_core_train_step
+from collapse_jax.numerics.random import jax_bernoulli, jax_normal
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -244,7 +245,7 @@ def make_train_step(
     shard = batch_sharding(mesh)
 
     def loss_sums(params, batch, key):
-        eps = jax.random.normal(key, (batch.shape[0], model.latent), batch.dtype)
+        eps = jax_normal(key, (batch.shape[0], model.latent), batch.dtype)
         eps = jax.lax.with_sharding_constraint(eps, shard)
         return negative_elbo(model, params, batch, eps).sum(), jnp.float32(batch.shape[0])
 
@@ -283,10 +284,10 @@ class VAEFunctions:
         @functools.partial(jax.jit, static_argnums=2)
         def sample_chunk(params, key, binarize: bool):
             kz, kb = jax.random.split(key)
-            z = jax.random.normal(kz, (chunk, m.latent), jnp.float32)
+            z = jax_normal(kz, (chunk, m.latent), jnp.float32)
             means = jax.nn.sigmoid(m.apply({"params": params}, z, method=VAE.decode))
             if binarize:
-                return jax.random.bernoulli(kb, means).astype(jnp.float32)
+                return jax_bernoulli(kb, means).astype(jnp.float32)
             return means
 
         @jax.jit
@@ -295,7 +296,7 @@ class VAEFunctions:
 
         @jax.jit
         def nelbo(params, x, key):
-            eps = jax.random.normal(key, (x.shape[0], m.latent), x.dtype)
+            eps = jax_normal(key, (x.shape[0], m.latent), x.dtype)
             return negative_elbo(m, params, x, eps)
 
         self._sample_chunk = sample_chunk
