@@ -45,15 +45,10 @@ __all__ = ["binomial", "hypergeometric", "multinomial", "multivariate_hypergeome
 # --------------------------------------------------------------------------------------------
 
 
-def _key_words(key: jax.Array) -> tuple[Array, Array]:
-    """Two uint32 seed words from a key of any implementation (typed or legacy uint32):
-    ``jax.random.bits(key, (2,), jnp.uint32)`` (:func:`~collapse_jax.numerics.random.key_bits`)."""
-    return key_bits(key)
-
-
 def _lane_seeds(key: jax.Array, lane: Array) -> tuple[Array, Array]:
-    """The key's two seed words broadcast to the lane shape."""
-    k0, k1 = _key_words(key)
+    """The key's two seed words (:func:`~collapse_jax.numerics.random.key_bits`, any key
+    implementation) broadcast to the lane shape."""
+    k0, k1 = key_bits(key)
     return jnp.broadcast_to(k0, lane.shape), jnp.broadcast_to(k1, lane.shape)
 
 
@@ -411,7 +406,7 @@ def multinomial(
         prob = jnp.where(tot > 0, child[:, 0] / jnp.where(tot > 0, tot, 1.0), 0.0)
         probs.append(prob)
     # Heap numbering (node i of level l has counter 2**l + i) keeps every node's counter distinct.
-    k0, k1 = _key_words(key)
+    k0, k1 = key_bits(key)
 
     def split(counts, prob, base, lanes, sampler):
         """Send Binomial(c_i, prob_i) items of the first ``lanes`` nodes left, the rest right;

@@ -132,8 +132,8 @@ _COMPARE_ALL_MAX = 64
 def _sample_model(key, n, p, method: str, max_size: int, once: bool = False):
     """Counts of ``n`` draws from ``p``: directly (``counts``) or draw-and-recount (``samples``).
 
-    ``once``: a draw made once per run (generation 0), taken from the multinomial's small
-    program: the same counts, a fraction of the compile time (K = 50, 8,192 chains: 1.95
+    ``once``: a draw made once per run (generation 0); with ``counts`` it is taken from the
+    multinomial's small program: the same counts, a fraction of the compile time (K = 50, 8,192 chains: 1.95
     against 6.7 s), a few tenths of a second slower, once."""
     if method == "counts":
         return samplers.multinomial(key, n, p, small_program=once)
