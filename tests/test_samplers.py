@@ -52,6 +52,78 @@ def chi_square_ok(samples: np.ndarray, pmf: np.ndarray) -> tuple[bool, float]:
 # ------------------------------------------------------------------------------------------
 
 
+#: Known answers of Threefry-2x32 with 20 rounds from the Random123 distribution (kat_vectors):
+#: (key, counter, output), each as two words.
+RANDOM123_KAT = (
+    ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+)
+
+
+def test_threefry_matches_random123_known_answers():
+    """The block function against the reference implementation's published vectors (an
+    independent reference: since this package lowers ``jax.random``'s Threefry on CPU with the
+    same function, JAX's own outputs here are not one)."""
+    for (k0, k1), (x0, x1), want in RANDOM123_KAT:
+        got = threefry2x32(*(jnp.uint32(v) for v in (k0, k1, x0, x1)))
+        assert tuple(int(w) for w in got) == want
+
+
+_JAX_RANDOM_DRAWS = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+import collapse_jax.numerics.random  # registers the unrolled lowering unless told not to
+out = {}
+keys = jax.random.split(jax.random.key(3), 16)
+for part in (True, False):
+    with jax.threefry_partitionable(part):
+        draws = {
+            "split": lambda k: jax.random.key_data(jax.random.split(k, 3)),
+            "fold_in": lambda k: jax.random.key_data(jax.random.fold_in(k, 7)),
+            "bits": lambda k: jax.random.bits(k, (5,), jnp.uint32),
+            "normal": lambda k: jax.random.normal(k, (4, 3)),
+            "uniform": lambda k: jax.random.uniform(k, (7,), minval=-1.0, maxval=2.0),
+            "randint": lambda k: jax.random.randint(k, (6,), 0, 1000),
+            "categorical": lambda k: jax.random.categorical(k, jnp.log(jnp.arange(1.0, 6.0)), shape=(9,)),
+            "permutation": lambda k: jax.random.permutation(k, 10),
+            "gamma": lambda k: jax.random.gamma(k, 0.7, (5,)),
+            "t": lambda k: jax.random.t(k, 3.0, (5,)),
+        }
+        for name, draw in draws.items():
+            out[f"{name}-{part}"] = np.asarray(jax.jit(jax.vmap(draw))(keys))
+        out[f"one-{part}"] = np.asarray(jax.random.normal(jax.random.key(9), (3,)))
+hlo = jax.jit(lambda k: jax.random.bits(k, (4,))).lower(jax.random.key(1)).as_text()
+out["while_in_lowering"] = np.asarray("stablehlo.while" in hlo)
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_jax_random_under_the_unrolled_lowering_equals_jax_own(tmp_path):
+    """``jax.random`` lowered on CPU with the package's unrolled Threefry block gives JAX's own
+    keys and draws bit for bit: the same script run with JAX's CPU lowering (a rolled loop,
+    ``COLLAPSE_JAX_ROLLED_THREEFRY=1``) and with the package's, compared array by array, for
+    splits, fold-ins, bits and the draws built on them, with the partitionable setting on and
+    off. The lowering really differs between the two (a while loop in one, none in the other)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "draws.py"
+    script.write_text(_JAX_RANDOM_DRAWS)
+    results = {}
+    for rolled in ("1", ""):
+        env = dict(os.environ, COLLAPSE_JAX_ROLLED_THREEFRY=rolled)
+        path = tmp_path / f"draws-{rolled or 'unrolled'}.npz"
+        subprocess.run([sys.executable, str(script), str(path)], env=env, check=True)
+        results[rolled] = dict(np.load(path))
+    jax_own, ours = results["1"], results[""]
+    assert bool(jax_own.pop("while_in_lowering")) and not bool(ours.pop("while_in_lowering"))
+    assert sorted(jax_own) == sorted(ours)
+    for name in jax_own:
+        np.testing.assert_array_equal(ours[name], jax_own[name], err_msg=name)
+
+
 def test_threefry_matches_jax_reference():
     key = jnp.array([0x13198A2E, 0x03707344], jnp.uint32)
     x0 = jnp.arange(8, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
