@@ -89,12 +89,15 @@ def moments(
     v = [float(trace0)]
     # pool (accumulate): count, E‖pool mean − μ0‖², E tr(pool scatter)
     n_pool, mse_pool, w_pool = 0.0, 0.0, 0.0
+    # every generation's split at once (elementwise: the same counts as one call per size; the
+    # calls one by one were most of this function's 0.13 s at 5,000 generations)
+    split = split_batch(m, policy)
+    models, originals = split.model.tolist(), split.original.tolist()
     for i, size in enumerate(m):
         if i == 0:
             n_m, n_o = 0.0, float(size)
         else:
-            split = split_batch(int(size), policy)
-            n_m, n_o = float(split.model), float(split.original)
+            n_m, n_o = float(models[i]), float(originals[i])
         n = n_m + n_o
         cur_mse, cur_v = (mse[-1], v[-1]) if i > 0 else (0.0, 0.0)
         # batch mean b − μ0 = (n_m/n)(μ − μ0) + (n_m/n) e_m + (n_o/n) e_o
