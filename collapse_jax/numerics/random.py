@@ -80,7 +80,7 @@ def _unrolled_lowering_on_cpu() -> None:
     JAX itself lowers Threefry unrolled on every other platform. ``COLLAPSE_JAX_ROLLED_THREEFRY=1``
     keeps JAX's rule (for comparisons). The primitive and the registration are JAX's public
     ``jax.extend`` / ``jax.interpreters.mlir`` API; should they move, JAX's rule stays."""
-    if os.environ.get("COLLAPSE_JAX_ROLLED_THREEFRY"):
+    if os.environ.get("COLLAPSE_JAX_ROLLED_THREEFRY", "") not in ("", "0"):
         return
     try:
         from jax.extend.random import threefry2x32_p
