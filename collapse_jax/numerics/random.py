@@ -115,7 +115,9 @@ def fold_in(key: jax.Array, data) -> jax.Array:
     (0, uint32(data)); written out here because JAX lowers Threefry on CPU as a rolled loop
     that XLA cannot fuse with anything: the run loop folds the generation into every chain's
     key at every generation, and this took 17.6 ns per chain against 4.0 ns unrolled (10,000
-    keys, 2-core CPU). Other key implementations go to ``jax.random.fold_in``.
+    keys, 2-core CPU). Other key implementations go to ``jax.random.fold_in``. (Since the
+    lowering of :func:`_unrolled_lowering_on_cpu`, JAX's own function is unrolled on CPU too;
+    this one predates it and keeps JAX's rule out of the run loop when that is switched off.)
     """
     if not _is_threefry(key) or key.shape:
         return jax.random.fold_in(key, data)
