@@ -16,6 +16,7 @@ import scipy.stats as st
 
 from collapse_jax.numerics import samplers
 from collapse_jax.numerics.random import (
+    argmax_by_comparisons,
     fold_in,
     jax_bernoulli,
     jax_categorical,
@@ -185,9 +186,9 @@ def test_flat_draws_equal_jax_random(dtype, partitionable):
                 ),
             ]
             for ref, ours in pairs:
-                np.testing.assert_array_equal(
-                    jax.jit(jax.vmap(ours))(keys), jax.jit(jax.vmap(ref))(keys)
-                )
+                got, want = jax.jit(jax.vmap(ours))(keys), jax.jit(jax.vmap(ref))(keys)
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got, want)
         p = jax.random.uniform(jax.random.key(6), (9, 4, 3), dtype)  # one p per element
         np.testing.assert_array_equal(
             jax.vmap(jax_bernoulli)(keys, p), jax.vmap(jax.random.bernoulli)(keys, p)
@@ -197,6 +198,30 @@ def test_flat_draws_equal_jax_random(dtype, partitionable):
             jax.vmap(lambda k, lg: jax_categorical(k, lg, (5, 2)))(keys, batch),
             jax.vmap(lambda k, lg: jax.random.categorical(k, lg, shape=(5, 2)))(keys, batch),
         )
+
+
+def test_argmax_by_comparisons_equals_jnp_argmax():
+    """The comparison chain that ``jax_categorical`` uses for up to 16 classes gives
+    ``jnp.argmax``'s index and integer type: the first of tied maxima, the first NaN, -inf
+    entries, 1 to 17 classes (the last beyond the chain: its categorical takes ``argmax``)."""
+    rng = np.random.default_rng(3)
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            for k in (1, 2, 4, 16, 17):
+                v = rng.integers(0, 3, size=(200, k)).astype(np.float64)  # many ties
+                v[rng.random((200, k)) < 0.1] = -np.inf
+                v[rng.random((200, k)) < 0.05] = np.nan
+                v[:3] = -np.inf  # every entry -inf: index 0
+                v = jnp.asarray(v, jnp.float64 if x64 else jnp.float32)
+                got, want = jax.jit(argmax_by_comparisons)(v), jnp.argmax(v, axis=-1)
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got, want)
+            logits = jnp.log(jnp.linspace(1.0, 2.0, 17))
+            keys = jax.random.split(jax.random.key(8), 5)
+            np.testing.assert_array_equal(
+                jax.vmap(lambda k, lg=logits: jax_categorical(k, lg, (30,)))(keys),
+                jax.vmap(lambda k, lg=logits: jax.random.categorical(k, lg, shape=(30,)))(keys),
+            )
 
 
 # ------------------------------------------------------------------------------------------

@@ -367,4 +367,28 @@ def jax_categorical(key: jax.Array, logits, shape) -> Array:
     full = (*shape, logits.shape[-1])
     noise = jax.random.gumbel(key, _flat_shape(full), logits.dtype).reshape(full)
     prefix = tuple(range(len(shape) - len(batch)))
-    return jnp.argmax(noise + jax.lax.expand_dims(logits, prefix), axis=-1)
+    scores = noise + jax.lax.expand_dims(logits, prefix)
+    if logits.shape[-1] <= _COMPARE_ARGMAX_MAX:
+        return argmax_by_comparisons(scores)
+    return jnp.argmax(scores, axis=-1)
+
+
+#: :func:`jax_categorical` takes the argmax of up to this many classes by comparisons.
+_COMPARE_ARGMAX_MAX = 16
+
+
+def argmax_by_comparisons(v: Array) -> Array:
+    """``jnp.argmax(v, axis=-1)`` (the first maximum; the first NaN if there is one) as a chain
+    of elementwise comparisons, one per class.
+
+    With the Threefry block unrolled on CPU, XLA fuses the random bits, the Gumbel noise and
+    ``argmax``'s reduction into one reduce loop, which it does not vectorise: 512 chains x 200
+    draws from 4 classes took 14 ms, against 3.3 ms under JAX's rolled rule. The comparisons
+    fuse into an elementwise loop instead: 1.2 ms, the same indices (tested)."""
+    best = v[..., 0]
+    index = jnp.zeros(best.shape, int)  # argmax's integer type (int64 under x64)
+    for j in range(1, v.shape[-1]):
+        take = (v[..., j] > best) | (jnp.isnan(v[..., j]) & ~jnp.isnan(best))
+        best = jnp.where(take, v[..., j], best)
+        index = jnp.where(take, j, index)
+    return index
