@@ -111,6 +111,11 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=None)
     ap.add_argument("--skip-samples", action="store_true", help="skip the samples-method run")
     ap.add_argument("--whole-only", action="store_true", help="only the whole-process figures")
+    ap.add_argument(
+        "--steady-only",
+        action="store_true",
+        help="only the compacted counts against NumPy (no other method, no whole process)",
+    )
     args = ap.parse_args()
     print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     if args.whole_only:
@@ -130,6 +135,8 @@ def main() -> None:
         f"first call with compilation {first:.2f} s)"
     )
     print(f"ratio ours / numpy               : {t_np / t_ours:10.2f}x")
+    if args.steady_only:
+        return
     _, t_nc = ours(k, m, chains, gens, compact="off")
     print(f"collapse_jax counts, no compaction: {work / t_nc:10.3e} chain-gen/s ({t_nc:.2f} s)")
     if not args.skip_samples:

@@ -30,4 +30,4 @@ run opt_train_bf16 120 benchmarks/bench_opt_train.py --batch 32 --seq 512 --step
 run opt_scan 200 benchmarks/opt_scan_ablation.py --variants unrolled,unrolled-cudnn,scanned-probs,scanned-cudnn-full
 run opt_generate 110 benchmarks/bench_opt_generate.py --torch-device cuda --prompts 8
 run vae 80 benchmarks/bench_vae.py --torch-device cuda --batch 256 --steps 50
-run discrete 110 benchmarks/bench_discrete.py --chains 16384 --generations 1000 --skip-samples
+run discrete 130 benchmarks/bench_discrete.py --chains 16384 --generations 1000 --steady-only
