@@ -113,6 +113,8 @@ def test_jax_random_under_the_unrolled_lowering_equals_jax_own(tmp_path):
     import subprocess
     import sys
 
+    if jax.default_backend() != "cpu":
+        pytest.skip("the unrolled lowering is registered for CPU only (JAX's own elsewhere)")
     script = tmp_path / "draws.py"
     script.write_text(_JAX_RANDOM_DRAWS)
     results = {}
@@ -200,10 +202,13 @@ def test_flat_draws_equal_jax_random(dtype, partitionable):
         )
 
 
-def test_argmax_by_comparisons_equals_jnp_argmax():
-    """The comparison chain that ``jax_categorical`` uses for up to 16 classes gives
-    ``jnp.argmax``'s index and integer type: the first of tied maxima, the first NaN, -inf
-    entries, 1 to 17 classes (the last beyond the chain: its categorical takes ``argmax``)."""
+def test_argmax_by_comparisons_equals_numpy_argmax():
+    """The comparison chain that ``jax_categorical`` uses for up to 16 classes gives NumPy's
+    ``argmax`` index (the first of tied maxima, the first NaN) and ``jnp.argmax``'s integer
+    type, with -inf entries, for 1 to 17 classes (the last beyond the chain: its categorical
+    takes ``argmax``). NumPy is the reference, not ``jnp.argmax``: on an H200, XLA's argmax
+    returned a later NaN than the first in rows holding several (seen in 14 of 200 rows);
+    the chain matched NumPy there in every row."""
     rng = np.random.default_rng(3)
     for x64 in (False, True):
         with jax.enable_x64(x64):
@@ -212,10 +217,10 @@ def test_argmax_by_comparisons_equals_jnp_argmax():
                 v[rng.random((200, k)) < 0.1] = -np.inf
                 v[rng.random((200, k)) < 0.05] = np.nan
                 v[:3] = -np.inf  # every entry -inf: index 0
-                v = jnp.asarray(v, jnp.float64 if x64 else jnp.float32)
-                got, want = jax.jit(argmax_by_comparisons)(v), jnp.argmax(v, axis=-1)
-                assert got.dtype == want.dtype
-                np.testing.assert_array_equal(got, want)
+                vj = jnp.asarray(v, jnp.float64 if x64 else jnp.float32)
+                got = jax.jit(argmax_by_comparisons)(vj)
+                assert got.dtype == jnp.argmax(vj, axis=-1).dtype
+                np.testing.assert_array_equal(got, np.argmax(v, axis=-1))
             logits = jnp.log(jnp.linspace(1.0, 2.0, 17))
             keys = jax.random.split(jax.random.key(8), 5)
             np.testing.assert_array_equal(

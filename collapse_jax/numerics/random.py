@@ -379,8 +379,9 @@ _COMPARE_ARGMAX_MAX = 16
 
 
 def argmax_by_comparisons(v: Array) -> Array:
-    """``jnp.argmax(v, axis=-1)`` (the first maximum; the first NaN if there is one) as a chain
-    of elementwise comparisons, one per class.
+    """``argmax(v, axis=-1)`` (the first maximum; the first NaN if there is one, as NumPy's: on
+    an H200 ``jnp.argmax`` returned a later NaN in rows holding several) as a chain of
+    elementwise comparisons, one per class, in ``jnp.argmax``'s integer type.
 
     With the Threefry block unrolled on CPU, XLA fuses the random bits, the Gumbel noise and
     ``argmax``'s reduction into one reduce loop, which it does not vectorise: 512 chains x 200
