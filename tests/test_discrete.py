@@ -377,3 +377,49 @@ def test_counts_compiler_options_change_no_draw():
         runs.append(res.state)
     for a, b in zip(runs[0], runs[1], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_alive_fraction_in_the_figures_matches_inclusion_exclusion(tmp_path, monkeypatch):
+    """The figures' "every p0 state alive" series (where KL(p0 ‖ p_n) is finite; once no chain
+    keeps every state, the KL panel is empty and this says why) is the saved finite fraction:
+    1 at generation 0, never rising under ``replace``, and at generation 1 equal, within 4
+    binomial standard errors, to P(no state's count is 0) of one multinomial(M, p0) draw by
+    inclusion-exclusion, Σ_S (−1)^|S| (1 − p0(S))^M."""
+    import itertools
+
+    from collapse_jax.core import report as rep
+    from collapse_jax.families.discrete import report as discrete_report
+
+    p0 = np.array([0.4, 0.3, 0.2, 0.1])
+    cfg = study.Config(
+        states=4, p0="0.4,0.3,0.2,0.1", samples=10, chains=4000, generations=6, record_every=1
+    )
+    panels = {}
+
+    def capture(path, these, **kw):
+        panels[path.name] = these
+
+    monkeypatch.setattr(rep, "curves_figure", capture)
+    study.run(cfg, tmp_path / "run", progress=False)
+    discrete_report.make_figures(tmp_path / "run")
+    fractions = next(p for p in panels["metrics.png"] if p["title"] == "fraction of chains")
+    alive = fractions["series"][2]
+    saved = np.load(tmp_path / "run" / "metrics.npz")
+    g = saved["generation"]
+    np.testing.assert_array_equal(alive["mean"], saved["kl_p0_model_finite_fraction"])
+    f = alive["mean"]
+    np.testing.assert_allclose(alive["stderr"], np.sqrt(f * (1 - f) / cfg.chains))
+    assert g[0] == 0 and f[0] == 1.0
+    assert np.all(np.diff(f) <= 0)
+    exact = sum(
+        (-1) ** r * (1 - p0[list(s)].sum()) ** cfg.samples
+        for r in range(len(p0) + 1)
+        for s in itertools.combinations(range(len(p0)), r)
+    )
+    se = np.sqrt(exact * (1 - exact) / cfg.chains)
+    assert g[1] == 1 and abs(f[1] - exact) < 4 * se, (f[1], exact, se)
+    kl_panel = next(p for p in panels["metrics.png"] if p["title"].startswith("KL(p0"))
+    assert kl_panel["note"] is None  # some chain keeps every state in two or more generations
+    note = discrete_report.infinite_note(np.array([0, 2, 4]), np.array([1.0, 0.0, 0.0]))
+    assert "by generation 2" in note
+    assert discrete_report.infinite_note(np.array([0, 2, 4]), np.array([1.0, 0.5, 0.0])) is None

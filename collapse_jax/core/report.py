@@ -109,7 +109,8 @@ def curves_figure(
     title: str | None = None,
 ) -> Path:
     """A grid of panels. Each panel: ``{"title", "x", "series": [{"mean", "stderr", "label",
-    "quantiles"}], "theory": [{"y", "label"}], "logy": bool, "logx": bool, "ylabel": str}``; a
+    "quantiles"}], "theory": [{"y", "label"}], "logy": bool, "logx": bool, "ylabel": str,
+    "note": str}`` (the note is written across the panel, e.g. why it is empty); a
     series with ``quantiles`` (records × 10/50/90 %) also gets its median (dotted) and a light
     10–90 % band over chains."""
     n = len(panels)
@@ -142,6 +143,10 @@ def curves_figure(
         ax.set_xlabel(panel.get("xlabel", "generation"))
         if panel.get("ylabel"):
             ax.set_ylabel(panel["ylabel"])
+        if panel.get("note"):  # why the panel shows (almost) nothing
+            ax.text(0.5, 0.5, panel["note"], transform=ax.transAxes, ha="center", va="center",
+                    fontsize=9, wrap=True)  # fmt: skip
+            ax.set_xlim(x.min(), x.max())
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

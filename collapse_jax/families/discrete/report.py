@@ -14,6 +14,31 @@ if TYPE_CHECKING:
     from collapse_jax.families.discrete.study import Config
 
 
+def all_alive(fraction, chains: int) -> dict:
+    """The series of the fraction of chains whose model keeps every state of p0 alive (where
+    KL(p0 ‖ p_n) is finite: once no chain does, that panel has nothing left to show), with its
+    binomial standard error over ``chains``."""
+    f = np.asarray(fraction, np.float64)
+    return {
+        "mean": f,
+        "stderr": np.sqrt(f * (1.0 - f) / chains),
+        "label": "every p0 state alive (KL(p0 ‖ p_n) < ∞)",
+    }
+
+
+def infinite_note(g, fraction) -> str | None:
+    """What the KL(p0 ‖ p_n) panel says when fewer than two generations have a chain where it
+    is finite (a line needs two points): by which recorded generation it is infinite in every
+    chain."""
+    f = np.asarray(fraction)
+    if np.count_nonzero(f > 0) >= 2:
+        return None
+    return (
+        f"infinite in every chain by generation {int(g[np.argmax(f == 0)])}:\n"
+        "each chain has lost a state of p0"
+    )
+
+
 def make_figures(path: Path) -> list[tuple[str, str]]:
     """Draw every figure from the saved arrays; return (file, caption) pairs."""
     a = read_arrays(path / "metrics.npz")
@@ -79,9 +104,10 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
             {"title": "total variation to p0", "x": g, "series": [s("total_variation")]},
             {"title": "KL(p_n ‖ p0)", "x": g, "series": [s("kl_model_p0")]},
             {
-                "title": "KL(p0 ‖ p_n) over chains where finite",
+                "title": "KL(p0 ‖ p_n) over chains where finite (how many: last panel)",
                 "x": g,
                 "series": [s("kl_p0_model")],
+                "note": infinite_note(g, a["kl_p0_model_finite_fraction"]),
             },
             {
                 "title": "p0-mass of states still alive (tail mass kept)",
@@ -89,9 +115,13 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
                 "series": [s("tail_mass_kept")],
             },
             {
-                "title": "fraction of chains whose model is a delta",
+                "title": "fraction of chains",
                 "x": g,
-                "series": [s("is_delta", "a delta now"), s("absorbed_ever", "a delta by n (ever)")],
+                "series": [
+                    s("is_delta", "a delta now"),
+                    s("absorbed_ever", "a delta by n (ever)"),
+                    all_alive(a["kl_p0_model_finite_fraction"], summary["chains"]),
+                ],
             },
         ],
         ncols=3,
