@@ -53,8 +53,16 @@ def _cache_flag(parser: argparse.ArgumentParser) -> None:
 def cmd_run(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: collapse-jax run NAME|EXPERIMENT.toml [--out DIR] [flags]")
+    # The figure workers start first: they import matplotlib while this process imports JAX
+    # and the study, and while the run computes (core/figures.py).
+    with figures.workers():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     target = argv[0]
     module, base = resolve_target(target)
+    figures.serve([module])
     parser = Parser(prog=f"collapse-jax run {target}")
     parser.add_argument("--out", default=None, help="run directory (default runs/NAME-TIME)")
     parser.add_argument("--sweep", default=None, help="NAME=v1,v2,... over a numeric parameter")
@@ -86,16 +94,14 @@ def cmd_run(argv: list[str]) -> int:
                 module.validate(dataclasses.replace(config, **{field: v}))
             except ConfigError as e:
                 raise ConfigError(f"--sweep {args.sweep!r}: {field} = {v}: {e}") from None
-    # The figure workers start now: they import matplotlib while the run computes.
-    with figures.for_studies([module]):
-        if args.sweep:
-            from collapse_jax.core.report import run_sweep
+    if args.sweep:
+        from collapse_jax.core.report import run_sweep
 
-            run_sweep(module, config, field, values, out, progress=args.progress)
-        elif chunk_resume:
-            module.run(config, RunDir(out, resume=args.resume), progress=args.progress)
-        else:
-            module.run(config, out, progress=args.progress)
+        run_sweep(module, config, field, values, out, progress=args.progress)
+    elif chunk_resume:
+        module.run(config, RunDir(out, resume=args.resume), progress=args.progress)
+    else:
+        module.run(config, out, progress=args.progress)
     print(f"wrote {out / 'report.md'}")
     return 0
 
@@ -117,7 +123,8 @@ def cmd_demo(argv: list[str]) -> int:
                 f"--only {args.only!r}: {name!r} is not a demo study ({', '.join(DEMO)})"
             )
     sections = ["# collapse_jax demo", ""]
-    with figures.for_studies([load_study(name) for name in names]):
+    with figures.workers():  # they import matplotlib while this process imports JAX
+        figures.serve([load_study(name) for name in names])
         sections += _demo_sections(names, out)
     write_text(out / "report.md", "\n".join(sections))
     print(f"wrote {out / 'report.md'}")

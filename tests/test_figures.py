@@ -4,14 +4,17 @@ own process then never imports matplotlib)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from collapse_jax.core import figures
 from collapse_jax.core.errors import ConfigError
+from collapse_jax.core.report import pyplot
 from collapse_jax.families import STUDIES, load_study
 from collapse_jax.families.discrete import report as discrete_report
 from collapse_jax.families.discrete import study as discrete
@@ -81,11 +84,35 @@ def test_what_a_worker_cannot_draw_is_drawn_in_process(in_process, tmp_path):
         assert (tmp_path / name).read_bytes() == (in_process / name).read_bytes(), name
 
 
-def test_closing_the_pool_ends_every_worker():
+def _modules(path):
+    """A figure function that draws nothing and lists the worker's preload probe modules."""
+    return [(name, "") for name in ("tabnanny", "colorsys") if name in sys.modules]
+
+
+def test_closing_the_pool_ends_every_worker(tmp_path):
+    # Asked for figures: each worker exits on its own once its input is closed.
     with figures.workers([], count=2) as pool:
         procs = list(pool.procs)
-    assert all(p.returncode == 0 for p in procs)
+        assert pool.draw(_modules, tmp_path) is not None
+    assert [p.returncode for p in procs] == [0, 0]
     assert figures._active is None
+    # Never asked (bad input, a study drawing its own way): ended at once, not awaited.
+    with figures.workers([], count=2) as pool:
+        procs = list(pool.procs)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
+
+
+def test_serve_tells_the_running_workers_what_to_import(tmp_path, monkeypatch):
+    """Workers start before the command knows its study; :func:`figures.serve` then names the
+    figure modules they import while the run computes."""
+    monkeypatch.setenv("COLLAPSE_JAX_FIGURE_WORKERS", "2")
+    study = types.SimpleNamespace(make_figures=lambda path: [])
+    study.make_figures.__module__ = "tabnanny"  # a module neither matplotlib nor we import
+    with figures.workers() as pool:
+        assert pool.draw(_modules, tmp_path) == []
+        figures.serve([study])
+        assert pool.draw(_modules, tmp_path) == [("tabnanny", "")]
+        assert len(pool.procs) == 2
 
 
 def test_worker_count_from_the_environment(monkeypatch):
@@ -99,14 +126,47 @@ def test_worker_count_from_the_environment(monkeypatch):
         figures.default_count()
 
 
-def test_only_studies_that_draw_from_the_run_directory_get_workers(monkeypatch):
+def test_only_studies_that_draw_from_the_run_directory_keep_their_workers(monkeypatch):
     monkeypatch.setenv("COLLAPSE_JAX_FIGURE_WORKERS", "1")
     from collapse_jax.families.gaussian import study as gaussian
 
-    with figures.for_studies([object()]) as pool:  # no make_figures: nothing started
-        assert pool is None
-    with figures.for_studies([gaussian]) as pool:
+    with figures.workers() as pool:
+        procs = list(pool.procs)
+        figures.serve([object()])  # no make_figures: the workers are ended
+        assert pool.procs == []
+        assert procs[0].returncode is not None
+    with figures.workers() as pool:
+        figures.serve([gaussian])
         assert len(pool.procs) == 1
+
+
+def test_a_worker_skips_the_curves_figures_it_does_not_draw(tmp_path, monkeypatch):
+    """A worker's share of a report excludes the other workers' curves figures: they are not
+    built at all (no pyplot figure is made for them)."""
+    discrete.run(_config(), tmp_path)
+    plt = pyplot()
+    made = []
+    real = plt.subplots
+
+    def subplots(*args, **kwargs):
+        made.append(kwargs.get("figsize"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plt, "subplots", subplots)
+    # In order: theory.png (a curves figure, 2 panels), metrics.png (curves, 6 panels),
+    # absorption.png (built by the report itself). Worker 0 draws the first and the third.
+    built, drawn = {}, {}
+    for index in range(2):
+        monkeypatch.setattr(figures, "_share", (index, 2))
+        figures._seen.clear()
+        figures._drawn.clear()
+        made.clear()
+        discrete_report.make_figures(tmp_path)
+        built[index] = [tuple(round(v, 1) for v in size) for size in made]
+        drawn[index] = [Path(p).name for p in figures._drawn]
+    assert drawn == {0: ["theory.png", "absorption.png"], 1: ["metrics.png"]}
+    theory, metrics, absorption = (10.4, 3.6), (15.6, 7.2), (10.5, 3.6)
+    assert built == {0: [theory, absorption], 1: [metrics, absorption]}
 
 
 def test_every_figure_module_imports_without_jax():

@@ -2,12 +2,14 @@
 
 A report's figures are pure matplotlib work: importing pyplot (about 0.3 s on a 2-core CPU) and
 then 0.3–0.5 s per figure, one after the other, while the run's other processor idles; on the
-discrete demo config that was a third of a warm run. So the command starts a few workers when a
-run begins. They import matplotlib, and the module that holds the study's figure function,
-while the run computes. When the run has written its arrays, every worker calls the same figure
+discrete demo config that was a third of a warm run. So the command starts a few workers first
+thing, before it imports JAX or the study. They import matplotlib, and then (once the command
+knows the study: :func:`serve`) the module that holds the study's figure function, while the
+run computes. When the run has written its arrays, every worker calls the same figure
 function on the run directory and draws its share of the figures: figure ``i`` (in the order
-the function saves them) is drawn by worker ``i mod n``; the others are built and closed
-without being drawn. The run's own process never imports matplotlib.
+the function saves them) is drawn by worker ``i mod n``; the others are skipped (a
+:func:`~collapse_jax.core.report.curves_figure` is not even built) or built and closed without
+being drawn. The run's own process never imports matplotlib.
 
 Nothing is lost or changed: the figures are the same files (same bytes; tested). A figure
 function that cannot be sent to a worker (a lambda), a worker that dies, hangs or raises, or
@@ -95,11 +97,18 @@ def figure_modules(studies: Sequence) -> list[str]:
     return [m.make_figures.__module__ for m in studies if hasattr(m, "make_figures")]
 
 
-def for_studies(studies: Sequence) -> contextlib.AbstractContextManager:
-    """:func:`workers` for runs of these study modules, preloading their figure modules; a
-    no-op when none of them draws its figures from the run directory (``make_figures``)."""
+def serve(studies: Sequence) -> None:
+    """Tell the active workers (started by :func:`workers` before the command knew its studies)
+    which study modules they will draw for: they import those figure modules while the run
+    computes. When none of the studies draws its figures from the run directory
+    (``make_figures``), the workers are not needed and are ended now."""
+    if _active is None:
+        return
     names = figure_modules(studies)
-    return workers(names) if names else contextlib.nullcontext()
+    if names:
+        _active.preload(names)
+    else:
+        _active.close()
 
 
 @contextlib.contextmanager
@@ -111,7 +120,9 @@ def workers(preload: Sequence[str] = (), count: int | None = None) -> Iterator[P
     if count <= 0 or _active is not None:
         yield _active
         return
-    pool = Pool(count, preload)
+    pool = Pool(count)
+    if preload:
+        pool.preload(preload)
     _active = pool
     try:
         yield pool
@@ -168,14 +179,14 @@ _BOOT = (
 class Pool:
     """``count`` worker processes, each answering figure requests in order."""
 
-    def __init__(self, count: int, preload: Sequence[str] = ()):
+    def __init__(self, count: int):
         self.count = count
         self.procs: list[subprocess.Popen] = []
+        self.asked = False  # whether a figure request was sent
         for index in range(count):
             env = dict(
                 os.environ,
                 COLLAPSE_JAX_WORKER_PATH=json.dumps(sys.path),
-                COLLAPSE_JAX_WORKER_PRELOAD=json.dumps(list(preload)),
                 COLLAPSE_JAX_WORKER_INDEX=str(index),
                 MPLBACKEND="Agg",
             )
@@ -188,6 +199,14 @@ class Pool:
                 )
             )
 
+    def preload(self, names: Sequence[str]) -> None:
+        """Have every worker import these modules (errors are left for a request to report)."""
+        try:
+            for proc in self.procs:
+                _send(proc.stdin.fileno(), ("preload", list(names)))
+        except OSError:  # a worker is gone: the next request finds out and draws in process
+            pass
+
     def draw(self, make_figures, path: Path) -> list | None:
         """The figure function's list when the workers drew every figure, else None."""
         if not self.procs:
@@ -197,8 +216,9 @@ class Pool:
         except Exception:  # a lambda or a closure: drawn in process
             return None
         try:
+            self.asked = True
             for index, proc in enumerate(self.procs):
-                _send(proc.stdin.fileno(), (index, self.count, request))
+                _send(proc.stdin.fileno(), ("draw", index, self.count, request))
             deadline = time.monotonic() + TIMEOUT_S
             answers = [_receive(proc.stdout.fileno(), deadline) for proc in self.procs]
         except OSError:  # a worker is gone
@@ -218,11 +238,16 @@ class Pool:
         return figures if complete else None
 
     def close(self) -> None:
-        """End the workers (they exit at the end of their input); kill any that linger."""
+        """End the workers (they exit at the end of their input); kill any that linger. Workers
+        that were never asked for a figure (a command that stopped at bad input, a study that
+        draws its own way) are killed at once: they may still be importing matplotlib, and
+        they have written nothing."""
         procs, self.procs = self.procs, []
         for proc in procs:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
+            if not self.asked:
+                proc.kill()
         for proc in procs:
             try:
                 proc.wait(timeout=5)
@@ -237,8 +262,8 @@ class Pool:
 
 
 def _serve() -> None:
-    """A worker's life: import matplotlib and the preload modules, then answer requests until
-    the run closes its input."""
+    """A worker's life: import matplotlib, then import the modules it is told to preload and
+    answer figure requests, in the order they come, until the run closes its input."""
     global _share
     os.nice(10)  # while the run computes, its threads come first
     # Ctrl-C reaches the whole process group: the run stops and closes the workers' input.
@@ -256,9 +281,6 @@ def _serve() -> None:
     fig.text(0.5, 0.5, "0")  # loads the font: the first text a process draws costs the most
     fig.canvas.draw()
     plt.close(fig)
-    for name in json.loads(os.environ.pop("COLLAPSE_JAX_WORKER_PRELOAD", "[]")):
-        with contextlib.suppress(Exception):  # a request that needs it reports the error
-            importlib.import_module(name)
     in_fd = sys.stdin.fileno()
     while True:
         message = _receive(in_fd)
@@ -269,7 +291,12 @@ def _serve() -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-        share, count, request = message  # this worker's place among the count
+        if message[0] == "preload":
+            for name in message[1]:
+                with contextlib.suppress(Exception):  # a request that needs it reports the error
+                    importlib.import_module(name)
+            continue
+        _, share, count, request = message  # this worker's place among the count
         _share = (share, count)
         _seen.clear()
         _drawn.clear()

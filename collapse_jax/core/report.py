@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from collapse_jax.core.runs import save_figure, write_json, write_text
+from collapse_jax.core import figures
+from collapse_jax.core.runs import save_figure as save_figure  # the families' figure saver
+from collapse_jax.core.runs import write_figure, write_json, write_text
 
 
 def pyplot():
@@ -112,7 +114,10 @@ def curves_figure(
     "quantiles"}], "theory": [{"y", "label"}], "logy": bool, "logx": bool, "ylabel": str,
     "note": str}`` (the note is written across the panel, e.g. why it is empty); a
     series with ``quantiles`` (records × 10/50/90 %) also gets its median (dotted) and a light
-    10–90 % band over chains."""
+    10–90 % band over chains. A figure worker whose share is another figure skips it
+    without building it (:mod:`collapse_jax.core.figures`)."""
+    if not figures.owns(path):
+        return Path(path)
     n = len(panels)
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
@@ -154,7 +159,7 @@ def curves_figure(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return write_figure(fig, path)
 
 
 def figure_md(name: str, caption: str) -> str:

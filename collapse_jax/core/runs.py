@@ -121,15 +121,23 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     in one pass: the engine's default ``rect`` makes it measure every axes twice, for the same
     subplot parameters on these figures (about a tenth of the figure time).
     """
+    from collapse_jax.core import figures
+
+    if not figures.owns(path):  # a figure worker's share is another figure (core/figures.py)
+        from collapse_jax.core.report import pyplot
+
+        pyplot().close(fig)
+        return Path(path)
+    return write_figure(fig, path, dpi)
+
+
+def write_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """:func:`save_figure` for a caller that has already asked ``figures.owns(path)``."""
     from matplotlib.layout_engine import TightLayoutEngine
 
-    from collapse_jax.core import figures
     from collapse_jax.core.report import pyplot
 
     plt = pyplot()
-    if not figures.owns(path):  # a figure worker's share is another figure (core/figures.py)
-        plt.close(fig)
-        return Path(path)
     if fig.get_layout_engine() is None:
         fig.set_layout_engine(TightLayoutEngine(rect=None))
     with atomic_path(path) as tmp:
