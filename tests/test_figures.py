@@ -140,21 +140,21 @@ def test_only_studies_that_draw_from_the_run_directory_keep_their_workers(monkey
         assert len(pool.procs) == 1
 
 
-def test_a_worker_skips_the_curves_figures_it_does_not_draw(tmp_path, monkeypatch):
-    """A worker's share of a report excludes the other workers' curves figures: they are not
-    built at all (no pyplot figure is made for them)."""
+def test_a_worker_builds_only_the_figures_it_draws(tmp_path, monkeypatch):
+    """A worker's share of a report excludes the other workers' figures: they are not built
+    at all (no pyplot figure is made for them), and the shares cover every figure once."""
     discrete.run(_config(), tmp_path)
     plt = pyplot()
     made = []
     real = plt.subplots
 
     def subplots(*args, **kwargs):
-        made.append(kwargs.get("figsize"))
+        made.append(tuple(round(v, 1) for v in kwargs["figsize"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(plt, "subplots", subplots)
     # In order: theory.png (a curves figure, 2 panels), metrics.png (curves, 6 panels),
-    # absorption.png (built by the report itself). Worker 0 draws the first and the third.
+    # absorption.png (the report's own). Worker 0 draws the first and the third.
     built, drawn = {}, {}
     for index in range(2):
         monkeypatch.setattr(figures, "_share", (index, 2))
@@ -162,11 +162,11 @@ def test_a_worker_skips_the_curves_figures_it_does_not_draw(tmp_path, monkeypatc
         figures._drawn.clear()
         made.clear()
         discrete_report.make_figures(tmp_path)
-        built[index] = [tuple(round(v, 1) for v in size) for size in made]
+        built[index] = list(made)
         drawn[index] = [Path(p).name for p in figures._drawn]
     assert drawn == {0: ["theory.png", "absorption.png"], 1: ["metrics.png"]}
     theory, metrics, absorption = (10.4, 3.6), (15.6, 7.2), (10.5, 3.6)
-    assert built == {0: [theory, absorption], 1: [metrics, absorption]}
+    assert built == {0: [theory, absorption], 1: [metrics]}
 
 
 def test_every_figure_module_imports_without_jax():

@@ -104,6 +104,15 @@ def band(ax, x, mean, stderr, label=None, color=None, z: float = 2.0, **kw):
     return line
 
 
+def subplots(path: str | Path, *args, **kwargs):
+    """``pyplot().subplots(*args, **kwargs)`` for the figure the caller then saves at ``path``
+    with :func:`~collapse_jax.core.runs.write_figure`; None where a figure worker's share is
+    another figure (:mod:`collapse_jax.core.figures`): the caller skips building it."""
+    if not figures.owns(path):
+        return None
+    return pyplot().subplots(*args, **kwargs)
+
+
 def curves_figure(
     path: str | Path,
     panels: Sequence[dict],
@@ -115,13 +124,14 @@ def curves_figure(
     "note": str}`` (the note is written across the panel, e.g. why it is empty); a
     series with ``quantiles`` (records × 10/50/90 %) also gets its median (dotted) and a light
     10–90 % band over chains. A figure worker whose share is another figure skips it
-    without building it (:mod:`collapse_jax.core.figures`)."""
-    if not figures.owns(path):
-        return Path(path)
+    without building it (:func:`subplots`)."""
     n = len(panels)
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig, axes = pyplot().subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    made = subplots(path, nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    if made is None:
+        return Path(path)
+    fig, axes = made
     for ax, panel in zip(axes.flat, panels, strict=False):
         x = np.asarray(panel["x"], dtype=np.float64)
         for s in panel.get("series", []):

@@ -149,9 +149,16 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         rep.curves_figure(path / "operators.png", panels, ncols=3)
         figs.append(("operators.png", "What the data operators act on, per generation."))
 
-    plt = rep.pyplot()
+    made = rep.subplots(path / "absorption.png", 1, 2, figsize=(10.5, 3.6))
+    if made is not None:  # else a figure worker's share is another figure
+        _absorption(made, a, summary, path / "absorption.png")
+    figs.append(("absorption.png", "Where and when chains are absorbed."))
+    return figs
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.6))
+
+def _absorption(made, a, summary: dict, out: Path) -> None:
+    """Where (the absorbing state against p0) and when chains are absorbed."""
+    fig, (ax1, ax2) = made
     p0 = np.asarray(summary["p0"])
     freq = np.asarray(summary["absorbed_state_freq"])
     idx = np.arange(len(p0))
@@ -167,9 +174,7 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         ax2.hist(t, bins=50, color="C2")
     ax2.set_xlabel("absorption generation")
     ax2.set_title("absorption time distribution", fontsize=10)
-    rep.save_figure(fig, path / "absorption.png")
-    figs.append(("absorption.png", "Where and when chains are absorbed."))
-    return figs
+    rep.write_figure(fig, out)
 
 
 def write_report(run_dir: RunDir, config: Config, summary: dict, figures, seconds: float) -> None:

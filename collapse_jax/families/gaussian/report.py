@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from collapse_jax.core import report as rep
-from collapse_jax.core.runs import read_arrays, save_figure
+from collapse_jax.core.runs import read_arrays
 
 
 def _panel(ax, g, a, name, title, theory=(), logy=True):
@@ -32,15 +32,40 @@ def _panel(ax, g, a, name, title, theory=(), logy=True):
 
 
 def make_figures(path: Path) -> list[tuple[str, str]]:
-    """Figures drawn from metrics.npz only."""
-    plt = rep.pyplot()
-
+    """Figures drawn from metrics.npz only. A figure worker whose share is another figure
+    skips building it (``rep.subplots`` gives None)."""
     a = read_arrays(path / "metrics.npz")
     g = a["generation"]
     # Two figures of two panels rather than one of four: the figure workers
     # (core/figures.py) each draw whole figures, and the four-panel figure took 1.4-1.9 s
     # in one worker while the other drew the one-panel figure in 0.2-0.4 s.
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    out = path / "gaussian_metrics.png"
+    if (made := rep.subplots(out, 1, 2, figsize=(10.5, 3.6))) is not None:
+        _metrics(made, a, g, out)
+    figs = [
+        (
+            "gaussian_metrics.png",
+            "W₂² and the mean's squared error over generations (log axes; bands ±2 stderr)",
+        )
+    ]
+    out = path / "gaussian_covariance.png"
+    if (made := rep.subplots(out, 1, 2, figsize=(10.5, 3.6))) is not None:
+        _covariance(made, a, g, out)
+    figs.append(
+        (
+            "gaussian_covariance.png",
+            "Trace and log-determinant of Σ_n over generations (log axes; bands ±2 stderr)",
+        )
+    )
+    out = path / "gaussian_collapse.png"
+    if (made := rep.subplots(out, figsize=(5.5, 3.6))) is not None:
+        _collapsed(made, a, g, out)
+    figs.append(("gaussian_collapse.png", "Fraction of chains whose covariance has collapsed"))
+    return figs
+
+
+def _metrics(made, a, g, out: Path) -> None:
+    fig, axes = made
     top = {
         "w2_sq": (
             "W₂²(generation n, D0)",
@@ -61,15 +86,11 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
     }
     for ax, (name, (title, theory)) in zip(axes, top.items(), strict=True):
         _panel(ax, g, a, name, title, theory)
-    save_figure(fig, path / "gaussian_metrics.png")
-    figs = [
-        (
-            "gaussian_metrics.png",
-            "W₂² and the mean's squared error over generations (log axes; bands ±2 stderr)",
-        )
-    ]
+    rep.write_figure(fig, out)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
+
+def _covariance(made, a, g, out: Path) -> None:
+    fig, axes = made
     ax = axes[0]
     _panel(
         ax,
@@ -102,15 +123,12 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         [("theory_log_det_cov", "exact E log det Σ_n", "k--")],
         logy=False,
     )
-    save_figure(fig, path / "gaussian_covariance.png")
-    figs.append(
-        (
-            "gaussian_covariance.png",
-            "Trace and log-determinant of Σ_n over generations (log axes; bands ±2 stderr)",
-        )
-    )
+    rep.write_figure(fig, out)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+
+def _collapsed(made, a, g, out: Path) -> None:
+    fig, ax = made
+    keep = g >= 1
     for j, thr in enumerate(a["thresholds"]):
         ax.plot(g[keep], a["below_fraction"][keep, j], label=f"tr Σ_n < {thr:g} tr Σ_0")
     ax.plot(g[keep], a["numerically_collapsed"][keep], "k:", label="numerically collapsed")
@@ -120,6 +138,4 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
     ax.set_ylabel("fraction of chains")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    save_figure(fig, path / "gaussian_collapse.png")
-    figs.append(("gaussian_collapse.png", "Fraction of chains whose covariance has collapsed"))
-    return figs
+    rep.write_figure(fig, out)

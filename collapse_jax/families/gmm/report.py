@@ -128,45 +128,10 @@ def _log_x(gens):
     return gens.astype(np.float64)
 
 
-def make_figures(path: Path) -> list[tuple[str, str]]:
-    """Draw every figure from the saved arrays; return (file, caption) pairs."""
-    plt = rep.pyplot()
-
-    a = read_arrays(path / "metrics.npz")
-    summary = read_json(path / "summary.json")
-    g = a["generation"]
-    figs = []
-
-    # Scatter snapshots of recursion 0.
-    sg = a["snapshot_generation"]
-    n = len(sg)
-    if n:
-        ncols = min(n, 4)
-        nrows = -(-n // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
-        for ax, gen, pts, w in zip(
-            axes.flat, sg, a["snapshot_points"], a["snapshot_weights"], strict=False
-        ):
-            p = pts[w > 0]
-            ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5)
-            ax.set_title(f"generation {gen}", fontsize=9)
-            ax.set_aspect("equal", adjustable="datalim")
-            ax.tick_params(labelsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        fig.suptitle("samples of one recursion (generation 0: the original data)", fontsize=10)
-        rep.save_figure(fig, path / "snapshots.png")
-        figs.append(
-            (
-                "snapshots.png",
-                "Points of recursion 0 at the snapshot generations "
-                "(first two coordinates; each panel on its own scale).",
-            )
-        )
-
-    # The paper's curves: L2 and component std, log axes, bands over recursions.
+def _collapse(made, a, g, out: Path) -> None:
+    """The paper's two curves over recursions on log–log axes, with bands over recursions."""
+    fig, (ax1, ax2) = made
     gx = np.maximum(_log_x(g), 0)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.8))
     for ax, name, title in (
         (ax1, "l2_distance", "squared L2 distance ‖p₀ − pₙ‖² to generation 0"),
         (ax2, "component_std", "component std Σ πₖ √(tr Σₖ / d)"),
@@ -195,7 +160,51 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    rep.save_figure(fig, path / "collapse.png")
+    rep.write_figure(fig, out)
+
+
+def make_figures(path: Path) -> list[tuple[str, str]]:
+    """Draw every figure from the saved arrays; return (file, caption) pairs."""
+    a = read_arrays(path / "metrics.npz")
+    summary = read_json(path / "summary.json")
+    g = a["generation"]
+    figs = []
+
+    # Scatter snapshots of recursion 0.
+    sg = a["snapshot_generation"]
+    n = len(sg)
+    if n:
+        ncols = min(n, 4)
+        nrows = -(-n // ncols)
+        made = rep.subplots(
+            path / "snapshots.png", nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False
+        )
+        if made is not None:  # else a figure worker's share is another figure
+            fig, axes = made
+            for ax, gen, pts, w in zip(
+                axes.flat, sg, a["snapshot_points"], a["snapshot_weights"], strict=False
+            ):
+                p = pts[w > 0]
+                ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5)
+                ax.set_title(f"generation {gen}", fontsize=9)
+                ax.set_aspect("equal", adjustable="datalim")
+                ax.tick_params(labelsize=7)
+            for ax in list(axes.flat)[n:]:
+                ax.axis("off")
+            fig.suptitle("samples of one recursion (generation 0: the original data)", fontsize=10)
+            rep.write_figure(fig, path / "snapshots.png")
+        figs.append(
+            (
+                "snapshots.png",
+                "Points of recursion 0 at the snapshot generations "
+                "(first two coordinates; each panel on its own scale).",
+            )
+        )
+
+    # The paper's curves: L2 and component std, log axes, bands over recursions.
+    made = rep.subplots(path / "collapse.png", 1, 2, figsize=(10.5, 3.8))
+    if made is not None:  # else a figure worker's share is another figure
+        _collapse(made, a, g, path / "collapse.png")
     figs.append(
         (
             "collapse.png",
@@ -246,15 +255,17 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
     )
     figs.append(("metrics.png", "Held-out log-likelihood, weight entropy, W₂ and EM effort."))
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.4))
-    for ax, name in ((ax1, "component_std"), (ax2, "l2_distance")):
-        v = a[f"{name}_chains"][-1]
-        v = v[np.isfinite(v) & (v > 0)]
-        if v.size:
-            ax.hist(np.log10(v), bins=40, color="C2")
-        ax.set_xlabel(f"log10 {name} at generation {int(g[-1])}")
-        ax.set_ylabel("recursions")
-    rep.save_figure(fig, path / "final_distribution.png")
+    made = rep.subplots(path / "final_distribution.png", 1, 2, figsize=(10.5, 3.4))
+    if made is not None:  # else a figure worker's share is another figure
+        fig, (ax1, ax2) = made
+        for ax, name in ((ax1, "component_std"), (ax2, "l2_distance")):
+            v = a[f"{name}_chains"][-1]
+            v = v[np.isfinite(v) & (v > 0)]
+            if v.size:
+                ax.hist(np.log10(v), bins=40, color="C2")
+            ax.set_xlabel(f"log10 {name} at generation {int(g[-1])}")
+            ax.set_ylabel("recursions")
+        rep.write_figure(fig, path / "final_distribution.png")
     figs.append(("final_distribution.png", "Distribution over recursions of the final values."))
     del summary
     return figs

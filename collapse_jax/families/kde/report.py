@@ -13,8 +13,6 @@ from collapse_jax.core.runs import read_arrays, read_json
 
 def make_figures(path: Path) -> list[tuple[str, str]]:
     """Draw every figure from the saved arrays; return (file, caption) pairs."""
-    plt = rep.pyplot()
-
     a = read_arrays(path / "metrics.npz")
     summary = read_json(path / "summary.json")
     g = a["generation"]
@@ -59,15 +57,17 @@ def make_figures(path: Path) -> list[tuple[str, str]]:
 
     sg = a["snapshot_generation"]
     n = len(sg)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False)
-    for ax, gen, pts, w in zip(
-        axes.flat, sg, a["snapshot_points"], a["snapshot_weights"], strict=True
-    ):
-        p = pts[w > 0]
-        ax.scatter(p[:, 0], p[:, 1] if p.shape[1] > 1 else np.zeros(len(p)), s=3, alpha=0.6)
-        ax.set_title(f"generation {gen}", fontsize=9)
-        ax.tick_params(labelsize=7)
-    fig.suptitle("the generation-n sample of chain 0 (first two coordinates)", fontsize=10)
-    rep.save_figure(fig, path / "snapshots.png")
+    made = rep.subplots(path / "snapshots.png", 1, n, figsize=(3.2 * n, 3.0), squeeze=False)
+    if made is not None:  # else a figure worker's share is another figure
+        fig, axes = made
+        for ax, gen, pts, w in zip(
+            axes.flat, sg, a["snapshot_points"], a["snapshot_weights"], strict=True
+        ):
+            p = pts[w > 0]
+            ax.scatter(p[:, 0], p[:, 1] if p.shape[1] > 1 else np.zeros(len(p)), s=3, alpha=0.6)
+            ax.set_title(f"generation {gen}", fontsize=9)
+            ax.tick_params(labelsize=7)
+        fig.suptitle("the generation-n sample of chain 0 (first two coordinates)", fontsize=10)
+        rep.write_figure(fig, path / "snapshots.png")
     figs.append(("snapshots.png", "Samples of chain 0 (generation 0: the D0 sample)."))
     return figs
