@@ -7,9 +7,10 @@ thing, before it imports JAX or the study. They import matplotlib, and then (onc
 knows the study: :func:`serve`) the module that holds the study's figure function, while the
 run computes. When the run has written its arrays, every worker calls the same figure
 function on the run directory and draws its share of the figures: figure ``i`` (in the order
-the function saves them) is drawn by worker ``i mod n``; the others are skipped (a
-:func:`~collapse_jax.core.report.curves_figure` is not even built) or built and closed without
-being drawn. The run's own process never imports matplotlib.
+the function saves them) is drawn by worker ``i mod n``. The others are not even built where the
+figure is made with :func:`~collapse_jax.core.report.subplots` (every chain family's figures,
+:func:`~collapse_jax.core.report.curves_figure` included), else built and closed undrawn by
+``save_figure``. The run's own process never imports matplotlib.
 
 Nothing is lost or changed: the figures are the same files (same bytes; tested). A figure
 function that cannot be sent to a worker (a lambda), a worker that dies, hangs or raises, or
