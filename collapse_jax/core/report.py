@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from collapse_jax.core import figures
-from collapse_jax.core.runs import save_figure as save_figure  # the families' figure saver
 from collapse_jax.core.runs import write_figure, write_json, write_text
 
 
