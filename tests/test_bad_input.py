@@ -257,6 +257,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "eval_batch_size": ints(1, huge=True),
         "n_prompts": ints(0),
         "dtype": choice(),
+        "scan_layers": choice(),
         "synthetic_vocab": ints(2, huge=True),
         "synthetic_states": ints(1, huge=True),
         "synthetic_seed": ints(0),

@@ -423,3 +423,34 @@ def test_all_alive_fraction_in_the_figures_matches_inclusion_exclusion(tmp_path,
     note = discrete_report.infinite_note(np.array([0, 2, 4]), np.array([1.0, 0.0, 0.0]))
     assert "by generation 2" in note
     assert discrete_report.infinite_note(np.array([0, 2, 4]), np.array([1.0, 0.5, 0.0])) is None
+
+
+@pytest.mark.parametrize(
+    ("p", "n"),
+    [
+        (np.arange(1, 21) ** -1.1, 100),  # the demo config's Zipf law, every draw counted
+        (np.array([0.3, 0.0, 0.2, 0.25, 0.25, 0.0]), 37),  # dead states, the last one too
+        (np.full(70, 1.0), 90),  # more states than the short-CDF path takes: search + scatter
+    ],
+)
+def test_samples_method_counts_its_inverse_cdf_draws(monkeypatch, p, n):
+    """The ``samples`` method's counts are those of NumPy's ``searchsorted`` over the same
+    uniforms (the first n of max_size) and ``bincount``: exactly, draws that land on a
+    zero-probability state (u == cdf[-1] in floating point) moved to the most probable state.
+    The uniforms include 0 and the boundary 1 (u == cdf[-1])."""
+    max_size = 120
+    p = jnp.asarray(p / p.sum(), jnp.float32)
+    rng = np.random.default_rng(3)
+    u01 = rng.random(max_size).astype(np.float32)
+    u01[[0, 5, 11]] = [0.0, 1.0, 1.0]  # the boundary draws, all among the first n
+    monkeypatch.setattr(proc, "uniforms", lambda key, size, dtype: jnp.asarray(u01, dtype))
+    got = np.asarray(proc._sample_model(jax.random.key(0), n, p, "samples", max_size))
+
+    pn = np.asarray(p)
+    cdf = np.asarray(jnp.cumsum(p))  # the same float32 sums as the kernel's
+    u = (u01 * cdf[-1])[:n]
+    draws = np.minimum(np.searchsorted(cdf, u, side="right"), pn.size - 1)
+    draws = np.where(pn[draws] > 0, draws, np.argmax(pn))
+    want = np.bincount(draws, minlength=pn.size)
+    np.testing.assert_array_equal(got, want)
+    assert got.sum() == n and (got[pn == 0] == 0).all()

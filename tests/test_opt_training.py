@@ -374,3 +374,62 @@ def test_distributed_start_up_only_when_multihost(monkeypatch):
     }
     assert T.maybe_initialize_distributed({"TPU_WORKER_HOSTNAMES": "h0,h1"})
     assert calls[-1] == {}
+
+
+def test_scan_layers_setting_of_the_study():
+    """``auto`` scans models of six layers or more (OPT-125m has 12) on CPU, not the built-in
+    sizes, and nothing on a GPU or TPU; ``on`` and ``off`` decide everywhere."""
+    from collapse_jax.families.lm.config import SCAN_LAYERS_AUTO_MIN, Config, scans_layers
+
+    assert SCAN_LAYERS_AUTO_MIN == 6
+    assert [scans_layers(Config(), n, "cpu") for n in (1, 4, 5, 6, 12)] == [0, 0, 0, 1, 1]
+    assert not scans_layers(Config(), 12, "gpu") and not scans_layers(Config(), 12, "tpu")
+    assert scans_layers(Config(), 12) == (jax.default_backend() == "cpu")
+    for platform in ("cpu", "gpu"):
+        assert scans_layers(Config(scan_layers="on"), 1, platform)
+        assert not scans_layers(Config(scan_layers="off"), 12, platform)
+
+
+def test_study_fine_tune_with_scanned_layers(monkeypatch, tmp_path):
+    """The study's fine-tune (``train_model``) with ``scan_layers = "on"``: its step and its
+    validation scorer run the layers scanned over stacked parameters, and the kept parameters
+    come back in the per-layer layout, each layer in its place: scored by the unrolled model,
+    they give the validation loss recorded for the kept epoch."""
+    from collapse_jax.core.host_loop import Progress
+    from collapse_jax.families.lm.config import Config
+
+    config = dataclasses.replace(TINY, num_hidden_layers=3)
+    p0 = jax.device_get(init_params(config, jax.random.key(5)))
+    rng = np.random.default_rng(0)
+    data = rng.integers(3, config.vocab_size, size=(32, 12)).astype(np.int32)
+    valid = rng.integers(3, config.vocab_size, size=(16, 12)).astype(np.int32)
+    seen = []
+    real = LT.opt_apply_fn
+
+    def recording(*args, **kw):
+        seen.append(kw.get("scan_layers", False))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(LT, "opt_apply_fn", recording)
+    LT._trainer.cache_clear()
+    LT._score_fn.cache_clear()
+    res = LT.train_model(
+        config,
+        p0,
+        data,
+        valid,
+        epochs=2,
+        learning_rate=3e-3,
+        config=Config(batch_size=8, eval_batch_size=8, scan_layers="on"),
+        key=jax.random.key(1),
+        order_seed=(0, 1),
+        ckpt_dir=tmp_path / "ckpt",
+        progress=Progress(False, "test"),
+    )
+    assert seen == [True, True]  # the step and the validation scorer
+    assert jax.tree.structure(res.params) == jax.tree.structure(p0)
+    assert jax.tree.map(np.shape, res.params) == jax.tree.map(np.shape, p0)
+    assert not np.allclose(res.params["layers_2"]["fc1"]["kernel"], p0["layers_2"]["fc1"]["kernel"])
+    monkeypatch.setattr(LT, "opt_apply_fn", real)
+    nll, count = LT.score_blocks(config, LT.device_params(res.params), valid, 8)
+    np.testing.assert_allclose(nll.sum() / count.sum(), res.val_loss[res.best_epoch - 1], rtol=1e-5)

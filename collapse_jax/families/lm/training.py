@@ -52,7 +52,9 @@ from collapse_jax.core.training import (
     start_fit,
     train_state_sharding,
 )
+from collapse_jax.families.lm.config import scans_layers
 from collapse_jax.families.lm.opt import OPTForCausalLM, init_params
+from collapse_jax.families.lm.stacking import STACKED, stack_layers, unstack_layers
 
 ApplyFn = Callable[..., Any]  # (params, ids, mask, deterministic, key) -> logits [B, T, V]
 
@@ -394,8 +396,9 @@ def device_params(params):
 
 
 @functools.lru_cache(maxsize=8)
-def _score_fn(model_config, dtype):
-    return jax.jit(functools.partial(sequence_log_likelihoods, opt_apply_fn(model_config, dtype)))
+def _score_fn(model_config, dtype, scan_layers: bool = False):
+    apply_fn = opt_apply_fn(model_config, dtype, scan_layers=scan_layers)
+    return jax.jit(functools.partial(sequence_log_likelihoods, apply_fn))
 
 
 def score_blocks(
@@ -404,9 +407,11 @@ def score_blocks(
     """Per-block ``(nll_sum, n_targets)`` of equal-length blocks: next-token NLL of tokens
     2..T given their prefix (no BOS), as Hugging Face's ``labels = input_ids``.
 
-    The last batch is completed with masked rows, so one shape is compiled per run.
+    The last batch is completed with masked rows, so one shape is compiled per run. Parameters
+    stored stacked (:func:`~collapse_jax.families.lm.stacking.stack_layers`) are scored with the
+    layers scanned.
     """
-    fn = _score_fn(model_config, dtype)
+    fn = _score_fn(model_config, dtype, STACKED in params)
     n, t = blocks.shape
     nll = np.zeros(n, np.float64)
     cnt = np.zeros(n, np.int64)
@@ -427,13 +432,15 @@ def score_blocks(
 
 
 @functools.lru_cache(maxsize=8)
-def _trainer(model_config, opt_config, dtype, dropout: bool):
+def _trainer(model_config, opt_config, dtype, dropout: bool, scan_layers: bool = False):
     """(optimizer, jitted step, state sharding), cached so that every generation with the same
-    shapes reuses one compiled step."""
-    apply_fn = opt_apply_fn(model_config, dtype)
+    shapes reuses one compiled step; ``scan_layers``: for parameters stored stacked, the layers
+    run as one scan."""
+    apply_fn = opt_apply_fn(model_config, dtype, scan_layers=scan_layers)
     optimizer = make_optimizer(opt_config)
     mesh = default_mesh()
-    params = jax.eval_shape(lambda: init_model_params(model_config, 0))
+    layout = stack_layers if scan_layers else dict
+    params = jax.eval_shape(lambda: layout(init_model_params(model_config, 0)))
     sharding = train_state_sharding(params, optimizer, mesh)
     step = _lm_step(apply_fn, opt_config, optimizer, mesh, sharding, dropout)
     return optimizer, step, sharding
@@ -473,8 +480,14 @@ def train_model(
     ``np.random.default_rng((*order_seed, epoch))`` and dropout keys ``fold_in(key, update)``,
     so a run resumed from any epoch's checkpoint continues exactly as the uninterrupted one. The
     kept parameters are those of the epoch with the lowest validation loss
-    (``select_by_validation``) or of the last epoch.
+    (``select_by_validation``) or of the last epoch. With ``config.scan_layers`` on
+    (:func:`~collapse_jax.families.lm.config.scans_layers`) the fine-tune and its validation
+    run on the parameters stored stacked and scan the layers; its checkpoints hold them stacked
+    too, and the kept parameters come back in the per-layer layout of ``params``.
     """
+    scan = scans_layers(config, model_config.num_hidden_layers)
+    if scan:
+        params = stack_layers(params)
     bs = config.batch_size
     steps_per_epoch = len(data) // bs
     opt_config = OptimizerConfig(
@@ -485,7 +498,7 @@ def train_model(
         grad_accum_steps=config.grad_accum_steps,
     )
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    optimizer, step, sharding = _trainer(model_config, opt_config, dtype, True)
+    optimizer, step, sharding = _trainer(model_config, opt_config, dtype, True, scan)
     fit = start_fit(init_train_state(params, optimizer, default_mesh()), keep_best=True)
 
     def batches(epoch: int):
@@ -521,5 +534,8 @@ def train_model(
         )
         progress.finish()
     return TrainResult(
-        fit.best_params, np.asarray(fit.train_loss), np.asarray(fit.val_loss), fit.best_epoch
+        unstack_layers(fit.best_params),
+        np.asarray(fit.train_loss),
+        np.asarray(fit.val_loss),
+        fit.best_epoch,
     )
