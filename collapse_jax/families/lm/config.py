@@ -185,7 +185,7 @@ def scans_layers(config: Config, num_hidden_layers: int, platform: str | None = 
     stacked (``scan_layers``). XLA then compiles one layer instead of all of them. ``auto``
     scans on CPU (``platform``, default JAX's backend) models of at least
     :data:`SCAN_LAYERS_AUTO_MIN` layers: on a 2-core CPU the OPT-125m step at the study's 16 x 64
-    batch compiled 4.4x faster and ran 1.14x the tokens/s. On GPUs it ran at 0.76-0.83x the
+    batch compiled 4.4-5.8x faster and ran 1.10-1.26x the tokens/s. On GPUs it ran at 0.76-0.83x the
     unrolled step's tokens/s (BENCHMARKS.md), which long fine-tunes such as the paper's settings
     would pay for many times over the 20-30 s of compilation saved, so ``auto`` unrolls there.
     The scanned layers draw their dropout masks from ``fold_in(key, layer)``, not Flax's
