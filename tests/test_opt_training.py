@@ -394,7 +394,10 @@ def test_study_fine_tune_with_scanned_layers(monkeypatch, tmp_path):
     """The study's fine-tune (``train_model``) with ``scan_layers = "on"``: its step and its
     validation scorer run the layers scanned over stacked parameters, and the kept parameters
     come back in the per-layer layout, each layer in its place: scored by the unrolled model,
-    they give the validation loss recorded for the kept epoch."""
+    they give the validation loss recorded for the kept epoch. Interrupted after its first
+    epoch's checkpoint (stacked) and run again, it resumes and ends bit for bit where the
+    uninterrupted fine-tune ends."""
+    from collapse_jax.core import checkpointing
     from collapse_jax.core.host_loop import Progress
     from collapse_jax.families.lm.config import Config
 
@@ -403,6 +406,22 @@ def test_study_fine_tune_with_scanned_layers(monkeypatch, tmp_path):
     rng = np.random.default_rng(0)
     data = rng.integers(3, config.vocab_size, size=(32, 12)).astype(np.int32)
     valid = rng.integers(3, config.vocab_size, size=(16, 12)).astype(np.int32)
+
+    def fine_tune(ckpt_dir):
+        return LT.train_model(
+            config,
+            p0,
+            data,
+            valid,
+            epochs=2,
+            learning_rate=3e-3,
+            config=Config(batch_size=8, eval_batch_size=8, scan_layers="on"),
+            key=jax.random.key(1),
+            order_seed=(0, 1),
+            ckpt_dir=ckpt_dir,
+            progress=Progress(False, "test"),
+        )
+
     seen = []
     real = LT.opt_apply_fn
 
@@ -413,23 +432,36 @@ def test_study_fine_tune_with_scanned_layers(monkeypatch, tmp_path):
     monkeypatch.setattr(LT, "opt_apply_fn", recording)
     LT._trainer.cache_clear()
     LT._score_fn.cache_clear()
-    res = LT.train_model(
-        config,
-        p0,
-        data,
-        valid,
-        epochs=2,
-        learning_rate=3e-3,
-        config=Config(batch_size=8, eval_batch_size=8, scan_layers="on"),
-        key=jax.random.key(1),
-        order_seed=(0, 1),
-        ckpt_dir=tmp_path / "ckpt",
-        progress=Progress(False, "test"),
-    )
+    res = fine_tune(tmp_path / "whole")
     assert seen == [True, True]  # the step and the validation scorer
+    monkeypatch.setattr(LT, "opt_apply_fn", real)
     assert jax.tree.structure(res.params) == jax.tree.structure(p0)
     assert jax.tree.map(np.shape, res.params) == jax.tree.map(np.shape, p0)
     assert not np.allclose(res.params["layers_2"]["fc1"]["kernel"], p0["layers_2"]["fc1"]["kernel"])
-    monkeypatch.setattr(LT, "opt_apply_fn", real)
     nll, count = LT.score_blocks(config, LT.device_params(res.params), valid, 8)
     np.testing.assert_allclose(nll.sum() / count.sum(), res.val_loss[res.best_epoch - 1], rtol=1e-5)
+
+    real_save = checkpointing.Checkpointer.save
+
+    def save_then_die(self, *args):
+        real_save(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(tmp_path / "parts")
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+    restored = []
+    real_restore = checkpointing.Checkpointer.restore
+
+    def counted_restore(self, *args, **kw):
+        restored.append(self.latest())
+        return real_restore(self, *args, **kw)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "restore", counted_restore)
+    resumed = fine_tune(tmp_path / "parts")
+    assert restored == [1]  # it went on from epoch 1's (stacked) checkpoint
+    np.testing.assert_array_equal(resumed.train_loss, res.train_loss)
+    np.testing.assert_array_equal(resumed.val_loss, res.val_loss)
+    assert resumed.best_epoch == res.best_epoch
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, res.params)
