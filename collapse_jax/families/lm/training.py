@@ -534,7 +534,7 @@ def train_model(
         )
         progress.finish()
     return TrainResult(
-        unstack_layers(fit.best_params),
+        unstack_layers(fit.best_params) if scan else fit.best_params,
         np.asarray(fit.train_loss),
         np.asarray(fit.val_loss),
         fit.best_epoch,
