@@ -430,7 +430,7 @@ def test_all_alive_fraction_in_the_figures_matches_inclusion_exclusion(tmp_path,
     [
         (np.arange(1, 21) ** -1.1, 100),  # the demo config's Zipf law, every draw counted
         (np.array([0.3, 0.0, 0.2, 0.25, 0.25, 0.0]), 37),  # dead states, the last one too
-        (np.full(70, 1.0), 90),  # more states than the short-CDF path takes: search + scatter
+        (np.full(70, 1.0), 90),  # more states than compare_all takes: the scanning search
     ],
 )
 def test_samples_method_counts_its_inverse_cdf_draws(monkeypatch, p, n):
