@@ -361,3 +361,31 @@ def test_sweep_over_a_text_field_separates_values_by_semicolons(tmp_path):
     for v in values:
         cfg = read_json(tmp_path / f"verify={v}" / "config.json")
         assert cfg["config"]["verify"] == v
+
+
+def test_config_flag_help_comes_from_field_comments_when_help_is_printed():
+    import dataclasses
+
+    from collapse_jax.core import flags
+    from collapse_jax.core.operators import OperatorFields
+
+    @dataclasses.dataclass(frozen=True)
+    class HelpConfig(OperatorFields):
+        rate: float = 0.5  # fraction kept, in % of the batch
+        steps: int = 3  # how many steps
+
+    flags.field_comments.cache_clear()
+    parser = flags.Parser(prog="p")
+    flags.add_config_arguments(parser, HelpConfig)
+    args = parser.parse_args(["--rate", "0.25"])
+    assert flags.flag_updates(args, HelpConfig) == {"rate": 0.25}
+    # Parsing never reads the class source; formatting help does, once.
+    assert flags.field_comments.cache_info().currsize == 0
+    text = " ".join(parser.format_help().split())
+    assert "--rate RATE fraction kept, in % of the batch" in text
+    assert "--steps STEPS how many steps" in text
+    inherited = dataclasses.fields(OperatorFields)[0].name.replace("_", "-")
+    assert f"--{inherited}" in text
+    comment = flags.field_comments(OperatorFields)[dataclasses.fields(OperatorFields)[0].name]
+    assert comment and " ".join(comment.split()) in text
+    assert flags.field_comments.cache_info().currsize >= 1

@@ -60,13 +60,33 @@ def _own_comments(config_cls) -> dict[str, str]:
 _NEGATIVE_VALUE = re.compile(r"-(inf|infinity|nan|\.?\d)[\w.,:+-]*", re.IGNORECASE)
 
 
+class _FieldHelp:
+    """A config flag's help text, read from the field's comment only when help is printed:
+    finding a class's source parses its whole module (0.16 s for the discrete study's config,
+    on every run), and only ``--help`` shows the text."""
+
+    def __init__(self, config_cls, name: str):
+        self.config_cls, self.name = config_cls, name
+
+    def text(self) -> str:
+        # argparse formats help with %
+        return field_comments(self.config_cls).get(self.name, "").replace("%", "%%")
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse`` with one-line errors: ``PROG: error: MESSAGE`` and exit code 2, no usage
     block (``--help`` still prints it). A negative value (``--fresh-fraction -inf``,
-    ``--p0 -0.5,1.5``) is taken as the flag's value, so that validation can name it."""
+    ``--p0 -0.5,1.5``) is taken as the flag's value, so that validation can name it. Config
+    flags' help texts are read when help is formatted."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            if isinstance(action.help, _FieldHelp):
+                action.help = action.help.text()
+        return super().format_help()
 
     def _parse_optional(self, arg_string):
         if _NEGATIVE_VALUE.fullmatch(arg_string):
@@ -105,12 +125,13 @@ def add_config_arguments(
     leave the base config unchanged."""
     aliases = aliases or {}
     hints = typing.get_type_hints(config_cls)
-    helps = field_comments(config_cls)
     for f in dataclasses.fields(config_cls):
         flags = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, ())]
         typ = hints[f.name]
         origin = typing.get_origin(typ) or typ
-        help_ = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        help_ = _FieldHelp(config_cls, f.name)
+        if not isinstance(parser, Parser):  # a plain argparse parser formats help its own way
+            help_ = help_.text()
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_}
         if typ is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
