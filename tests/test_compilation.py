@@ -271,6 +271,51 @@ def test_program_store_in_process(monkeypatch, tmp_path):
     del r
 
 
+def test_program_store_loads_the_next_program_ahead(monkeypatch, tmp_path):
+    """Beside the store, a run notes which program it asked for after which; a warm run loads
+    the noted one in a background thread while it runs the one before, and gives the same
+    trace and state. A note naming a program the store does not hold, or not naming a program
+    at all, is ignored (and a wrong note is corrected by the run that finds it wrong)."""
+    import jax
+
+    from collapse_jax.core.loop import run_generations
+
+    store = tmp_path / "programs"
+    monkeypatch.setattr(compilation, "_store_dir", lambda family: _store(family, store))
+    monkeypatch.setattr(compilation, "_loaded", {})
+    monkeypatch.setattr(compilation, "_pending", {})
+    monkeypatch.setattr(compilation, "_last", [])
+    family = compilation.keyed(_tiny_gaussian_family(), "test", {"m": 31})
+
+    def run():  # as a new process would: nothing loaded, nothing asked for before
+        compilation._loaded.clear()
+        compilation._last.clear()
+        r = run_generations(family, jax.random.key(3), 16, np.full(6, 30), progress=False)
+        return jax.tree.leaves((r.trace, r.state))
+
+    def counts():
+        return compilation.stats["loaded"], compilation.stats["prefetched"]
+
+    first = run()
+    (start,), (chunk,) = store.glob("start-*.bin"), store.glob("chunk-*.bin")
+    order = tmp_path / "programs-order"
+    note = order / f"{start.stem}.next"
+    assert [p.name for p in order.iterdir()] == [note.name]
+    assert note.read_text() == chunk.name
+    for text, ahead in [
+        (chunk.name, 1),  # the chunk program loaded in the background
+        ("chunk-" + "0" * 64 + ".bin", 0),  # not in the store
+        ("../" + start.name, 0),  # not a program's name
+    ]:
+        note.write_text(text)
+        loaded, prefetched = counts()
+        again = run()
+        assert counts() == (loaded + 2, prefetched + ahead), text
+        for a, b in zip(first, again, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert note.read_text() == chunk.name
+
+
 def _store(family, root):
     """The store folder for a family that is (still) keyed, as `_store_dir` decides."""
     key = family.cache_key

@@ -19,6 +19,7 @@ program, so a warm start loads them without tracing or lowering them (see ARCHIT
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -26,6 +27,8 @@ import hashlib
 import os
 import pickle
 import platform
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +116,7 @@ _loaded: dict[str, Any] = {}  # key -> compiled program, this process
 _MAX_LOADED = 32
 _options: dict[str, bytes] = {}  # key -> compile options caught when it was compiled here
 #: What this process did with keyed programs (for tests and benchmarks).
-stats = {"loaded": 0, "compiled": 0, "unkeyed": 0, "rejected": 0}
+stats = {"loaded": 0, "compiled": 0, "unkeyed": 0, "rejected": 0, "prefetched": 0}
 
 
 class _Unkeyable(TypeError):
@@ -238,7 +241,10 @@ def program(family, name: str, jitted, static: Any, args: tuple):
     program from the store (no trace, no lowering: a warm start of the discrete demo config
     spent 1.2 s of its 5.8 s tracing and lowering its two programs), compiled and kept there on
     a miss; otherwise ``jitted`` itself. Same program either way: the one XLA compiles from the
-    same lowering (results identical; tested)."""
+    same lowering (results identical; tested).
+
+    The store also remembers which program a run asked for next (:func:`_follow`), and a warm
+    run loads that one in a background thread while it runs this one."""
     store = _store_dir(family)
     if store is None:
         stats["unkeyed"] += 1
@@ -252,7 +258,15 @@ def program(family, name: str, jitted, static: Any, args: tuple):
     if key in _loaded:
         return _loaded[key]
     path = store / f"{name}-{key}.bin"
-    compiled = _read(path)
+    _follow(path)
+    prefetched = _pending.pop(path, None)
+    if prefetched is not None:
+        thread, box = prefetched
+        thread.join()
+        compiled = box[0] if box else None
+        stats["prefetched"] += compiled is not None
+    else:
+        compiled = _read(path)
     if compiled is None:
         compiled = _compile_and_keep(key, path, jitted, args)
     else:
@@ -262,6 +276,59 @@ def program(family, name: str, jitted, static: Any, args: tuple):
         _loaded.pop(next(iter(_loaded)))
     _loaded[key] = compiled
     return compiled
+
+
+# The order in which a run asked for its programs, kept beside the store: a file per program,
+# naming the program asked for after it. A discrete run asks for its start program, then its
+# chunk at each compaction width (K = 50: four programs); loading one took 0.2-0.7 s of a warm
+# run, in the run's own thread, between two programs. Deserialising releases the GIL, so the
+# next one loads while this one computes. A guess that turns out wrong (another run's order)
+# costs only the background load: the run loads or compiles what it asks for, as before.
+_NAME = re.compile(r"[a-z_]+-[0-9a-f]{64}\.bin")
+_pending: dict[Path, tuple[threading.Thread, list]] = {}  # path -> (loader, [program or None])
+_last: list[Path] = []  # the program this process asked for last
+
+
+def _order_dir(store: Path) -> Path:
+    return store.parent / f"{store.name}-order"
+
+
+def _follow(path: Path) -> None:
+    """Note that ``path`` was asked for after the previous program, and start loading the one
+    that followed ``path`` last time, if the store holds it."""
+    order = _order_dir(path.parent)
+    if _last and _last[0].parent == path.parent and _last[0] != path:
+        note = order / (_last[0].stem + ".next")
+        try:
+            known = note.read_text()
+        except OSError:
+            known = None
+        if known != path.name:
+            from collapse_jax.core.runs import atomic_path
+
+            with contextlib.suppress(OSError), atomic_path(note) as tmp:
+                Path(tmp).write_text(path.name)
+    _last[:] = [path]
+    try:
+        name = (order / (path.stem + ".next")).read_text()
+    except OSError:
+        return
+    following = path.parent / name
+    if not _NAME.fullmatch(name) or following in _pending or not following.is_file():
+        return
+    if following.stem.split("-", 1)[1] in _loaded:  # already loaded in this process
+        return
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(_read(following)), daemon=True)
+    thread.start()
+    _pending[following] = (thread, box)
+
+
+@atexit.register
+def _join_pending() -> None:
+    """A load still under way ends before the interpreter tears down the runtime it uses."""
+    for thread, _ in list(_pending.values()):
+        thread.join()
 
 
 def _compile_and_keep(key: str, path: Path, jitted, args):
@@ -476,3 +543,5 @@ def _evict(folder: Path) -> None:
     for _, p in sorted(entries)[: max(0, len(entries) - MAX_PROGRAMS)]:
         with contextlib.suppress(OSError):
             p.unlink()
+        with contextlib.suppress(OSError):
+            (_order_dir(folder) / (p.stem + ".next")).unlink()
