@@ -379,7 +379,7 @@ def test_config_flag_help_comes_from_field_comments_when_help_is_printed():
     flags.add_config_arguments(parser, HelpConfig)
     args = parser.parse_args(["--rate", "0.25"])
     assert flags.flag_updates(args, HelpConfig) == {"rate": 0.25}
-    # Parsing never reads the class source; formatting help does, once.
+    # Parsing never reads the class source; formatting help does.
     assert flags.field_comments.cache_info().currsize == 0
     text = " ".join(parser.format_help().split())
     assert "--rate RATE fraction kept, in % of the batch" in text
