@@ -52,10 +52,13 @@ class Whole:
     def __exit__(self, *exc) -> None:
         self._tmp.cleanup()
 
-    def cli(self, run_args: Sequence[str]) -> tuple[float, float]:
-        """(cold, warm) seconds of ``collapse-jax run RUN_ARGS…`` with a cache of its own."""
+    def cli(
+        self, run_args: Sequence[str], env: dict[str, str] | None = None
+    ) -> tuple[float, float]:
+        """(cold, warm) seconds of ``collapse-jax run RUN_ARGS…`` with a cache of its own
+        (``env``: variables set for both runs on top of a user's shell)."""
         self._runs += 1
-        env = _env(self.root / f"xla-{self._runs}")
+        env = {**_env(self.root / f"xla-{self._runs}"), **(env or {})}
         base = [sys.executable, "-m", "collapse_jax.cli", "run", *run_args, "--no-progress"]
         cold = timed([*base, "--out", str(self.root / f"run-{self._runs}-cold")], env)
         warm = timed([*base, "--out", str(self.root / f"run-{self._runs}-warm")], env)
