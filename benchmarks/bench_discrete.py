@@ -70,15 +70,16 @@ def whole_process() -> None:
     """Each workload as a user runs it, then (on two or more cores) with the processor split
     into one JAX device per core (``JAX_NUM_CPU_DEVICES``, README), the peer in the same run."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    split = {"JAX_NUM_CPU_DEVICES": str(min(8, 1 << ((cores or 1).bit_length() - 1)))}
+    devices = min(8, 1 << ((cores or 1).bit_length() - 1))
     with Whole() as w:
         for what, flags, settings in WHOLE:
             cold, warm = w.cli(["discrete", *flags.split()])
             peer = w.script(f"{settings}\n{NUMPY_SCRIPT}")
             print(line(what, cold, warm, peer, "NumPy script"), flush=True)
-            if split["JAX_NUM_CPU_DEVICES"] != "1":
-                cold, warm = w.cli(["discrete", *flags.split()], env=split)
-                what = f"{what}, JAX_NUM_CPU_DEVICES={split['JAX_NUM_CPU_DEVICES']}"
+            if devices > 1:
+                env = {"JAX_NUM_CPU_DEVICES": str(devices)}
+                cold, warm = w.cli(["discrete", *flags.split()], env=env)
+                what = f"{what}, JAX_NUM_CPU_DEVICES={devices}"
                 print(line(what, cold, warm, peer, "NumPy script"), flush=True)
 
 
