@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -66,11 +68,20 @@ WHOLE = (
 )
 
 
+def _children_run_on_cpu() -> bool:
+    """Whether ``collapse-jax run`` started from here computes on the CPU (no GPU, or
+    ``JAX_PLATFORMS=cpu``): splitting the CPU into devices means nothing to a GPU run. Asked
+    of a child, so that this process never holds an accelerator the runs need."""
+    code = "import jax; print(jax.default_backend())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip() == "cpu"
+
+
 def whole_process() -> None:
     """Each workload as a user runs it, then (on two or more cores) with the processor split
     into one JAX device per core (``JAX_NUM_CPU_DEVICES``, README), the peer in the same run."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    devices = min(8, 1 << ((cores or 1).bit_length() - 1))
+    devices = min(8, 1 << ((cores or 1).bit_length() - 1)) if _children_run_on_cpu() else 1
     with Whole() as w:
         for what, flags, settings in WHOLE:
             cold, warm = w.cli(["discrete", *flags.split()])
