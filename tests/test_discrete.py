@@ -379,6 +379,36 @@ def test_counts_compiler_options_change_no_draw():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_counts_method_runs_where_xla_lacks_its_emitter_option(monkeypatch):
+    """An XLA that has dropped the emitter flag (XLA:CPU in JAX 0.11 refuses to compile with
+    ``xla_cpu_use_fusion_emitters``) gets a family without options, whose run still works;
+    an XLA that knows the flag keeps it."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the emitter options are XLA:CPU's; other backends get none")
+    from collapse_jax.core.loop import supported_compiler_options
+
+    assert supported_compiler_options(proc.COUNTS_CPU_OPTIONS) == proc.COUNTS_CPU_OPTIONS
+    unknown = (("xla_cpu_no_such_option_in_any_xla", False),)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option"):
+        jax.jit(lambda x: x + 1, compiler_options=dict(unknown)).lower(1.0).compile()
+    monkeypatch.setattr(proc, "COUNTS_CPU_OPTIONS", unknown)
+    proc.make_family.cache_clear()
+    try:
+        family = proc.make_family(Policy(), "counts", max_size=50)
+        assert family.compiler_options == ()
+        res = run_generations(
+            family,
+            jax.random.key(2),
+            8,
+            np.full(6, 50),
+            proc.discrete_params(np.full(5, 0.2), 8),
+            progress=False,
+        )
+        assert (np.asarray(res.state.counts).sum(-1) == 50).all()
+    finally:
+        proc.make_family.cache_clear()
+
+
 def test_all_alive_fraction_in_the_figures_matches_inclusion_exclusion(tmp_path, monkeypatch):
     """The figures' "every p0 state alive" series (where KL(p0 ‖ p_n) is finite; once no chain
     keeps every state, the KL panel is empty and this says why) is the saved finite fraction:

@@ -77,6 +77,21 @@ class Family(NamedTuple):
     cache_key: tuple[str, tuple[int, ...]] | None = None
 
 
+@functools.lru_cache(maxsize=16)
+def supported_compiler_options(options: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """``options`` if this XLA knows every one of them, else none: an XLA that has dropped a
+    flag (XLA:CPU's ``xla_cpu_use_fusion_emitters`` in JAX 0.11) refuses to compile with it,
+    and a family's options only ever trade compile time, never results. Asked once per process
+    by compiling an empty program (a few milliseconds)."""
+    if not options:
+        return ()
+    try:
+        jax.jit(lambda x: x, compiler_options=dict(options)).lower(np.int32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return ()
+    return options
+
+
 def _jit(family: Family, fn):
     """``jax.jit(fn)`` with the family's compiler options."""
     return jax.jit(fn, compiler_options=dict(family.compiler_options) or None)

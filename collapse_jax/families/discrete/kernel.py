@@ -25,7 +25,7 @@ from collapse_jax.core.errors import (
     check_probability_vector,
     load_array,
 )
-from collapse_jax.core.loop import Family, GenInput
+from collapse_jax.core.loop import Family, GenInput, supported_compiler_options
 from collapse_jax.core.operators import Operators
 from collapse_jax.core.policies import Policy, split_batch
 from collapse_jax.families.discrete.metrics import DiscreteMetrics, discrete_metrics
@@ -282,7 +282,7 @@ def make_family(
         return compact(state, fresh_fraction(params), policy)
 
     cpu = jax.default_backend() == "cpu"
-    options = COUNTS_CPU_OPTIONS if method == "counts" and cpu else ()
+    options = supported_compiler_options(COUNTS_CPU_OPTIONS) if method == "counts" and cpu else ()
     return Family(init, step, None, between_chunks, compiler_options=options)
 
 
