@@ -78,8 +78,10 @@ def _children_run_on_cpu() -> bool:
 
 
 def whole_process() -> None:
-    """Each workload as a user runs it, then (on two or more cores) with the processor split
-    into one JAX device per core (``JAX_NUM_CPU_DEVICES``, README), the peer in the same run."""
+    """Each workload as a user runs it, then (on two or more cores, runs on the CPU) in the
+    other device form: unsplit (``JAX_NUM_CPU_DEVICES=1``) where the run splits the CPU into
+    one JAX device per core by itself (the ``counts`` method, core/devices.py), split where it
+    does not, the peer in the same run."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     devices = min(8, 1 << ((cores or 1).bit_length() - 1)) if _children_run_on_cpu() else 1
     with Whole() as w:
@@ -88,10 +90,17 @@ def whole_process() -> None:
             peer = w.script(f"{settings}\n{NUMPY_SCRIPT}")
             print(line(what, cold, warm, peer, "NumPy script"), flush=True)
             if devices > 1:
-                env = {"JAX_NUM_CPU_DEVICES": str(devices)}
-                cold, warm = w.cli(["discrete", *flags.split()], env=env)
-                what = f"{what}, JAX_NUM_CPU_DEVICES={devices}"
+                other = "1" if study.splits_cpu(_config(flags)) else str(devices)
+                cold, warm = w.cli(["discrete", *flags.split()], env={"JAX_NUM_CPU_DEVICES": other})
+                what = f"{what}, JAX_NUM_CPU_DEVICES={other}"
                 print(line(what, cold, warm, peer, "NumPy script"), flush=True)
+
+
+def _config(flags: str) -> study.Config:
+    """The config ``collapse-jax run discrete FLAGS`` runs."""
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    return study.config_from_args(parser.parse_args(flags.split()), study.Config())
 
 
 def numpy_loop(k: int, m: int, chains: int, generations: int, seed: int = 0) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from collapse_jax.core import compilation
+from collapse_jax.core import compilation, devices
 from collapse_jax.core import point_family as pf_study
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.flags import config_with
@@ -88,6 +88,8 @@ def run(
         raise ConfigError(f"the {name} study keeps checkpoints and models on disk: pass out=DIR")
     config = _config(study, settings)
     compilation.enable(cache)
+    if not isinstance(study, PointFamily):
+        devices.split_for(load_study(study), [config])  # only before JAX has started
     run_dir = RunDir(out)
     if isinstance(study, PointFamily):
         summary = pf_study.run(study, config, run_dir, progress=progress)

@@ -10,7 +10,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from collapse_jax.core import compilation, figures
+from collapse_jax.core import compilation, devices, figures
 from collapse_jax.core.errors import ConfigError
 from collapse_jax.core.experiments import (
     default_out,
@@ -94,6 +94,8 @@ def _run(argv: list[str]) -> int:
                 module.validate(dataclasses.replace(config, **{field: v}))
             except ConfigError as e:
                 raise ConfigError(f"--sweep {args.sweep!r}: {field} = {v}: {e}") from None
+    configs = [dataclasses.replace(config, **{field: v}) for v in values] if args.sweep else []
+    devices.split_for(module, configs or [config])
     if args.sweep:
         from collapse_jax.core.report import run_sweep
 

@@ -32,6 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
+from collapse_jax.core.devices import multihost_requested
 from collapse_jax.core.errors import ConfigError, check_float, check_int
 from collapse_jax.core.loop import place, tree_to_host
 
@@ -130,28 +131,6 @@ def _matrices(params: Any) -> Any:
 # Devices: mesh, shardings, multi-host start-up.
 # --------------------------------------------------------------------------------------------
 
-_MULTIHOST_ENV = (
-    "JAX_COORDINATOR_ADDRESS",  # explicit: with JAX_NUM_PROCESSES and JAX_PROCESS_ID
-    "COORDINATOR_ADDRESS",
-    "MEGASCALE_COORDINATOR_ADDRESS",  # multi-slice TPU
-    "TPU_WORKER_HOSTNAMES",  # Cloud TPU pod slices
-)
-
-
-def _multihost_requested(env: dict[str, str]) -> bool:
-    if any(env.get(k) for k in _MULTIHOST_ENV[:3]):
-        return True
-    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h]) > 1:
-        return True
-    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
-        try:
-            if int(env.get(key, "1")) > 1:
-                return True
-        except ValueError:
-            continue
-    return False
-
 
 def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
     """Call ``jax.distributed.initialize()`` when the environment describes several processes.
@@ -162,7 +141,7 @@ def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
     fills in the rest. Must run before any other JAX call. Returns whether it initialised.
     """
     env = dict(os.environ if env is None else env)
-    if not _multihost_requested(env) or jax.distributed.is_initialized():
+    if not multihost_requested(env) or jax.distributed.is_initialized():
         return False
     kwargs: dict[str, Any] = {}
     address = env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS")

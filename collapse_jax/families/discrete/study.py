@@ -16,7 +16,7 @@ from collapse_jax.core import compilation, operators
 from collapse_jax.core import report as rep
 from collapse_jax.core.errors import ConfigError, check_choice, check_int, check_memory
 from collapse_jax.core.flags import add_config_arguments, apply_flags
-from collapse_jax.core.loop import run_generations
+from collapse_jax.core.loop import chain_sharding, run_generations
 from collapse_jax.core.policies import Policy, Schedule, check_loop_fields
 from collapse_jax.core.runs import RunDir, series
 from collapse_jax.core.statistics import chain_stats
@@ -96,6 +96,14 @@ def resolve_compact(compact: str, method: str, states: int, max_size: int) -> bo
     if compact != "auto":
         return compact == "on"
     return method == "counts" or states > max_size
+
+
+def splits_cpu(config: Config) -> bool:
+    """Whether a run of ``config`` gains from a CPU split into one JAX device per core
+    (``core/devices.py``): under the ``counts`` method, whose rejection loops XLA:CPU runs on
+    one thread per device. Draw-and-recount (``samples``) is spread over the cores already."""
+    sizes = Schedule.parse(config.schedule).sizes(config.samples, config.generations)
+    return resolve_method(config.method, int(sizes.max())) == "counts"
 
 
 def validate(config: Config) -> Config:
@@ -372,6 +380,11 @@ def theory_curves(config: Config, p0, policy: Policy, sizes, gens) -> dict[str, 
     return out
 
 
+def _chain_devices(chains: int) -> int:
+    sharding = chain_sharding(chains)
+    return 1 if sharding is None else int(sharding.mesh.size)
+
+
 def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absorbed_state) -> dict:
     """summary.json: the required keys plus every metric series and the theory checks."""
     absorbed = absorbed_at >= 0
@@ -402,6 +415,7 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
         "schedule": Schedule.parse(config.schedule).describe(),
         "sizes_first_last": [int(sizes[0]), int(sizes[-1])],
         "chains": config.chains,
+        "devices": _chain_devices(config.chains),  # the chains were sharded over (1: not)
         "generations": config.generations,
         "absorbed_fraction": n_abs / len(absorbed_at),
         "absorbed_state_freq": freq.tolist(),
