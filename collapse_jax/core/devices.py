@@ -10,9 +10,9 @@ one. With the CPU split into devices, :func:`collapse_jax.core.loop.chain_shardi
 device its share of the chains, and each device's loops run on a core of their own. Measured
 (warm, ``BENCHMARKS.md``): that run 19.7 → 11.9–12.9 s on two cores, and its whole command
 17.4 → 5.8 s on 16 cores (8 devices). Runs whose programs XLA already spreads over the cores
-gain nothing and pay the split's overhead (the ``samples`` method 4,096 and 16,384 chains: equal
-within noise; the Gaussian family and the demo config: a few tenths of a second slower), so a
-study asks for the split only for its heavy exact samplers (``splits_cpu(config)``).
+gain nothing and pay the split's overhead (the ``samples`` method, 4,096 and 16,384 chains:
+equal within noise; the Gaussian family and the demo config's whole command: 0.3–1.6 s slower),
+so a study asks for the split only for its exact count samplers (``splits_cpu(config)``).
 
 Each chain's draws are the same split or not; the means over chains are summed in another order
 (float32 rounding, relative differences about 1e-7).
