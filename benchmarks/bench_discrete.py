@@ -27,6 +27,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import numpy as np
 
+from collapse_jax.core import devices
 from collapse_jax.families.discrete import study as study
 
 from whole import Whole, line
@@ -82,15 +83,16 @@ def whole_process() -> None:
     other device form: unsplit (``JAX_NUM_CPU_DEVICES=1``) where the run splits the CPU into
     one JAX device per core by itself (the ``counts`` method, core/devices.py), split where it
     does not, the peer in the same run."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    devices = min(8, 1 << ((cores or 1).bit_length() - 1)) if _children_run_on_cpu() else 1
+    on_cpu = _children_run_on_cpu()
     with Whole() as w:
         for what, flags, settings in WHOLE:
             cold, warm = w.cli(["discrete", *flags.split()])
             peer = w.script(f"{settings}\n{NUMPY_SCRIPT}")
             print(line(what, cold, warm, peer, "NumPy script"), flush=True)
-            if devices > 1:
-                other = "1" if study.splits_cpu(_config(flags)) else str(devices)
+            config = _config(flags)
+            split = devices.cpu_split(config.chains, devices.cores()) if on_cpu else 1
+            if split > 1:  # the devices the library's own split would make
+                other = "1" if study.splits_cpu(config) else str(split)
                 cold, warm = w.cli(["discrete", *flags.split()], env={"JAX_NUM_CPU_DEVICES": other})
                 what = f"{what}, JAX_NUM_CPU_DEVICES={other}"
                 print(line(what, cold, warm, peer, "NumPy script"), flush=True)

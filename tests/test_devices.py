@@ -52,7 +52,7 @@ def test_nothing_is_set_once_jax_has_started():
 
 
 @pytest.mark.skipif(
-    devices.cpu_split(64, devices._cores()) < 2, reason="one core: there is nothing to split"
+    devices.cpu_split(64, devices.cores()) < 2, reason="one core: there is nothing to split"
 )
 def test_a_counts_run_is_split_and_gives_each_chain_the_unsplit_draws(tmp_path):
     """``collapse-jax run discrete`` under ``counts`` splits the CPU (summary.json: devices);
@@ -75,7 +75,7 @@ def test_a_counts_run_is_split_and_gives_each_chain_the_unsplit_draws(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         runs[name] = (summary["devices"], read_arrays(out / "metrics.npz"))
     (split, a), (one, b) = runs["split"], runs["one"]
-    assert split == devices.cpu_split(64, devices._cores()) and one == 1
+    assert split == devices.cpu_split(64, devices.cores()) and one == 1
     assert 0 < a["absorbed_at"].max() and (a["absorbed_at"] < 0).any()  # some absorbed, not all
     for name in ("absorbed_at", "absorbed_state"):
         np.testing.assert_array_equal(a[name], b[name])

@@ -51,7 +51,8 @@ def multihost_requested(env: Mapping[str, str]) -> bool:
     return False
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -80,7 +81,7 @@ def split_cpu(chains: int, env: Mapping[str, str] | None = None) -> int:
     )
     if chosen or jax.config.jax_num_cpu_devices != -1 or multihost_requested(env):
         return 0
-    devices = cpu_split(chains, _cores())
+    devices = cpu_split(chains, cores())
     if devices == 1 or xla_bridge.backends_are_initialized():
         return 0
     jax.config.update("jax_num_cpu_devices", devices)
