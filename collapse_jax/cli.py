@@ -50,6 +50,26 @@ def _cache_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _progress_flags(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress``: show or hide the progress display (default: shown
+    when stderr is a terminal)."""
+    parser.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_const",
+        const=True,
+        default=None,
+        help="show the progress display (default: when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="hide the progress display",
+    )
+
+
 def cmd_run(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: collapse-jax run NAME|EXPERIMENT.toml [--out DIR] [flags]")
@@ -66,10 +86,7 @@ def _run(argv: list[str]) -> int:
     parser = Parser(prog=f"collapse-jax run {target}")
     parser.add_argument("--out", default=None, help="run directory (default runs/NAME-TIME)")
     parser.add_argument("--sweep", default=None, help="NAME=v1,v2,... over a numeric parameter")
-    parser.add_argument(
-        "--progress", dest="progress", action="store_const", const=True, default=None
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    _progress_flags(parser)
     _cache_flag(parser)
     module.add_arguments(parser)
     chunk_resume = not any(a.dest == "resume" for a in parser._actions)  # else a config field
@@ -112,6 +129,7 @@ def cmd_demo(argv: list[str]) -> int:
     parser = Parser(prog="collapse-jax demo")
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--only", default=None, help="comma-separated studies to run")
+    _progress_flags(parser)
     _cache_flag(parser)
     args = parser.parse_args(argv)
     compilation.enable(not args.no_cache)
@@ -127,20 +145,20 @@ def cmd_demo(argv: list[str]) -> int:
     sections = ["# collapse_jax demo", ""]
     with figures.workers():  # they import matplotlib while this process imports JAX
         figures.serve([load_study(name) for name in names])
-        sections += _demo_sections(names, out)
+        sections += _demo_sections(names, out, args.progress)
     write_text(out / "report.md", "\n".join(sections))
     print(f"wrote {out / 'report.md'}")
     return 0
 
 
-def _demo_sections(names: list[str], out: Path) -> list[str]:
+def _demo_sections(names: list[str], out: Path, progress: bool | None) -> list[str]:
     """Run each demo study into OUT/NAME; the report's sections."""
     sections = []
     for name in names:
         module = load_study(name)
         t0 = time.perf_counter()
         print(f"[demo] {name}: {module.DESCRIPTION}", file=sys.stderr, flush=True)
-        module.run(module.demo_config(), out / name)
+        module.run(module.demo_config(), out / name, progress=progress)
         dt = time.perf_counter() - t0
         sub = (out / name / "report.md").read_text()
         # Re-root the sub-report's relative figure links under its directory.

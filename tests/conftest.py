@@ -1,7 +1,9 @@
 """Test configuration: CPU only, 8 host devices for sharding tests, offline hub, data directory."""
 
+import atexit
 import gc
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,8 +20,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Runs started by the tests keep their compiled programs in a private cache, not the user's.
-os.environ.setdefault("COLLAPSE_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="collapse-jax-xla-"))
+# Runs started by the tests keep their compiled programs in a private cache, not the user's,
+# removed when the process that made it (the pytest controller, under xdist) exits.
+if "COLLAPSE_JAX_CACHE_DIR" not in os.environ:
+    os.environ["COLLAPSE_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="collapse-jax-xla-")
+    atexit.register(shutil.rmtree, os.environ["COLLAPSE_JAX_CACHE_DIR"], ignore_errors=True)
 
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "COLLAPSE_JAX_DATA_DIR" not in os.environ and _SHARED.is_dir():

@@ -496,6 +496,8 @@ DEMO_FLAGS = {
     "--only": spec("nope", "discrete,nope", "", "vae", ","),
     "--out": spec("{corrupt}.npy"),  # an existing file
     "--no-cache": Rule(("=maybe",)),
+    "--progress": Rule(("=maybe",)),
+    "--no-progress": Rule(("=maybe",)),
 }
 DEMO_CASES = [
     pytest.param(flag, v, id=f"demo{flag}-{v}")

@@ -1,6 +1,7 @@
 """The shared foundation: policies, schedules, the scan runner, run files and the CLI."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -332,6 +333,27 @@ def test_demo_combines_every_study_report(tmp_path, monkeypatch, capsys):
         assert (tmp_path / name / "summary.json").exists()
     for link in [part.split(")")[0] for part in report.split("](")[1:]]:
         assert (tmp_path / link).exists(), link
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], None), (["--no-progress"], False),
+                                               (["--progress"], True)])  # fmt: skip
+def test_demo_passes_the_progress_flag_to_every_study(tmp_path, monkeypatch, flags, expected):
+    """`collapse-jax demo --no-progress` hides every study's progress display, `--progress`
+    shows it, and without either flag each study decides (a terminal or not)."""
+    seen = {}
+
+    def fake_run(name):
+        def run(config, out, *, progress=None):
+            seen[name] = progress
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "report.md").write_text(f"# {name}\n\nbody\n")
+
+        return run
+
+    for name in cli.DEMO:
+        monkeypatch.setattr(cli.load_study(name), "run", fake_run(name))
+    assert cli.main(["demo", "--out", str(tmp_path), *flags]) == 0
+    assert seen == {name: expected for name in cli.DEMO}
 
 
 def test_every_scan_study_records_every_generation_by_default():
