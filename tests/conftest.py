@@ -21,7 +21,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Runs started by the tests keep their compiled programs in a private cache, not the user's,
-# removed when the process that made it (the pytest controller, under xdist) exits.
+# removed when the process that made it exits (pytest's, and each xdist worker's own).
 if "COLLAPSE_JAX_CACHE_DIR" not in os.environ:
     os.environ["COLLAPSE_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="collapse-jax-xla-")
     atexit.register(shutil.rmtree, os.environ["COLLAPSE_JAX_CACHE_DIR"], ignore_errors=True)
