@@ -85,11 +85,9 @@ def default_count() -> int:
             raise ConfigError(
                 f"COLLAPSE_JAX_FIGURE_WORKERS must be a whole number, got {text!r}"
             ) from None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return 2 if cores >= 2 else 0
+    from collapse_jax.core.devices import cores  # os only: no JAX import
+
+    return 2 if cores() >= 2 else 0
 
 
 def figure_modules(studies: Sequence) -> list[str]:
