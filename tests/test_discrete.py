@@ -1,5 +1,7 @@
 """The discrete resampling process against its closed forms (tolerances from MC standard errors)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -320,6 +322,31 @@ def test_auto_method_by_batch_size():
         progress=False,
     )
     assert s["method"] == "counts"
+
+
+def test_vmapped_sweep_reports_the_method_its_chains_were_drawn_with(tmp_path):
+    """A vmapped sweep over M runs every value in one program, so ``auto`` resolves from the
+    largest M of the sweep: above AUTO_SAMPLES_MAX every value is drawn by ``counts`` (and
+    compacted), the small-M value included. Its summary and report say so, and its arrays are
+    those of a run of that value alone with method counts, not with samples."""
+    big = study.AUTO_SAMPLES_MAX + 1
+    cfg = study.Config(states=3, samples=20, chains=8, generations=40)
+    summaries = study.run_sweep(cfg, "samples", [20, big], tmp_path, progress=False)
+    assert [(s["method"], s["compacted"]) for s in summaries] == [("counts", True)] * 2
+    assert "method `counts` (auto)" in (tmp_path / "samples=20" / "report.md").read_text()
+    with np.load(tmp_path / "samples=20" / "metrics.npz") as z:
+        swept = dict(z)
+    assert (swept["absorbed_at"] >= 0).any()  # the per-chain absorption times tell draws apart
+    alone = {}
+    for method in ("counts", "samples"):
+        study.run(dataclasses.replace(cfg, method=method), tmp_path / method, progress=False)
+        with np.load(tmp_path / method / "metrics.npz") as z:
+            # the chain means are summed in another order over the devices: float rounding only
+            alone[method] = [
+                np.array_equal(swept["absorbed_at"], z["absorbed_at"]),
+                np.allclose(swept["heterozygosity_mean"], z["heterozygosity_mean"], rtol=1e-5),
+            ]
+    assert alone == {"counts": [True, True], "samples": [False, False]}
 
 
 def test_binomial_pmf_of_the_theory_equals_scipys():

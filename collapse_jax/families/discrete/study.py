@@ -179,6 +179,10 @@ class Simulation(NamedTuple):
     sizes: np.ndarray
     seconds: float
     state: object  # the final per-chain state of this configuration's chains
+    # How every chain of the run was drawn: the method and compaction resolved from the largest
+    # batch size of the whole computation (in a vmapped sweep, of every value, not this one's).
+    method: str
+    compacted: bool
 
 
 #: Parameters a sweep can vary inside ONE vmapped computation (each chain carries its value).
@@ -294,6 +298,8 @@ def simulate(
                 else jax.tree.map(
                     lambda a, v=v: a.reshape(n_values, chains, *a.shape[1:])[v], result.state
                 ),
+                method,
+                compact,
             )
         )
     return sims
@@ -344,8 +350,9 @@ def write_run(config: Config, out_dir, sim: Simulation, t0: float) -> dict:
         **{f"theory_{k}": v for k, v in theory.items()},
     )
     summary = summarize(
-        config, p0, policy, sizes, gens, sim.trace, theory, sim.absorbed_at, sim.absorbed_state
-    )
+        config, p0, policy, sizes, gens, sim.trace, theory, sim.absorbed_at, sim.absorbed_state,
+        method=sim.method, compacted=sim.compacted,
+    )  # fmt: skip
     summary["seconds"] = sim.seconds
     summary["chain_generations_per_second"] = config.chains * config.generations / sim.seconds
     run_dir.write_summary(summary)
@@ -385,8 +392,12 @@ def _chain_devices(chains: int) -> int:
     return 1 if sharding is None else int(sharding.mesh.size)
 
 
-def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absorbed_state) -> dict:
-    """summary.json: the required keys plus every metric series and the theory checks."""
+def summarize(
+    config, p0, policy, sizes, gens, trace, theory, absorbed_at, absorbed_state, *, method: str,
+    compacted: bool,
+) -> dict:  # fmt: skip
+    """summary.json: the required keys plus every metric series and the theory checks;
+    ``method`` and ``compacted`` say how the chains were drawn (:class:`Simulation`)."""
     absorbed = absorbed_at >= 0
     n_abs = int(absorbed.sum())
     freq = np.bincount(absorbed_state[absorbed], minlength=len(p0)) / max(n_abs, 1)
@@ -402,15 +413,13 @@ def summarize(config, p0, policy, sizes, gens, trace, theory, absorbed_at, absor
     median = (
         float(np.quantile(capped, 0.5, method="inverted_cdf")) if absorbed.mean() > 0.5 else None
     )
-    method = resolve_method(config.method, int(np.max(sizes)))
-
     summary: dict = {
         "study": NAME,
         "operators": _operators(config, len(p0)).describe(),
         "p0": p0.tolist(),
         "states": len(p0),
         "method": method,
-        "compacted": resolve_compact(config.compact, method, len(p0), int(np.max(sizes))),
+        "compacted": compacted,
         "policy": policy.describe(),
         "schedule": Schedule.parse(config.schedule).describe(),
         "sizes_first_last": [int(sizes[0]), int(sizes[-1])],
